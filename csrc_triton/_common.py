@@ -1,0 +1,35 @@
+"""Helpers shared by the kernels: interpreter detection and launch checks."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+#: True when Triton runs kernels on the CPU through its interpreter.
+INTERPRET: bool = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def upcast_dot(*dtypes: torch.dtype) -> bool:
+    """Whether kernels must upcast bf16 operands to fp32 before ``tl.dot``.
+
+    Triton's interpreter returns garbage for bf16 ``tl.dot``; on the GPU the
+    bf16 tensor-core dot is kept.
+    """
+    return INTERPRET and any(d == torch.bfloat16 for d in dtypes)
+
+
+def check_device(*tensors: torch.Tensor) -> None:
+    """Raise a clear error when a kernel cannot run on these tensors."""
+    for t in tensors:
+        if t.device.type == "cuda":
+            continue
+        if t.device.type == "cpu" and INTERPRET:
+            continue
+        raise RuntimeError(
+            f"muscle_fast Triton kernels need CUDA tensors or TRITON_INTERPRET=1 set before triton "
+            f"is imported; got a tensor on {t.device} (interpreter {'on' if INTERPRET else 'off'})"
+        )
+
+
+TL_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}

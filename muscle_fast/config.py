@@ -1,0 +1,249 @@
+"""MuScleConfig and the per-family defaults of SPEC §3 (one registry, one entry per family)."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+BACKENDS = ("auto", "torch", "triton")
+INIT_CHOICES = ("kaiming", "zeros")
+
+
+@dataclass(frozen=True)
+class FamilyDefaults:
+    """Paper defaults for one model family (SPEC §3 and §4)."""
+
+    lora_targets: tuple[str, ...]
+    mslr_targets: tuple[str, ...]
+    lora_r: int
+    lora_alpha: float
+    mslr_scales: Callable[[Any], tuple[float, ...]]  # model config -> scales (base vs large)
+    mslr_r: int
+    mslr_alpha: float
+    head_modules: tuple[str, ...]  # randomly initialised task head: frozen, saved with the adapter
+    decoder_head: bool = False  # replace `score` by dense(hidden->16) -> dropout -> out_proj
+    # training defaults (used by muscle_fast.train / the CLI)
+    lr: float = 2e-5
+    epochs: int = 10
+    batch_size: int = 32
+    ref_samples: int = 96
+    min_ref_loss: float = 0.4
+    max_raw_grad_ratio: float = 0.1
+    ga_epoch: int = 1
+
+
+def _hidden(cfg: Any) -> int:
+    return int(getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd", 0))
+
+
+def _bert_scales(cfg: Any) -> tuple[float, ...]:
+    if _hidden(cfg) >= 1024:  # BERT-large
+        return tuple(float(k) for k in range(1, 10))
+    return (1.0, 4.0, 8.0, 12.0, 16.0, 20.0, 24.0, 28.0)
+
+
+def _roberta_scales(cfg: Any) -> tuple[float, ...]:
+    if _hidden(cfg) >= 1024:
+        return tuple(float(k) for k in range(1, 10))
+    return (1.0, 2.0, 4.0, 6.0, 8.0, 10.0, 12.0, 14.0, 16.0)
+
+
+def _decoder_scales(cfg: Any) -> tuple[float, ...]:
+    return (1.0, 2.0, 3.0, 4.0)
+
+
+_ENCODER = dict(
+    lora_r=8,
+    lora_alpha=32.0,
+    mslr_r=1,
+    mslr_alpha=6.0,
+    lr=2e-5,
+    epochs=10,
+    batch_size=32,
+    ref_samples=96,
+    min_ref_loss=0.4,
+    max_raw_grad_ratio=0.1,
+    ga_epoch=1,
+)
+_DECODER = dict(
+    lora_r=2,
+    lora_alpha=8.0,
+    mslr_r=1,
+    mslr_alpha=4.0,
+    mslr_targets=("score.dense",),
+    mslr_scales=_decoder_scales,
+    head_modules=("score",),
+    decoder_head=True,
+    lr=1e-5,
+    epochs=5,
+    batch_size=16,
+    ref_samples=128,
+    min_ref_loss=0.0,
+    max_raw_grad_ratio=0.0,
+    ga_epoch=0,
+)
+
+#: model_type -> defaults. Adding a family is one entry here.
+FAMILIES: dict[str, FamilyDefaults] = {
+    "bert": FamilyDefaults(
+        lora_targets=("query", "value"),
+        mslr_targets=("pooler.dense",),
+        mslr_scales=_bert_scales,
+        head_modules=("classifier",),
+        **_ENCODER,
+    ),
+    "roberta": FamilyDefaults(
+        lora_targets=("query", "value"),
+        mslr_targets=("classifier.dense",),
+        mslr_scales=_roberta_scales,
+        head_modules=("classifier",),
+        **_ENCODER,
+    ),
+    "gpt2": FamilyDefaults(lora_targets=("c_attn",), **_DECODER),
+    "llama": FamilyDefaults(lora_targets=("q_proj", "v_proj"), **_DECODER),
+}
+
+
+def family_defaults(model_type: str) -> FamilyDefaults:
+    """Defaults for a model family, or a ValueError listing the known ones."""
+    try:
+        return FAMILIES[model_type]
+    except KeyError:
+        raise ValueError(
+            f"muscle_fast has no defaults for model_type {model_type!r}; known types: "
+            f"{sorted(FAMILIES)}. Pass lora_targets/mslr_targets explicitly to patch it anyway."
+        ) from None
+
+
+@dataclass
+class MuScleConfig:
+    """Where the multi-scale low-rank modules go and how they are shaped (SPEC §2-3).
+
+    ``lora_*`` describe the single-scale LoRA modules, ``mslr_*`` the multi-scale
+    ones. ``head_modules`` are frozen but saved with the adapter because their
+    weights are not in the base checkpoint; ``decoder_head`` replaces a decoder's
+    ``score`` layer by ``dense -> dropout -> out_proj`` as the paper does.
+    """
+
+    model_type: str | None = None
+    lora_r: int = 8
+    lora_alpha: float = 32.0
+    lora_dropout: float = 0.0
+    lora_targets: list[str] = field(default_factory=list)
+    mslr_scales: list[float] = field(default_factory=lambda: [1.0])
+    mslr_r: int = 1
+    mslr_alpha: float = 6.0
+    mslr_dropout: float = 0.0
+    mslr_targets: list[str] = field(default_factory=list)
+    lora_init_B: str = "zeros"
+    mslr_init_B: str = "kaiming"
+    head_modules: list[str] = field(default_factory=list)
+    decoder_head: bool = False
+    head_hidden: int = 16
+    head_dropout: float = 0.0
+    backend: str = "auto"
+
+    def __post_init__(self) -> None:
+        self.lora_targets = list(self.lora_targets)
+        self.mslr_targets = list(self.mslr_targets)
+        self.mslr_scales = [float(k) for k in self.mslr_scales]
+        self.head_modules = list(self.head_modules)
+        self.validate()
+
+    def validate(self) -> None:
+        """Reject values that would silently give a wrong model."""
+        for name in ("lora_r", "mslr_r", "head_hidden"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"MuScleConfig.{name} must be an integer >= 1, got {v!r}")
+        for name in ("lora_alpha", "mslr_alpha"):
+            v = getattr(self, name)
+            if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
+                raise ValueError(f"MuScleConfig.{name} must be > 0, got {v!r}")
+        for name in ("lora_dropout", "mslr_dropout", "head_dropout"):
+            v = getattr(self, name)
+            if not (isinstance(v, (int, float)) and 0.0 <= v < 1.0):
+                raise ValueError(f"MuScleConfig.{name} must be in [0, 1), got {v!r}")
+        validate_scales(self.mslr_scales, where="MuScleConfig.mslr_scales")
+        for name in ("lora_init_B", "mslr_init_B"):
+            if getattr(self, name) not in INIT_CHOICES:
+                raise ValueError(
+                    f"MuScleConfig.{name} must be one of {INIT_CHOICES}, got {getattr(self, name)!r}"
+                )
+        if self.backend not in BACKENDS:
+            raise ValueError(f"MuScleConfig.backend must be one of {BACKENDS}, got {self.backend!r}")
+        overlap = set(self.lora_targets) & set(self.mslr_targets)
+        if overlap:
+            raise ValueError(f"MuScleConfig: {sorted(overlap)} listed as both LoRA and MSLR targets")
+
+    @classmethod
+    def for_model(cls, model: Any, **overrides: Any) -> MuScleConfig:
+        """Paper defaults (SPEC §3) for ``model.config.model_type``, then ``overrides``."""
+        mcfg = getattr(model, "config", None)
+        model_type = getattr(mcfg, "model_type", None)
+        explicit = "lora_targets" in overrides or "mslr_targets" in overrides
+        if model_type in FAMILIES:
+            fam = FAMILIES[model_type]
+            base: dict[str, Any] = dict(
+                model_type=model_type,
+                lora_r=fam.lora_r,
+                lora_alpha=fam.lora_alpha,
+                lora_targets=list(fam.lora_targets),
+                mslr_scales=list(fam.mslr_scales(mcfg)),
+                mslr_r=fam.mslr_r,
+                mslr_alpha=fam.mslr_alpha,
+                mslr_targets=list(fam.mslr_targets),
+                head_modules=list(fam.head_modules),
+                decoder_head=fam.decoder_head,
+            )
+        elif explicit:
+            base = dict(model_type=model_type)
+        else:
+            family_defaults(str(model_type))  # raises the error listing known types
+            raise AssertionError("unreachable")
+        unknown = set(overrides) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ValueError(f"MuScleConfig has no field(s) {sorted(unknown)}")
+        base.update(overrides)
+        return cls(**base)
+
+    def resolved_backend(self) -> str:
+        """The backend in force: the ``MUSCLE_FAST_BACKEND`` env var overrides the config."""
+        return resolve_backend(self.backend)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> MuScleConfig:
+        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ValueError(f"MuScleConfig.from_dict: unknown field(s) {sorted(unknown)}")
+        return cls(**d)
+
+
+def validate_scales(scales: Any, where: str) -> tuple[float, ...]:
+    """Scales must be a non-empty sequence of finite positive numbers."""
+    try:
+        out = tuple(float(k) for k in scales)
+    except TypeError:
+        raise ValueError(f"{where} must be a sequence of positive numbers, got {scales!r}") from None
+    if not out:
+        raise ValueError(f"{where} must not be empty")
+    bad = [k for k in out if not (math.isfinite(k) and k > 0)]
+    if bad:
+        raise ValueError(f"{where} must all be finite and > 0, got {bad}")
+    return out
+
+
+def resolve_backend(backend: str) -> str:
+    env = os.environ.get("MUSCLE_FAST_BACKEND")
+    chosen = env if env else backend
+    if chosen not in BACKENDS:
+        src = "MUSCLE_FAST_BACKEND" if env else "backend"
+        raise ValueError(f"{src} must be one of {BACKENDS}, got {chosen!r}")
+    return chosen

@@ -1,0 +1,191 @@
+"""Autograd wiring of the multi-scale low-rank linear (SPEC §2), backend-agnostic.
+
+One ``torch.autograd.Function`` owns the frozen base GEMM and the low-rank
+path, so the low-rank output is added into the base output in place and the
+low-rank input gradient into the base input gradient in place. It saves only
+x and S = (x @ A^T) * scale (plus the small adapter weights): not y0, not a
+dropped-out copy of x (the dropout mask is regenerated from a seed).
+
+The same function runs the torch ops (``lowrank_torch``) or the Triton
+launchers (``muscle_fast.kernels.lowrank``): they share signatures.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Callable, Iterator
+from types import ModuleType
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import lowrank_torch
+
+_state = threading.local()
+
+
+def get_ops(backend: str, device: torch.device) -> ModuleType:
+    """The op table for a resolved backend ("auto", "torch" or "triton") and a device."""
+    if backend == "torch" or (backend == "auto" and device.type != "cuda"):
+        return lowrank_torch
+    from muscle_fast.kernels import lowrank as lowrank_triton  # lazy: TRITON_INTERPRET is read at import
+
+    return lowrank_triton
+
+
+# --------------------------------------------------------------------------------------------------
+# Row groups for single-pass gradient alignment (SPEC §4)
+# --------------------------------------------------------------------------------------------------
+
+RefSink = Callable[[nn.Module, torch.Tensor, torch.Tensor], None]
+
+
+@contextlib.contextmanager
+def split_rows(row_split: int, sink: RefSink) -> Iterator[None]:
+    """Within this block, forwards split their rows at ``row_split`` (per sample-batch row).
+
+    Rows [0, row_split) of the flattened (batch * seq) input are the training batch and
+    the rest the reference batch. In backward, the adapter ``.grad`` receives only the
+    training rows' gradient and ``sink(module, dA_ref, dB_ref)`` the reference rows'.
+    ``row_split`` counts batch rows (the leading dimension); it is scaled by the
+    sequence length per call.
+    """
+    prev = getattr(_state, "split", None)
+    _state.split = (int(row_split), sink)
+    try:
+        yield
+    finally:
+        _state.split = prev
+
+
+def current_split() -> tuple[int, RefSink] | None:
+    return getattr(_state, "split", None)
+
+
+# --------------------------------------------------------------------------------------------------
+# Frozen base weights as a (N, K) matrix
+# --------------------------------------------------------------------------------------------------
+
+
+def _is_conv1d(module: nn.Module) -> bool:
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
+
+
+def _is_linear4bit(module: nn.Module) -> bool:
+    return type(module).__name__ in ("Linear4bit", "LinearNF4", "LinearFP4") and type(
+        module
+    ).__module__.startswith("bitsandbytes")
+
+
+def base_kind(module: nn.Module) -> str | None:
+    """ "linear", "conv1d", "4bit", or None for a layer MuScleLinear cannot wrap."""
+    if _is_linear4bit(module):
+        return "4bit"
+    if type(module).__module__.startswith("bitsandbytes"):
+        return None  # 8-bit and other quantized layers: their weight is not a plain matrix
+    if _is_conv1d(module):
+        return "conv1d"
+    if isinstance(module, nn.Linear) and module.weight.is_floating_point():
+        return "linear"
+    return None
+
+
+def base_weight(module: nn.Module, kind: str, dtype: torch.dtype) -> torch.Tensor:
+    """The base layer's weight as an (N, K) matrix in ``dtype`` (a view where possible)."""
+    if kind == "linear":
+        w = module.weight
+    elif kind == "conv1d":
+        w = module.weight.t()
+    elif kind == "4bit":
+        w = _dequantize_4bit(module)
+    else:  # pragma: no cover - guarded by MuScleLinear
+        raise TypeError(kind)
+    return w if w.dtype == dtype else w.to(dtype)
+
+
+def _dequantize_4bit(module: nn.Module) -> torch.Tensor:
+    try:
+        from muscle_fast.nf4 import dequantize_4bit
+    except ImportError:  # the NF4 kernels are optional; bitsandbytes' own dequant is exact too
+        from bitsandbytes.functional import dequantize_4bit
+    w = module.weight
+    return dequantize_4bit(w.data, w.quant_state)
+
+
+# --------------------------------------------------------------------------------------------------
+# The autograd function
+# --------------------------------------------------------------------------------------------------
+
+
+class MuScleLinearFunction(torch.autograd.Function):
+    """y = x @ W^T + b + ((drop(x) @ A^T) * scale) @ B^T with the base frozen."""
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        x: torch.Tensor,
+        A: torch.Tensor,
+        B: torch.Tensor,
+        scale: torch.Tensor,
+        base: nn.Module,
+        kind: str,
+        ops: ModuleType,
+        dropout_p: float,
+        seed: int,
+        split: tuple[int, RefSink] | None,
+        module: nn.Module,
+    ) -> torch.Tensor:
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, x.shape[-1])
+        dtype = x.dtype
+        W = base_weight(base, kind, dtype)
+        bias = base.bias
+        if bias is not None and bias.dtype != dtype:
+            bias = bias.to(dtype)
+        Ac, Bc = A.to(dtype), B.to(dtype)
+        S = ops.lowrank_shrink(x2, Ac, scale, dropout_p=dropout_p, seed=seed)
+        y = x2 @ W.t() if bias is None else torch.addmm(bias, x2, W.t())
+        ops.lowrank_expand_(y, S, Bc)
+        row_split = None
+        if split is not None:
+            rows_per_sample = x2.shape[0] // max(1, x.shape[0]) if x.dim() > 1 else 1
+            row_split = split[0] * rows_per_sample
+        ctx.save_for_backward(x2, Ac, Bc, scale, S)
+        ctx.meta = (
+            base,
+            kind,
+            ops,
+            dropout_p,
+            seed,
+            row_split,
+            split[1] if split else None,
+            module,
+            A.dtype,
+            B.dtype,
+        )
+        return y.reshape(*lead, y.shape[-1])
+
+    @staticmethod
+    def backward(ctx: Any, dY: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x2, Ac, Bc, scale, S = ctx.saved_tensors
+        base, kind, ops, dropout_p, seed, row_split, sink, module, a_dtype, b_dtype = ctx.meta
+        dY2 = dY.reshape(-1, dY.shape[-1])
+        if dY2.dtype != x2.dtype:
+            dY2 = dY2.to(x2.dtype)
+        dS, dB = ops.lowrank_backward_dS_dB(dY2, Bc, S, scale, row_split=row_split)
+        dA = None
+        if ctx.needs_input_grad[1] or sink is not None:
+            dA = ops.lowrank_grad_A(dS, x2, row_split=row_split, dropout_p=dropout_p, seed=seed)
+        dX = None
+        if ctx.needs_input_grad[0]:
+            W = base_weight(base, kind, x2.dtype)
+            dX = dY2 @ W
+            ops.lowrank_dx_(dX, dS, Ac, dropout_p=dropout_p, seed=seed)
+            dX = dX.reshape(*dY.shape[:-1], dX.shape[-1])
+        if sink is not None and row_split is not None:
+            sink(module, dA[1], dB[1])
+        gA = dA[0].to(a_dtype) if ctx.needs_input_grad[1] else None
+        gB = dB[0].to(b_dtype) if ctx.needs_input_grad[2] else None
+        return dX, gA, gB, None, None, None, None, None, None, None, None

@@ -1,0 +1,98 @@
+"""Pure-PyTorch twins of the low-rank kernels in ``csrc_triton/lowrank.py``.
+
+Same signatures and semantics as the Triton launchers, so the autograd
+function is backend-agnostic. They accumulate in place (``addmm_``) and skip
+M x N temporaries: this is also the fast CPU path.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def dropout_mask(m: int, k: int, p: float, seed: int, device: torch.device | str) -> torch.Tensor:
+    """Keep-mask of the torch path, regenerated from ``seed`` in backward (never saved)."""
+    gen = torch.Generator(device=device)
+    gen.manual_seed(int(seed))
+    return torch.rand((m, k), generator=gen, device=device) >= p
+
+
+def _dropped(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
+    if p <= 0.0:
+        return x
+    mask = dropout_mask(x.shape[0], x.shape[1], p, seed, x.device)
+    return x * mask.to(x.dtype) * (1.0 / (1.0 - p))
+
+
+def _groups(m: int, row_split: int | None) -> list[slice]:
+    if row_split is None:
+        return [slice(0, m)]
+    if not 0 <= row_split <= m:
+        raise ValueError(f"row_split={row_split} outside [0, {m}]")
+    return [slice(0, row_split), slice(row_split, m)]
+
+
+def lowrank_shrink(
+    x: torch.Tensor, A: torch.Tensor, scale: torch.Tensor, *, dropout_p: float = 0.0, seed: int = 0
+) -> torch.Tensor:
+    """S = (drop(x) @ A^T) * scale, float32 (M, R)."""
+    s = _dropped(x, dropout_p, seed) @ A.to(x.dtype).t()
+    return s.float().mul_(scale)
+
+
+def lowrank_expand_(y: torch.Tensor, S: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+    """y += S @ B^T in place."""
+    if y.dtype == torch.float32:
+        return y.addmm_(S, B.float().t())
+    return y.addmm_(S.to(y.dtype), B.to(y.dtype).t())
+
+
+def fused_linear_lowrank(
+    x: torch.Tensor, W: torch.Tensor, bias: torch.Tensor | None, S: torch.Tensor, B: torch.Tensor
+) -> torch.Tensor:
+    """y = x @ W^T + bias + S @ B^T."""
+    y = x @ W.t() if bias is None else torch.addmm(bias.to(x.dtype), x, W.t())
+    return lowrank_expand_(y, S, B)
+
+
+def lowrank_backward_dS_dB(
+    dY: torch.Tensor, B: torch.Tensor, S: torch.Tensor, scale: torch.Tensor, *, row_split: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """dS = (dY @ B) * scale (M, R) and dB = dY^T @ S per row group, (G, N, R), both float32."""
+    dS = (dY @ B.to(dY.dtype)).float().mul_(scale)
+    groups = _groups(dY.shape[0], row_split)
+    dB = torch.empty((len(groups), dY.shape[1], S.shape[1]), dtype=torch.float32, device=dY.device)
+    Sc = S if dY.dtype == torch.float32 else S.to(dY.dtype)
+    for g, rows in enumerate(groups):
+        if dY.dtype == torch.float32:
+            torch.mm(dY[rows].t(), Sc[rows], out=dB[g])
+        else:
+            dB[g].copy_(dY[rows].t() @ Sc[rows])
+    return dS, dB
+
+
+def lowrank_grad_A(
+    dS: torch.Tensor, x: torch.Tensor, *, row_split: int | None = None, dropout_p: float = 0.0, seed: int = 0
+) -> torch.Tensor:
+    """dA = dS^T @ drop(x) per row group, (G, R, K) float32."""
+    xd = _dropped(x, dropout_p, seed)
+    groups = _groups(x.shape[0], row_split)
+    dA = torch.empty((len(groups), dS.shape[1], x.shape[1]), dtype=torch.float32, device=x.device)
+    dSc = dS if x.dtype == torch.float32 else dS.to(x.dtype)
+    for g, rows in enumerate(groups):
+        if x.dtype == torch.float32:
+            torch.mm(dSc[rows].t(), xd[rows], out=dA[g])
+        else:
+            dA[g].copy_(dSc[rows].t() @ xd[rows])
+    return dA
+
+
+def lowrank_dx_(
+    dX: torch.Tensor, dS: torch.Tensor, A: torch.Tensor, *, dropout_p: float = 0.0, seed: int = 0
+) -> torch.Tensor:
+    """dX += drop'(dS @ A) in place."""
+    if dropout_p <= 0.0:
+        if dX.dtype == torch.float32:
+            return dX.addmm_(dS, A.float())
+        return dX.addmm_(dS.to(dX.dtype), A.to(dX.dtype))
+    return dX.add_(_dropped((dS @ A.float()).to(dX.dtype), dropout_p, seed))

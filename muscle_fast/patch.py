@@ -1,0 +1,187 @@
+"""patch_model: turn a Hugging Face model into a MuScleLoRA model in place (SPEC §3)."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from .config import MuScleConfig
+from .layers import MuScleLinear
+
+logger = logging.getLogger("muscle_fast")
+
+
+class DecoderScoreHead(nn.Module):
+    """The paper's decoder head: dense (hidden -> 16, no bias) -> dropout -> out_proj (16 -> labels).
+
+    It replaces ``score`` of a ``*ForSequenceClassification`` decoder; MSLR wraps ``dense``.
+    """
+
+    def __init__(
+        self,
+        hidden: int,
+        num_labels: int,
+        inner: int = 16,
+        dropout: float = 0.0,
+        device: torch.device | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        self.dense = nn.Linear(hidden, inner, bias=False, device=device, dtype=dtype)
+        self.dropout = nn.Dropout(dropout)
+        self.out_proj = nn.Linear(inner, num_labels, bias=False, device=device, dtype=dtype)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.out_proj(self.dropout(self.dense(h)))
+
+
+@dataclass
+class PatchReport:
+    """What patch_model did; kept as ``model.muscle_report``."""
+
+    lora_modules: list[str]
+    mslr_modules: list[str]
+    head_modules: list[str]
+    trainable_params: int
+    total_params: int
+
+    def __str__(self) -> str:
+        pct = 100.0 * self.trainable_params / max(1, self.total_params)
+        return (
+            f"muscle_fast: patched {len(self.lora_modules)} LoRA + {len(self.mslr_modules)} MSLR modules; "
+            f"trainable {self.trainable_params:,} / {self.total_params:,} params ({pct:.3f}%)"
+        )
+
+
+def matches(name: str, target: str) -> bool:
+    """peft's rule: a target names a module by its full name or a dotted suffix of it."""
+    return name == target or name.endswith("." + target)
+
+
+def is_patched(model: nn.Module) -> bool:
+    return getattr(model, "muscle_config", None) is not None or any(
+        isinstance(m, MuScleLinear) for m in model.modules()
+    )
+
+
+def find_modules(model: nn.Module, targets: list[str]) -> list[str]:
+    return [n for n, _ in model.named_modules() if n and any(matches(n, t) for t in targets)]
+
+
+def head_module_names(model: nn.Module, cfg: MuScleConfig) -> list[str]:
+    """Outermost modules named by ``cfg.head_modules`` (a nested match is covered by its parent)."""
+    hits = find_modules(model, cfg.head_modules)
+    return [n for n in hits if not any(n.startswith(h + ".") for h in hits if h != n)]
+
+
+def _param_count(module: nn.Module) -> int:
+    total = 0
+    for p in module.parameters():
+        n = p.numel()
+        if type(p).__name__ == "Params4bit":  # two 4-bit values per stored byte
+            n *= 2
+        total += n
+    return total
+
+
+def _replace_decoder_head(model: nn.Module, cfg: MuScleConfig) -> None:
+    old = getattr(model, "score", None)
+    if not isinstance(old, nn.Linear):
+        raise ValueError(
+            f"patch_model: decoder_head=True needs a `score` nn.Linear on "
+            f"{type(model).__name__}, found {type(old).__name__}"
+        )
+    model.score = DecoderScoreHead(
+        old.in_features,
+        old.out_features,
+        cfg.head_hidden,
+        cfg.head_dropout,
+        device=old.weight.device,
+        dtype=old.weight.dtype,
+    )
+    model.score.requires_grad_(False)  # the paper freezes the random output layer
+
+
+def patch_model(model: nn.Module, cfg: MuScleConfig | None = None, **overrides: Any) -> nn.Module:
+    """Freeze ``model`` and add LoRA/MSLR modules per ``cfg`` (paper defaults when None); in place."""
+    if is_patched(model):
+        raise ValueError(f"patch_model: {type(model).__name__} is already patched by muscle_fast")
+    if cfg is None:
+        cfg = MuScleConfig.for_model(model, **overrides)
+    elif overrides:
+        raise ValueError("patch_model: pass either cfg or keyword overrides, not both")
+    cfg.validate()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if cfg.decoder_head:
+        _replace_decoder_head(model, cfg)
+
+    plan: dict[str, str] = {}
+    for kind, targets in (("lora", cfg.lora_targets), ("mslr", cfg.mslr_targets)):
+        for t in targets:
+            hits = find_modules(model, [t])
+            if not hits:
+                raise ValueError(
+                    f"patch_model: {kind} target {t!r} matches no module of {type(model).__name__}"
+                )
+            for n in hits:
+                if n in plan and plan[n] != kind:
+                    raise ValueError(f"patch_model: module {n!r} is both a LoRA and an MSLR target")
+                plan[n] = kind
+
+    lora, mslr = [], []
+    for name, kind in plan.items():
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        base = getattr(parent, child)
+        if kind == "lora":
+            new = MuScleLinear(
+                base,
+                (1.0,),
+                cfg.lora_r,
+                cfg.lora_alpha,
+                cfg.lora_dropout,
+                cfg.lora_init_B,
+                cfg.backend,
+                name=name,
+            )
+            lora.append(name)
+        else:
+            new = MuScleLinear(
+                base,
+                cfg.mslr_scales,
+                cfg.mslr_r,
+                cfg.mslr_alpha,
+                cfg.mslr_dropout,
+                cfg.mslr_init_B,
+                cfg.backend,
+                name=name,
+            )
+            mslr.append(name)
+        setattr(parent, child, new)
+
+    heads = head_module_names(model, cfg)
+    model.muscle_config = cfg
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    report = PatchReport(lora, mslr, heads, trainable, _param_count(model))
+    model.muscle_report = report
+    logger.info(str(report))
+    return model
+
+
+def muscle_modules(model: nn.Module) -> dict[str, MuScleLinear]:
+    """Name -> MuScleLinear for every patched module, in module order."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, MuScleLinear)}
+
+
+def require_patched(model: nn.Module, what: str) -> MuScleConfig:
+    cfg = getattr(model, "muscle_config", None)
+    if cfg is None:
+        raise ValueError(
+            f"{what}: {type(model).__name__} is not patched by muscle_fast (call patch_model first)"
+        )
+    return cfg

@@ -1,0 +1,243 @@
+"""MuScleLinear against the float64 reference of SPEC §2, on every backend and dtype."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from reference import lowrank_ref
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from muscle_fast import MuScleLinear
+from muscle_fast.ops.lowrank import MuScleLinearFunction, get_ops
+
+BACKENDS = ["torch", "triton"]
+# Relative to the output's max magnitude: fp32 rounding of K-term sums; bf16 has an 8-bit mantissa.
+TOL = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 2.5e-2}
+
+
+def _close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, what: str) -> None:
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    if expected.numel() == 0:
+        return
+    scale = expected.abs().max().item() + 1e-12
+    err = (actual.double() - expected.double()).abs().max().item()
+    assert err <= TOL[dtype] * scale, f"{what}: max err {err:.3e} > {TOL[dtype]:.1e} * {scale:.3e}"
+
+
+def _make(
+    kind: str,
+    k: int,
+    n: int,
+    scales,
+    r: int,
+    device: str,
+    dtype: torch.dtype,
+    backend: str,
+    dropout: float = 0.0,
+) -> MuScleLinear:
+    base = nn.Linear(k, n) if kind == "linear" else Conv1D(n, k)
+    if kind == "conv1d":
+        nn.init.normal_(base.weight, std=0.1)
+        nn.init.normal_(base.bias, std=0.1)
+    m = MuScleLinear(
+        base.to(device=device, dtype=dtype),
+        scales,
+        r,
+        alpha=6.0,
+        dropout=dropout,
+        init_B="kaiming",
+        backend=backend,
+    )
+    return m
+
+
+def _dense_weight(m: MuScleLinear) -> torch.Tensor:
+    return m.base.weight.t() if m.kind == "conv1d" else m.base.weight
+
+
+CASES = [  # (kind, leading shape, K, N, scales, r)
+    ("linear", (17,), 67, 131, (1.0,), 1),
+    ("linear", (2, 9), 33, 20, (1.0, 4.0, 8.0), 3),
+    ("conv1d", (3, 5), 48, 144, (1.0, 2.0, 3.0, 4.0), 1),
+    ("linear", (1,), 1, 17, (1.0,), 8),
+    ("linear", (0,), 16, 8, (1.0, 2.0), 2),
+]
+
+
+def _id(c) -> str:
+    kind, lead, k, n, scales, r = c
+    return f"{kind}-M{'x'.join(map(str, lead))}-K{k}-N{n}-n{len(scales)}-r{r}"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("case", CASES, ids=_id)
+def test_forward_backward_matches_reference(case, dtype, backend, device):
+    kind, lead, k, n, scales, r = case
+    m = _make(kind, k, n, scales, r, device, dtype, backend)
+    x = torch.randn(*lead, k, device=device, dtype=dtype, requires_grad=True)
+    y = m(x)
+    assert y.shape == (*lead, n) and y.dtype == dtype
+    W, b = _dense_weight(m), m.base.bias
+    xr = x.detach().double().requires_grad_(True)
+    Ar = m.lora_A.detach().double().requires_grad_(True)
+    Br = m.lora_B.detach().double().requires_grad_(True)
+    ref = lowrank_ref(xr, W, b, Ar, Br, m.scale_vector, m.scaling)
+    _close(y, ref, dtype, "forward")
+    gy = torch.randn_like(ref)
+    y.backward(gy.to(dtype))
+    ref.backward(gy)
+    if x.numel():
+        _close(x.grad, xr.grad, dtype, "dX")
+        _close(m.lora_A.grad, Ar.grad, dtype, "dA")
+        _close(m.lora_B.grad, Br.grad, dtype, "dB")
+    else:
+        assert x.grad.shape == x.shape and float(m.lora_A.grad.abs().sum()) == 0.0
+    assert m.base.weight.grad is None
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_non_contiguous_input(backend, device):
+    m = _make("linear", 24, 40, (1.0, 3.0), 2, device, torch.float32, backend)
+    x = torch.randn(24, 11, device=device).t()  # (11, 24), strided
+    y = m(x)
+    ref = lowrank_ref(x, m.base.weight, m.base.bias, m.lora_A, m.lora_B, m.scale_vector, m.scaling)
+    _close(y, ref, torch.float32, "forward")
+
+
+def test_autocast_bf16_cpu():
+    m = _make("linear", 32, 24, (1.0, 2.0), 1, "cpu", torch.float32, "torch")
+    x = torch.randn(5, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = m(x)
+    assert y.dtype == torch.bfloat16
+    ref = lowrank_ref(x, m.base.weight, m.base.bias, m.lora_A, m.lora_B, m.scale_vector, m.scaling)
+    _close(y, ref, torch.bfloat16, "autocast forward")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("p", [0.1, 0.5])
+def test_dropout_mask_reused_in_backward(p, backend, device):
+    m = _make("linear", 37, 19, (1.0, 2.0), 2, device, torch.float32, backend, dropout=p)
+    ops = get_ops(backend, torch.device(device))
+    x = torch.randn(29, 37, device=device, requires_grad=True)
+    seed = 1234
+    scale = m.scaling * m.scale_vector
+    y = MuScleLinearFunction.apply(x, m.lora_A, m.lora_B, scale, m.base, m.kind, ops, p, seed, None, m)
+    mask = ops.dropout_mask(29, 37, p, seed, x.device)
+    keep = mask.float().mean().item()
+    assert abs(keep - (1 - p)) < 0.08, f"keep rate {keep:.3f} for p={p}"
+    xr = x.detach().double().requires_grad_(True)
+    Ar = m.lora_A.detach().double().requires_grad_(True)
+    Br = m.lora_B.detach().double().requires_grad_(True)
+    ref = lowrank_ref(xr, m.base.weight, m.base.bias, Ar, Br, m.scale_vector, m.scaling, mask=mask, p=p)
+    _close(y, ref, torch.float32, "forward with dropout")
+    gy = torch.randn_like(ref)
+    y.backward(gy.float())
+    ref.backward(gy)
+    _close(x.grad, xr.grad, torch.float32, "dX with dropout")
+    _close(m.lora_A.grad, Ar.grad, torch.float32, "dA with dropout")
+    _close(m.lora_B.grad, Br.grad, torch.float32, "dB with dropout")
+    other = ops.dropout_mask(29, 37, p, seed + 1, x.device)
+    assert not torch.equal(mask, other)
+
+
+def test_dropout_only_in_training():
+    m = _make("linear", 16, 8, (1.0,), 2, "cpu", torch.float32, "torch", dropout=0.5)
+    x = torch.randn(4, 16)
+    m.eval()
+    ref = lowrank_ref(x, m.base.weight, m.base.bias, m.lora_A, m.lora_B, m.scale_vector, m.scaling)
+    _close(m(x), ref, torch.float32, "eval forward ignores dropout")
+    m.train()
+    assert not torch.allclose(m(x), ref.float())
+
+
+def test_plain_lora_is_scales_one():
+    m = _make("linear", 16, 8, (1.0,), 4, "cpu", torch.float32, "torch")
+    assert m.lora_A.shape == (4, 16) and m.lora_B.shape == (8, 4)
+    assert m.scaling == pytest.approx(6.0 / 4)
+    torch.testing.assert_close(m.scale_vector, torch.ones(4))
+    ms = _make("linear", 16, 8, (1.0, 4.0, 8.0), 2, "cpu", torch.float32, "torch")
+    assert ms.lora_A.shape == (6, 16)
+    torch.testing.assert_close(ms.scale_vector, torch.tensor([1.0, 1, 4, 4, 8, 8]))
+    dw = ms.delta_weight().double()
+    ref = ms.scaling * ms.lora_B.double() @ torch.diag(ms.scale_vector.double()) @ ms.lora_A.double()
+    torch.testing.assert_close(dw, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_init_lora_b_zero_mslr_kaiming():
+    lora = MuScleLinear(nn.Linear(16, 8), (1.0,), 4, 32.0)
+    assert float(lora.lora_B.detach().abs().sum()) == 0.0 and float(lora.lora_A.detach().abs().sum()) > 0
+    mslr = MuScleLinear(nn.Linear(16, 8), (1.0, 2.0), 1, 6.0, init_B="kaiming")
+    assert float(mslr.lora_B.detach().abs().sum()) > 0
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(r=0), "r must be an integer >= 1"),
+        (dict(scales=()), "must not be empty"),
+        (dict(scales=(1.0, -2.0)), r"finite and > 0, got \[-2.0\]"),
+        (dict(scales=(0.0,)), "finite and > 0"),
+        (dict(alpha=0.0), "alpha must be > 0"),
+        (dict(dropout=1.0), r"dropout must be in \[0, 1\)"),
+        (dict(dropout=-0.1), r"dropout must be in \[0, 1\)"),
+        (dict(init_B="ones"), "init_B must be one of"),
+        (dict(backend="cuda"), "backend must be one of"),
+    ],
+    ids=[
+        "r0",
+        "empty-scales",
+        "negative-scale",
+        "zero-scale",
+        "alpha0",
+        "dropout1",
+        "dropout-neg",
+        "init",
+        "backend",
+    ],
+)
+def test_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        MuScleLinear(nn.Linear(4, 4), **kwargs)
+
+
+def test_unsupported_base_names_type():
+    with pytest.raises(TypeError, match=r"MuScleLinear\(emb\).*torch.nn.modules.sparse.Embedding"):
+        MuScleLinear(nn.Embedding(10, 4), name="emb")
+
+
+def test_wrong_input_width():
+    m = MuScleLinear(nn.Linear(8, 4), name="layer.q")
+    with pytest.raises(ValueError, match=r"MuScleLinear\(layer.q\): input last dim 5 != in_features 8"):
+        m(torch.randn(2, 5))
+
+
+def test_unfrozen_base_is_an_error():
+    m = MuScleLinear(nn.Linear(8, 4), name="q")
+    m.base.weight.requires_grad_(True)
+    with pytest.raises(RuntimeError, match="base layer must stay frozen"):
+        m(torch.randn(2, 8))
+
+
+def test_triton_on_cpu_without_interpreter_raises(monkeypatch):
+    from muscle_fast.kernels import _common
+
+    monkeypatch.setattr(_common, "INTERPRET", False)
+    m = MuScleLinear(nn.Linear(8, 4), backend="triton")
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        m(torch.randn(2, 8))
+
+
+def test_env_overrides_backend(monkeypatch):
+    m = MuScleLinear(nn.Linear(8, 4), backend="torch")
+    monkeypatch.setenv("MUSCLE_FAST_BACKEND", "nope")
+    with pytest.raises(ValueError, match="MUSCLE_FAST_BACKEND must be one of"):
+        m(torch.randn(2, 8))
+    monkeypatch.setenv("MUSCLE_FAST_BACKEND", "triton")
+    from muscle_fast.kernels import _common
+
+    monkeypatch.setattr(_common, "INTERPRET", False)
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):  # env picked triton over the module's torch
+        m(torch.randn(2, 8))

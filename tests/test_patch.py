@@ -1,0 +1,325 @@
+"""patch_model on tiny random BERT, RoBERTa, GPT-2 and Llama (and NF4 Llama) against the float64 reference."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from reference import randomize_adapters, reference_model
+from tiny_models import FAMILIES, quantize_linears_4bit, tiny_batch, tiny_config, tiny_model
+from torch import nn
+
+from muscle_fast import (
+    DecoderScoreHead,
+    MuScleConfig,
+    MuScleLinear,
+    export_peft,
+    load_adapter,
+    merge_and_unload,
+    patch_model,
+    save_adapter,
+)
+
+LABELS = torch.tensor([0, 2, 1])
+
+
+def _patched(family: str, dtype: torch.dtype = torch.float32, **overrides) -> nn.Module:
+    model = tiny_model(family, dtype=dtype)
+    patch_model(model, MuScleConfig.for_model(model, **overrides) if overrides else None)
+    randomize_adapters(model)
+    return model
+
+
+def _logits(model: nn.Module, batch) -> torch.Tensor:
+    with torch.no_grad():
+        return model(**batch).logits
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_patched_forward_matches_float64_reference(family):
+    model = _patched(family)
+    batch = tiny_batch(family)
+    ref = reference_model(model)
+    torch.testing.assert_close(_logits(model, batch).double(), _logits(ref, batch), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_only_adapter_parameters_get_gradients(family):
+    model = _patched(family).train()
+    out = model(**tiny_batch(family), labels=LABELS)
+    out.loss.backward()
+    with_grad = {n for n, p in model.named_parameters() if p.grad is not None}
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and with_grad == trainable
+    assert all(n.endswith(("lora_A", "lora_B")) for n in trainable)
+    assert all(float(p.grad.abs().sum()) > 0 for n, p in model.named_parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_structure_and_report(family):
+    model = tiny_model(family)
+    total_before = sum(p.numel() for p in model.parameters())
+    patch_model(model)
+    rep = model.muscle_report
+    cfg = model.muscle_config
+    mods = {n: m for n, m in model.named_modules() if isinstance(m, MuScleLinear)}
+    assert sorted(rep.lora_modules + rep.mslr_modules) == sorted(mods)
+    assert all(len(mods[n].scales) == 1 and mods[n].r == cfg.lora_r for n in rep.lora_modules)
+    assert all(tuple(mods[n].scales) == tuple(cfg.mslr_scales) and mods[n].r == 1 for n in rep.mslr_modules)
+    assert len(rep.mslr_modules) == 1
+    if family in ("gpt2", "llama"):
+        assert isinstance(model.score, DecoderScoreHead)
+        assert model.score.dense.base.weight.shape == (16, 48) and model.score.out_proj.weight.shape == (
+            3,
+            16,
+        )
+        assert not model.score.out_proj.weight.requires_grad
+        assert rep.lora_modules and len(rep.lora_modules) == (2 if family == "gpt2" else 4)
+    else:
+        assert len(rep.lora_modules) == 4
+        assert rep.total_params == total_before + sum(
+            m.lora_A.numel() + m.lora_B.numel() for m in mods.values()
+        )
+    assert rep.trainable_params == sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert "patched" in str(rep)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_save_load_reproduces_logits_exactly(family, tmp_path):
+    model = _patched(family)
+    batch = tiny_batch(family)
+    want = _logits(model, batch)
+    save_adapter(model, tmp_path / "ad")
+    assert sorted(p.name for p in (tmp_path / "ad").iterdir()) == [
+        "muscle_adapter.safetensors",
+        "muscle_config.json",
+    ]
+    fresh = tiny_model(family, seed=123)  # same architecture; the random head and pooler differ
+    base = tiny_model(family)
+    for (n, p), (_, q) in zip(fresh.named_parameters(), base.named_parameters(), strict=True):
+        if not n.startswith(("classifier", "score", "bert.pooler")):
+            p.data.copy_(q.data)  # the "checkpoint" part is shared; the rest must come from the adapter
+    load_adapter(fresh, tmp_path / "ad")  # patches it with the saved config
+    torch.testing.assert_close(_logits(fresh, batch), want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_merge_and_unload_same_logits(family):
+    model = _patched(family)
+    batch = tiny_batch(family)
+    want = _logits(model, batch)
+    plain = merge_and_unload(model)
+    assert not any(isinstance(m, (MuScleLinear, DecoderScoreHead)) for m in plain.modules())
+    assert not hasattr(plain, "muscle_config")
+    if family in ("gpt2", "llama"):
+        assert type(plain.score) is nn.Linear and plain.score.weight.shape == (3, 48)
+    torch.testing.assert_close(_logits(plain, batch), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_export_peft_loads_in_real_peft(family, tmp_path):
+    peft = pytest.importorskip("peft")
+    model = _patched(family)
+    batch = tiny_batch(family)
+    want = _logits(model, batch)
+    export_peft(model, tmp_path / "peft")
+    cfg = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert cfg["peft_type"] == "LORA" and cfg["task_type"] == "SEQ_CLS"
+    fresh = tiny_model(family, seed=321)
+    base = tiny_model(family)
+    for (n, p), (_, q) in zip(fresh.named_parameters(), base.named_parameters(), strict=True):
+        if not n.startswith(("classifier", "score")):
+            p.data.copy_(q.data)
+    loaded = peft.PeftModel.from_pretrained(fresh, str(tmp_path / "peft")).eval()
+    torch.testing.assert_close(_logits(loaded, batch), want, rtol=1e-5, atol=1e-5)
+
+
+def test_bf16_close_to_fp32():
+    model32 = _patched("llama")
+    model16 = _patched("llama", dtype=torch.bfloat16)
+    with torch.no_grad():
+        for (_, p), (_, q) in zip(model16.named_parameters(), model32.named_parameters(), strict=True):
+            p.copy_(q)
+    batch = tiny_batch("llama")
+    l32, l16 = _logits(model32, batch), _logits(model16, batch)
+    assert l16.dtype == torch.bfloat16
+    torch.testing.assert_close(l16.float(), l32, rtol=0.05, atol=0.05 * l32.abs().max().item())
+    model16.train()
+    model16(**batch, labels=LABELS).loss.backward()
+    assert all(
+        p.grad is not None and p.grad.dtype == torch.float32 for p in model16.parameters() if p.requires_grad
+    )
+
+
+class TestFourBit:
+    @pytest.fixture
+    def model(self):
+        pytest.importorskip("bitsandbytes")
+        model = quantize_linears_4bit(tiny_model("llama"))
+        patch_model(model)
+        randomize_adapters(model)
+        return model
+
+    def test_forward_matches_reference_and_trains(self, model):
+        q = model.model.layers[0].self_attn.q_proj
+        assert q.kind == "4bit" and type(q.base).__name__ == "Linear4bit"
+        batch = tiny_batch("llama")
+        ref = reference_model(model)
+        torch.testing.assert_close(_logits(model, batch).double(), _logits(ref, batch), rtol=1e-5, atol=1e-5)
+        packed = q.base.weight.data.clone()
+        model.train()
+        model(**batch, labels=LABELS).loss.backward()
+        assert torch.equal(q.base.weight.data, packed)  # the quantized weight is untouched
+        assert q.lora_A.grad is not None and float(q.lora_A.grad.abs().sum()) > 0
+
+    def test_report_counts_4bit_params(self, model):
+        assert model.muscle_report.total_params > model.muscle_report.trainable_params > 0
+
+    def test_save_load(self, model, tmp_path):
+        batch = tiny_batch("llama")
+        want = _logits(model, batch)
+        save_adapter(model, tmp_path)
+        fresh = quantize_linears_4bit(tiny_model("llama"))
+        load_adapter(fresh, tmp_path)
+        torch.testing.assert_close(_logits(fresh, batch), want, rtol=0, atol=0)
+
+    def test_merge_is_refused(self, model):
+        with pytest.raises(ValueError, match="4-bit base"):
+            merge_and_unload(model)
+        assert isinstance(model.model.layers[0].self_attn.q_proj, MuScleLinear)  # nothing half-merged
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+
+
+def test_unknown_model_type_lists_known():
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    cfg = AutoConfig.for_model("distilbert", dim=32, n_layers=1, n_heads=2, hidden_dim=40, vocab_size=50)
+    model = AutoModelForSequenceClassification.from_config(cfg)
+    with pytest.raises(ValueError, match=r"model_type 'distilbert'.*\['bert', 'gpt2', 'llama', 'roberta'\]"):
+        patch_model(model)
+    patch_model(model, MuScleConfig.for_model(model, lora_targets=["q_lin", "v_lin"]))  # explicit: fine
+    assert len(model.muscle_report.lora_modules) == 2
+
+
+def test_target_matching_nothing_is_named():
+    model = tiny_model("bert")
+    with pytest.raises(ValueError, match="lora target 'qurey' matches no module"):
+        patch_model(model, MuScleConfig.for_model(model, lora_targets=["qurey"]))
+
+
+def test_patching_twice_is_an_error():
+    model = tiny_model("bert")
+    patch_model(model)
+    with pytest.raises(ValueError, match="already patched"):
+        patch_model(model)
+
+
+def test_unsupported_layer_at_target():
+    model = tiny_model("bert")
+    with pytest.raises(TypeError, match=r"bert.embeddings.word_embeddings.*Embedding"):
+        patch_model(model, MuScleConfig.for_model(model, lora_targets=["word_embeddings"]))
+
+
+@pytest.mark.parametrize(
+    "field, value, match",
+    [
+        ("lora_r", 0, "lora_r must be an integer >= 1"),
+        ("mslr_scales", [], "must not be empty"),
+        ("mslr_scales", [1, 0], "finite and > 0"),
+        ("lora_alpha", -1.0, "lora_alpha must be > 0"),
+        ("mslr_dropout", 1.5, r"mslr_dropout must be in \[0, 1\)"),
+        ("backend", "cuda", "backend must be one of"),
+    ],
+)
+def test_bad_config_values(field, value, match):
+    with pytest.raises(ValueError, match=match):
+        MuScleConfig.for_model(tiny_model("bert"), **{field: value})
+
+
+def test_loading_adapter_of_another_config(tmp_path):
+    model = _patched("bert")
+    save_adapter(model, tmp_path)
+    other = tiny_model("bert")
+    patch_model(other, MuScleConfig.for_model(other, lora_r=4))
+    with pytest.raises(ValueError, match=r"another config; differing fields: lora_r \(saved 8, model 4\)"):
+        load_adapter(other, tmp_path)
+
+
+def test_loading_adapter_with_missing_key(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    model = _patched("bert")
+    save_adapter(model, tmp_path)
+    tensors = load_file(tmp_path / "muscle_adapter.safetensors")
+    key = next(k for k in tensors if k.endswith("lora_A"))
+    del tensors[key]
+    save_file(tensors, tmp_path / "muscle_adapter.safetensors")
+    with pytest.raises(KeyError, match=f"missing \\['{key}'\\]"):
+        load_adapter(tiny_model("bert"), tmp_path)
+
+
+def test_loading_adapter_with_wrong_shape(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    model = _patched("bert")
+    save_adapter(model, tmp_path)
+    tensors = load_file(tmp_path / "muscle_adapter.safetensors")
+    tensors["classifier.weight"] = torch.zeros(5, 48)
+    save_file(tensors, tmp_path / "muscle_adapter.safetensors")
+    with pytest.raises(ValueError, match=r"shape mismatch for classifier.weight: saved \(5, 48\)"):
+        load_adapter(tiny_model("bert"), tmp_path)
+
+
+def test_adapter_dir_missing(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no muscle_config.json"):
+        load_adapter(tiny_model("bert"), tmp_path / "nope")
+
+
+def test_unpatched_model_operations_are_errors(tmp_path):
+    for fn in (save_adapter, export_peft):
+        with pytest.raises(ValueError, match="not patched"):
+            fn(tiny_model("bert"), tmp_path)
+    with pytest.raises(ValueError, match="not patched"):
+        merge_and_unload(tiny_model("bert"))
+
+
+# ---------------------------------------------------------------------------------------------- config
+
+
+@pytest.mark.parametrize(
+    "family, hidden, scales",
+    [
+        ("bert", 48, [1, 4, 8, 12, 16, 20, 24, 28]),
+        ("bert", 1024, list(range(1, 10))),
+        ("roberta", 48, [1, 2, 4, 6, 8, 10, 12, 14, 16]),
+        ("roberta", 1024, list(range(1, 10))),
+        ("gpt2", 48, [1, 2, 3, 4]),
+        ("llama", 48, [1, 2, 3, 4]),
+    ],
+)
+def test_paper_defaults(family, hidden, scales):
+    class M:
+        config = tiny_config(family)
+
+    if family == "gpt2":
+        M.config.n_embd = hidden
+    else:
+        M.config.hidden_size = hidden
+    cfg = MuScleConfig.for_model(M)
+    assert cfg.mslr_scales == [float(k) for k in scales]
+    enc = family in ("bert", "roberta")
+    assert (cfg.lora_r, cfg.lora_alpha, cfg.mslr_r, cfg.mslr_alpha) == (
+        (8, 32.0, 1, 6.0) if enc else (2, 8.0, 1, 4.0)
+    )
+    assert cfg.decoder_head is not enc
+
+
+def test_config_json_round_trip():
+    cfg = MuScleConfig.for_model(tiny_model("roberta"), lora_dropout=0.1)
+    again = MuScleConfig.from_dict(json.loads(json.dumps(cfg.to_dict())))
+    assert again == cfg
+    with pytest.raises(ValueError, match="unknown field"):
+        MuScleConfig.from_dict({**cfg.to_dict(), "lora_rank": 3})
