@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 from reference import randomize_adapters, reference_model
-from tiny_models import FAMILIES, quantize_linears_4bit, tiny_batch, tiny_config, tiny_model
+from tiny_models import FAMILIES, LLAMA_4BIT, quantize_linears_4bit, tiny_batch, tiny_config, tiny_model
 from torch import nn
 
 from muscle_fast import (
@@ -156,7 +156,7 @@ class TestFourBit:
     @pytest.fixture
     def model(self):
         pytest.importorskip("bitsandbytes")
-        model = quantize_linears_4bit(tiny_model("llama"))
+        model = quantize_linears_4bit(tiny_model("llama", **LLAMA_4BIT))
         patch_model(model)
         randomize_adapters(model)
         return model
@@ -180,7 +180,7 @@ class TestFourBit:
         batch = tiny_batch("llama")
         want = _logits(model, batch)
         save_adapter(model, tmp_path)
-        fresh = quantize_linears_4bit(tiny_model("llama"))
+        fresh = quantize_linears_4bit(tiny_model("llama", **LLAMA_4BIT))
         load_adapter(fresh, tmp_path)
         torch.testing.assert_close(_logits(fresh, batch), want, rtol=0, atol=0)
 

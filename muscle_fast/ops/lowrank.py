@@ -43,25 +43,37 @@ RefSink = Callable[[nn.Module, torch.Tensor, torch.Tensor], None]
 
 
 @contextlib.contextmanager
-def split_rows(row_split: int, sink: RefSink) -> Iterator[None]:
-    """Within this block, forwards split their rows at ``row_split`` (per sample-batch row).
+def split_rows(row_split: int, sink: RefSink, total: int | None = None) -> Iterator[None]:
+    """Within this block, MuScleLinear forwards split their rows at sample ``row_split``.
 
-    Rows [0, row_split) of the flattened (batch * seq) input are the training batch and
-    the rest the reference batch. In backward, the adapter ``.grad`` receives only the
-    training rows' gradient and ``sink(module, dA_ref, dB_ref)`` the reference rows'.
-    ``row_split`` counts batch rows (the leading dimension); it is scaled by the
-    sequence length per call.
+    Samples [0, row_split) of the batch are the training batch and the rest the
+    reference batch. In backward, the adapter ``.grad`` receives only the training
+    rows' gradient and ``sink(module, dA_ref, dB_ref)`` the reference rows'. Inputs
+    must be batch-first; with ``total`` (the concatenated batch size) a module whose
+    input does not lead with it is an error rather than a silently wrong split.
     """
     prev = getattr(_state, "split", None)
-    _state.split = (int(row_split), sink)
+    _state.split = (int(row_split), sink, total)
     try:
         yield
     finally:
         _state.split = prev
 
 
-def current_split() -> tuple[int, RefSink] | None:
+def current_split() -> tuple[int, RefSink, int | None] | None:
     return getattr(_state, "split", None)
+
+
+def _row_split(x: torch.Tensor, rows: int, split: tuple[int, RefSink, int | None], module: nn.Module) -> int:
+    """The split in flattened rows for an input whose leading dim is the batch."""
+    n_split, _, total = split
+    lead = x.shape[0] if x.dim() > 1 else 1
+    if total is not None and lead != total:
+        raise RuntimeError(
+            f"single-pass gradient alignment: {getattr(module, 'name', '') or type(module).__name__} "
+            f"got input of shape {tuple(x.shape)}, whose leading dim is not the batch size {total}"
+        )
+    return n_split * (rows // max(1, lead))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -106,10 +118,8 @@ def base_weight(module: nn.Module, kind: str, dtype: torch.dtype) -> torch.Tenso
 
 
 def _dequantize_4bit(module: nn.Module) -> torch.Tensor:
-    try:
-        from muscle_fast.nf4 import dequantize_4bit
-    except ImportError:  # the NF4 kernels are optional; bitsandbytes' own dequant is exact too
-        from bitsandbytes.functional import dequantize_4bit
+    from muscle_fast.nf4 import dequantize_4bit  # Triton on CUDA, an exact torch path on the CPU
+
     w = module.weight
     return dequantize_4bit(w.data, w.quant_state)
 
@@ -134,7 +144,7 @@ class MuScleLinearFunction(torch.autograd.Function):
         ops: ModuleType,
         dropout_p: float,
         seed: int,
-        split: tuple[int, RefSink] | None,
+        split: tuple[int, RefSink, int | None] | None,
         module: nn.Module,
     ) -> torch.Tensor:
         lead = x.shape[:-1]
@@ -148,10 +158,7 @@ class MuScleLinearFunction(torch.autograd.Function):
         S = ops.lowrank_shrink(x2, Ac, scale, dropout_p=dropout_p, seed=seed)
         y = x2 @ W.t() if bias is None else torch.addmm(bias, x2, W.t())
         ops.lowrank_expand_(y, S, Bc)
-        row_split = None
-        if split is not None:
-            rows_per_sample = x2.shape[0] // max(1, x.shape[0]) if x.dim() > 1 else 1
-            row_split = split[0] * rows_per_sample
+        row_split = None if split is None else _row_split(x, x2.shape[0], split, module)
         ctx.save_for_backward(x2, Ac, Bc, scale, S)
         ctx.meta = (
             base,

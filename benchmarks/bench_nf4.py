@@ -1,0 +1,124 @@
+"""NF4 dequantization bandwidth: muscle_fast's Triton kernel vs bitsandbytes' CUDA kernel.
+
+Dequantization is memory-bound, so the figure of merit is GB/s of (bytes read + bytes written);
+a same-run ``torch`` copy moving the same number of bytes is the practical ceiling.
+
+    pytest benchmarks/bench_nf4.py --benchmark-columns=mean,min,rounds -s
+
+CUDA only: skipped with a reason elsewhere (the interpreter says nothing about GPU speed).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="bench_nf4 measures GPU memory bandwidth and needs CUDA"
+)
+
+SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096)]
+BLOCKSIZE = 64
+DTYPE = torch.bfloat16
+INNER = 20  # launches per timed round, so that one synchronize is amortized
+
+
+def _traffic(shape: tuple[int, int], nested: bool) -> int:
+    """Bytes a dequantization must move: packed nibbles + absmax (+ nested stats) + output."""
+    numel = shape[0] * shape[1]
+    n_blocks = -(-numel // BLOCKSIZE)
+    absmax = n_blocks * (1 if nested else 4) + (-(-n_blocks // 256) * 4 + 256 * 4 if nested else 0)
+    return (numel + 1) // 2 + absmax + 16 * 4 + numel * DTYPE.itemsize
+
+
+def _state(shape: tuple[int, int], nested: bool) -> tuple[torch.Tensor, object]:
+    """A bitsandbytes-quantized weight when bitsandbytes is there, else an equivalent hand-built one."""
+    try:
+        import bitsandbytes.functional as F
+    except ImportError:
+        F = None
+    if F is not None:
+        w = torch.randn(shape, device="cuda", dtype=DTYPE)
+        return F.quantize_4bit(w, blocksize=BLOCKSIZE, compress_statistics=nested, quant_type="nf4")
+    from muscle_fast.nf4 import get_4bit_code
+
+    numel = shape[0] * shape[1]
+    n_blocks = -(-numel // BLOCKSIZE)
+    packed = torch.randint(0, 256, ((numel + 1) // 2, 1), dtype=torch.uint8, device="cuda")
+    state2, offset = None, None
+    if nested:
+        absmax = torch.randint(0, 256, (n_blocks,), dtype=torch.uint8, device="cuda")
+        state2 = SimpleNamespace(
+            absmax=torch.rand(-(-n_blocks // 256), device="cuda"),
+            code=torch.linspace(-1, 1, 256, device="cuda"),
+            blocksize=256,
+            dtype=torch.float32,
+            state2=None,
+        )
+        offset = torch.tensor(0.5, device="cuda")
+    else:
+        absmax = torch.rand(n_blocks, device="cuda")
+    qs = SimpleNamespace(
+        absmax=absmax,
+        shape=torch.Size(shape),
+        code=get_4bit_code("nf4", "cuda"),
+        blocksize=BLOCKSIZE,
+        quant_type="nf4",
+        dtype=DTYPE,
+        offset=offset,
+        state2=state2,
+    )
+    return packed, qs
+
+
+def _run(benchmark, fn: Callable[[], object], traffic: int, label: str) -> None:
+    fn()  # compile + autotune outside the timing
+    torch.cuda.synchronize()
+
+    def rounds() -> None:
+        for _ in range(INNER):
+            fn()
+        torch.cuda.synchronize()
+
+    benchmark.pedantic(rounds, rounds=30, warmup_rounds=3)
+    if benchmark.stats is None:  # --benchmark-disable
+        return
+    per_call = benchmark.stats.stats.min / INNER
+    gbs = traffic / per_call / 1e9
+    benchmark.extra_info.update({"us_per_call": per_call * 1e6, "GB/s": gbs, "bytes": traffic})
+    print(f"\n{label}: {per_call * 1e6:8.1f} us  {gbs:7.1f} GB/s  ({traffic / 2**20:.1f} MiB moved)")
+
+
+def _id(shape: tuple[int, int]) -> str:
+    return f"{shape[0]}x{shape[1]}"
+
+
+@pytest.mark.parametrize("nested", [False, True], ids=["fp32absmax", "nested"])
+@pytest.mark.parametrize("shape", SHAPES, ids=_id)
+def test_muscle_fast_dequant(benchmark, shape: tuple[int, int], nested: bool) -> None:
+    from muscle_fast.nf4 import dequantize_4bit
+
+    packed, qs = _state(shape, nested)
+    out = torch.empty(shape, dtype=DTYPE, device="cuda")
+    _run(benchmark, lambda: dequantize_4bit(packed, qs, out=out), _traffic(shape, nested), "muscle_fast")
+
+
+@pytest.mark.parametrize("nested", [False, True], ids=["fp32absmax", "nested"])
+@pytest.mark.parametrize("shape", SHAPES, ids=_id)
+def test_bitsandbytes_dequant(benchmark, shape: tuple[int, int], nested: bool) -> None:
+    F = pytest.importorskip("bitsandbytes.functional", reason="no bitsandbytes: nothing to compare")
+    packed, qs = _state(shape, nested)
+    out = torch.empty(shape, dtype=DTYPE, device="cuda")
+    _run(benchmark, lambda: F.dequantize_4bit(packed, qs, out=out), _traffic(shape, nested), "bitsandbytes")
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=_id)
+def test_torch_copy_floor(benchmark, shape: tuple[int, int]) -> None:
+    # Copying n bytes reads n and writes n: size the copy to move as many bytes as a dequantization.
+    traffic = _traffic(shape, nested=False)
+    src = torch.empty(traffic // 2, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    _run(benchmark, lambda: dst.copy_(src), 2 * src.numel(), "torch copy")

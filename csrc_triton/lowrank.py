@@ -1,0 +1,743 @@
+"""Triton kernels for the multi-scale low-rank linear (SPEC section 2).
+
+Notation: x (M, K) input rows, A (R, K), B (N, R), ``scale`` (R,) float32 (= s * kvec, already
+multiplied), W (N, K) frozen base weight. R = n * r is small (1..64): it is held in one constexpr
+block ``BLOCK_R`` padded to a power of two >= 16 (``tl.dot`` needs every dim >= 16), padding masked.
+
+Forward:   S = (drop(x) @ A.T) * scale                (lowrank_shrink, fp32)
+           y = y0 + S @ B.T                            (lowrank_expand_ or fused_linear_lowrank)
+Backward:  dS = (dY @ B) * scale,  dB = dY.T @ S       (lowrank_backward_dS_dB, one pass over dY)
+           dA = dS.T @ drop(x)                         (lowrank_grad_A)
+           dX += drop'(dS @ A)                         (lowrank_dx_)
+
+Precision. Every product is accumulated in fp32. Two kinds of dots occur:
+
+* storage x storage (x @ A.T, dY @ B, x @ W.T): both operands in the same 16-bit dtype use the
+  tensor-core dot; anything else (fp32, or two different dtypes) is cast to fp32 and uses
+  ``input_precision="ieee"`` so results match torch's fp32 matmul (not tf32).
+* fp32 intermediate x storage (S @ B.T, S.T @ dY, dS.T @ x, dS @ A): the fp32 operand is split into
+  ``hi + lo`` bf16 parts and two tensor-core dots are summed (three when the storage operand is fp16,
+  which is then split exactly into two bf16 parts, avoiding fp16 overflow of S). The error is
+  ~2**-17 relative per product instead of 2**-9 if S were rounded to bf16, and it stays on the tensor
+  cores: an fp32 IEEE dot runs on the FMA units and would make the backward (R = 64) compute-bound.
+  With an fp32 storage operand the IEEE fp32 dot is used.
+
+Under Triton's CPU interpreter bf16 ``tl.dot`` is broken, so the ``UPCAST`` flag
+(``_common.upcast_dot``) casts bf16 dot operands to fp32 there only (exact).
+
+Dropout. The keep-mask of element (row, col) of the logical (M, K) matrix x is
+``tl.rand(seed, row * K + col) >= p`` (int64 offsets from the logical index, never from memory
+strides), so keep probability is 1 - p and the same seed gives the same mask in shrink, grad_A and
+dx_. Kept values are scaled by 1 / (1 - p), applied in fp32 to the accumulator (exact zeroing of x,
+no rounding of a scaled x). The mask is never materialised (``dropout_mask`` does, for tests).
+
+Reductions over many rows or columns are split across programs when there would otherwise be too
+few programs to fill the GPU (``_split_count``); split partial sums go through fp32 ``atomic_add``
+into a zero-initialised output (so those outputs are deterministic only up to fp32 summation order).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from . import _common
+from ._common import check_device, upcast_dot
+
+__all__ = [
+    "dropout_mask",
+    "fused_linear_lowrank",
+    "lowrank_backward_dS_dB",
+    "lowrank_dx_",
+    "lowrank_expand_",
+    "lowrank_forward",
+    "lowrank_grad_A",
+    "lowrank_shrink",
+]
+
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+# ---------------------------------------------------------------------------------------------------
+# Autotune configurations (module-level data, like the Triton matmul tutorial). Under the interpreter a
+# single small config is used: autotuning there is slow and meaningless. The interpreter tiles (32) are
+# small enough that the odd test sizes cross several blocks.
+# ---------------------------------------------------------------------------------------------------
+
+
+def _cfg(num_warps: int, num_stages: int, **meta: int) -> triton.Config:
+    return triton.Config(meta, num_warps=num_warps, num_stages=num_stages)
+
+
+SHRINK_CONFIGS = [
+    _cfg(4, 4, BLOCK_M=64, BLOCK_K=128),
+    _cfg(8, 3, BLOCK_M=64, BLOCK_K=256),
+    _cfg(8, 3, BLOCK_M=128, BLOCK_K=128),
+    _cfg(4, 4, BLOCK_M=128, BLOCK_K=64),
+    _cfg(4, 4, BLOCK_M=32, BLOCK_K=256),
+    _cfg(4, 5, BLOCK_M=32, BLOCK_K=128),
+]
+EXPAND_CONFIGS = [
+    _cfg(4, 2, BLOCK_M=64, BLOCK_N=128),
+    _cfg(8, 2, BLOCK_M=128, BLOCK_N=128),
+    _cfg(8, 2, BLOCK_M=64, BLOCK_N=256),
+    _cfg(8, 2, BLOCK_M=128, BLOCK_N=256),
+    _cfg(4, 2, BLOCK_M=32, BLOCK_N=128),
+]
+MATMUL_CONFIGS = [
+    _cfg(8, 3, BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8),
+    _cfg(8, 3, BLOCK_M=256, BLOCK_N=128, BLOCK_K=64, GROUP_M=8),
+    _cfg(8, 4, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8),
+    _cfg(4, 4, BLOCK_M=64, BLOCK_N=256, BLOCK_K=32, GROUP_M=8),
+    _cfg(4, 4, BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=8),
+    _cfg(4, 4, BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, GROUP_M=8),
+    _cfg(4, 4, BLOCK_M=64, BLOCK_N=128, BLOCK_K=32, GROUP_M=8),
+    _cfg(4, 4, BLOCK_M=128, BLOCK_N=32, BLOCK_K=32, GROUP_M=8),
+    _cfg(2, 5, BLOCK_M=64, BLOCK_N=32, BLOCK_K=32, GROUP_M=8),
+    _cfg(2, 5, BLOCK_M=32, BLOCK_N=64, BLOCK_K=32, GROUP_M=8),
+]
+BWD_CONFIGS = [
+    _cfg(4, 3, BLOCK_M=64, BLOCK_N=64),
+    _cfg(4, 3, BLOCK_M=64, BLOCK_N=128),
+    _cfg(8, 3, BLOCK_M=128, BLOCK_N=64),
+    _cfg(8, 3, BLOCK_M=128, BLOCK_N=128),
+    _cfg(8, 2, BLOCK_M=256, BLOCK_N=64),
+]
+GRAD_A_CONFIGS = [
+    _cfg(4, 4, BLOCK_M=64, BLOCK_K=64),
+    _cfg(4, 4, BLOCK_M=64, BLOCK_K=128),
+    _cfg(8, 3, BLOCK_M=128, BLOCK_K=128),
+    _cfg(8, 3, BLOCK_M=64, BLOCK_K=256),
+    _cfg(4, 4, BLOCK_M=128, BLOCK_K=64),
+]
+INTERPRET_CONFIGS = {
+    "shrink": [_cfg(4, 1, BLOCK_M=32, BLOCK_K=32)],
+    "expand": [_cfg(4, 1, BLOCK_M=32, BLOCK_N=32)],
+    "matmul": [_cfg(4, 1, BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=2)],
+    "bwd": [_cfg(4, 1, BLOCK_M=32, BLOCK_N=32)],
+    "grad_a": [_cfg(4, 1, BLOCK_M=32, BLOCK_K=32)],
+}
+
+
+def _configs(gpu: list[triton.Config], name: str) -> list[triton.Config]:
+    return INTERPRET_CONFIGS[name] if _common.INTERPRET else gpu
+
+
+# Programs per launch wanted before a reduction is split across programs. Small under the interpreter
+# so that the tests exercise both the split (atomic) and the unsplit (plain store) paths.
+_INTERPRET_TARGET_PROGRAMS = 8
+
+
+@functools.cache
+def _cuda_sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _split_count(t: torch.Tensor, programs: int, max_split: int) -> int:
+    """Power-of-two split of a reduction so that ``programs * split`` fills the GPU (about 2 waves).
+
+    Powers of two bound the number of compiled variants (the split is a constexpr)."""
+    if t.device.type == "cuda":
+        target = 2 * _cuda_sm_count(t.device.index if t.device.index is not None else 0)
+    else:
+        target = _INTERPRET_TARGET_PROGRAMS
+    want = min(triton.cdiv(target, max(programs, 1)), max(max_split, 1))
+    return 1 << (want.bit_length() - 1)
+
+
+def _block_r(R: int) -> int:
+    return max(16, triton.next_power_of_2(R))
+
+
+def _split_mode(dtype: torch.dtype) -> int:
+    """How ``fp32 intermediate @ operand-of-this-dtype`` is computed (see ``_dot_split``)."""
+    return {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}[dtype]
+
+
+def _split_upcast(dtype: torch.dtype) -> bool:
+    return _split_mode(dtype) != 0 and upcast_dot(torch.bfloat16)
+
+
+def _plain_f32(a: torch.dtype, b: torch.dtype) -> bool:
+    """Whether a storage x storage dot must run in fp32 (IEEE) rather than on 16-bit tensor cores."""
+    return a != b or a == torch.float32 or upcast_dot(a, b)
+
+
+def _dropout_args(dropout_p: float, seed: int) -> tuple[bool, float, float, int]:
+    p = float(dropout_p)
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1], got {dropout_p}")
+    inv_keep = 0.0 if p >= 1.0 else 1.0 / (1.0 - p)
+    return p > 0.0, p, inv_keep, int(seed) % (1 << 63)
+
+
+def _check_float(*tensors: torch.Tensor) -> None:
+    for t in tensors:
+        if t.dtype not in _FLOAT_DTYPES:
+            raise TypeError(f"expected a float32/float16/bfloat16 tensor, got {t.dtype}")
+
+
+def _check_2d(name: str, t: torch.Tensor, rows: int | None = None, cols: int | None = None) -> None:
+    if t.dim() != 2:
+        raise ValueError(f"{name} must be 2-D, got shape {tuple(t.shape)}")
+    if (rows is not None and t.shape[0] != rows) or (cols is not None and t.shape[1] != cols):
+        raise ValueError(f"{name} has shape {tuple(t.shape)}, expected ({rows}, {cols})")
+
+
+def _check_split(row_split: int | None, M: int) -> tuple[int, int]:
+    """(m1, G): rows [0, m1) form group 0 and [m1, M) group 1; without a split m1 = M and G = 1."""
+    if row_split is None:
+        return M, 1
+    m1 = int(row_split)
+    if not 0 <= m1 <= M:
+        raise ValueError(f"row_split must be in [0, {M}], got {row_split}")
+    return m1, 2
+
+
+# ---------------------------------------------------------------------------------------------------
+# Device helpers
+# ---------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _keep_mask(seed, rows, cols, K, p):
+    """Dropout keep-mask of the logical elements (rows x cols) of an (M, K) matrix: rand >= p."""
+    offs = rows[:, None] * K + cols[None, :]
+    return tl.rand(seed, offs) >= p
+
+
+@triton.jit
+def _dot_tc(acc, a, b, UPCAST: tl.constexpr):
+    """acc += a @ b on 16-bit tensor cores; fp32 (exact) under the interpreter, whose bf16 dot is broken."""
+    if UPCAST:
+        acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        acc = tl.dot(a, b, acc)
+    return acc
+
+
+@triton.jit
+def _dot_plain(acc, a, b, F32: tl.constexpr):
+    """acc += a @ b for two storage operands: native 16-bit dot, or IEEE fp32 when F32."""
+    if F32:
+        acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        acc = tl.dot(a, b, acc)
+    return acc
+
+
+@triton.jit
+def _dot_split(acc, a, b, MODE: tl.constexpr, UPCAST: tl.constexpr):
+    """acc += a @ b for an fp32 intermediate ``a`` (S or dS) and ``b`` in its storage dtype.
+
+    MODE 0 (b fp32): IEEE fp32 dot. MODE 1 (b bf16): a = a_hi + a_lo in bf16, two tensor-core dots.
+    MODE 2 (b fp16): b is split exactly into two bf16 parts too (fp16 a_hi could overflow), three dots.
+    """
+    if MODE == 0:
+        acc = tl.dot(a, b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        a_hi = a.to(tl.bfloat16)
+        a_lo = (a - a_hi.to(tl.float32)).to(tl.bfloat16)
+        if MODE == 1:
+            acc = _dot_tc(acc, a_lo, b, UPCAST)
+            acc = _dot_tc(acc, a_hi, b, UPCAST)
+        else:
+            b32 = b.to(tl.float32)
+            b_hi = b32.to(tl.bfloat16)
+            b_lo = (b32 - b_hi.to(tl.float32)).to(tl.bfloat16)
+            acc = _dot_tc(acc, a_lo, b_hi, UPCAST)
+            acc = _dot_tc(acc, a_hi, b_lo, UPCAST)
+            acc = _dot_tc(acc, a_hi, b_hi, UPCAST)
+    return acc
+
+
+# ---------------------------------------------------------------------------------------------------
+# Kernels
+# ---------------------------------------------------------------------------------------------------
+
+
+@triton.autotune(configs=_configs(SHRINK_CONFIGS, "shrink"), key=["M_BUCKET", "K", "BLOCK_R"],
+                 reset_to_zero=["s_ptr"])
+@triton.heuristics({"SPLIT_K": lambda a: _split_count(a["x_ptr"], triton.cdiv(a["M"], a["BLOCK_M"]),
+                                                      triton.cdiv(a["K"], a["BLOCK_K"]))})
+@triton.jit
+def _shrink_kernel(
+    x_ptr, a_ptr, scale_ptr, s_ptr,
+    M, K, R, M_BUCKET,
+    stride_xm, stride_xk, stride_ar, stride_ak, stride_sm, stride_sr,
+    seed, p_drop, inv_keep,
+    BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+    DROPOUT: tl.constexpr, F32_DOT: tl.constexpr,
+):
+    """S[rows] = (drop(x[rows]) @ A.T) * scale: each program streams BLOCK_M rows of x once.
+
+    x is the only big operand, so the kernel is a bandwidth-bound stream over x; A (R x K) stays in
+    L2. When M is small the K loop is split over SPLIT_K programs that atomically add into S.
+    """
+    pid_m = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    rows = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_r = tl.arange(0, BLOCK_R)
+    row_mask = rows < M
+    r_mask = offs_r < R
+    k_per = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K
+    k_start = pid_k * k_per
+    k_stop = tl.minimum(k_start + k_per, K)
+    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for k0 in range(k_start, k_stop, BLOCK_K):
+        cols = (k0 + tl.arange(0, BLOCK_K)).to(tl.int64)
+        k_mask = cols < K
+        x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xk,
+                    mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+        if DROPOUT:
+            x = tl.where(_keep_mask(seed, rows, cols, K, p_drop), x, 0.0)
+        a = tl.load(a_ptr + offs_r[None, :] * stride_ar + cols[:, None] * stride_ak,
+                    mask=k_mask[:, None] & r_mask[None, :], other=0.0)
+        acc = _dot_plain(acc, x, a, F32_DOT)
+    sc = tl.load(scale_ptr + offs_r, mask=r_mask, other=0.0).to(tl.float32)
+    acc = acc * (sc * inv_keep)[None, :]
+    s_ptrs = s_ptr + rows[:, None] * stride_sm + offs_r[None, :] * stride_sr
+    s_mask = row_mask[:, None] & r_mask[None, :]
+    if SPLIT_K == 1:
+        tl.store(s_ptrs, acc, mask=s_mask)
+    else:
+        tl.atomic_add(s_ptrs, acc, mask=s_mask)
+
+
+@triton.autotune(configs=_configs(EXPAND_CONFIGS, "expand"), key=["M_BUCKET", "N", "BLOCK_R"],
+                 restore_value=["y_ptr"])
+@triton.jit
+def _expand_kernel(
+    y_ptr, s_ptr, b_ptr,
+    M, N, R, M_BUCKET,
+    stride_ym, stride_yn, stride_sm, stride_sr, stride_br, stride_bn,
+    seed, p_drop, inv_keep,
+    BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    DROPOUT: tl.constexpr, MODE: tl.constexpr, UPCAST: tl.constexpr,
+):
+    """y[M, N] += drop'(S @ Bt) with Bt (R, N) given by strides (B.T for expand, A for dx).
+
+    One program per (BLOCK_M, BLOCK_N) tile of y: y is read and written once, the sum is formed in fp32
+    and rounded once on store; S and Bt are tiny and come from L2.
+    """
+    pid = tl.program_id(0)
+    num_n = tl.cdiv(N, BLOCK_N)
+    pid_m = pid // num_n
+    pid_n = pid % num_n
+    rows = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_r = tl.arange(0, BLOCK_R)
+    row_mask = rows < M
+    col_mask = cols < N
+    r_mask = offs_r < R
+    s = tl.load(s_ptr + rows[:, None] * stride_sm + offs_r[None, :] * stride_sr,
+                mask=row_mask[:, None] & r_mask[None, :], other=0.0).to(tl.float32)
+    bt = tl.load(b_ptr + offs_r[:, None] * stride_br + cols[None, :] * stride_bn,
+                 mask=r_mask[:, None] & col_mask[None, :], other=0.0)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc = _dot_split(acc, s, bt, MODE, UPCAST)
+    if DROPOUT:
+        acc = tl.where(_keep_mask(seed, rows, cols, N, p_drop), acc * inv_keep, 0.0)
+    y_ptrs = y_ptr + rows[:, None] * stride_ym + cols[None, :] * stride_yn
+    y_mask = row_mask[:, None] & col_mask[None, :]
+    y = tl.load(y_ptrs, mask=y_mask, other=0.0)
+    tl.store(y_ptrs, (y.to(tl.float32) + acc).to(y.dtype), mask=y_mask)
+
+
+@triton.autotune(configs=_configs(MATMUL_CONFIGS, "matmul"), key=["M_BUCKET", "N", "K", "BLOCK_R"])
+@triton.jit
+def _fused_linear_kernel(
+    x_ptr, w_ptr, bias_ptr, s_ptr, b_ptr, y_ptr,
+    M, N, K, R, M_BUCKET,
+    stride_xm, stride_xk, stride_wn, stride_wk, stride_bias,
+    stride_sm, stride_sr, stride_bn, stride_br, stride_ym, stride_yn,
+    BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr,
+    F32_DOT: tl.constexpr, MODE: tl.constexpr, UPCAST: tl.constexpr,
+):
+    """y = x @ W.T + bias + S @ B.T: a tiled GEMM whose epilogue adds the bias and the low-rank term.
+
+    Grouped program ordering (GROUP_M row blocks share W column blocks in L2) as in the Triton matmul
+    tutorial; fp32 accumulator, one rounding on store. The low-rank term costs one extra small dot
+    per output tile instead of a read-modify-write pass over y.
+    """
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    num_pid_in_group = GROUP_M * num_pid_n
+    group_id = pid // num_pid_in_group
+    first_pid_m = group_id * GROUP_M
+    group_size_m = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
+    pid_n = (pid % num_pid_in_group) // group_size_m
+
+    rows = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = rows < M
+    col_mask = cols < N
+    x_rows = x_ptr + rows[:, None] * stride_xm
+    w_cols = w_ptr + cols[None, :] * stride_wn
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        ks = (k0 + tl.arange(0, BLOCK_K)).to(tl.int64)
+        k_mask = ks < K
+        x = tl.load(x_rows + ks[None, :] * stride_xk, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+        w = tl.load(w_cols + ks[:, None] * stride_wk, mask=k_mask[:, None] & col_mask[None, :], other=0.0)
+        acc = _dot_plain(acc, x, w, F32_DOT)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + cols * stride_bias, mask=col_mask, other=0.0)
+        acc += bias.to(tl.float32)[None, :]
+    if HAS_LORA:
+        offs_r = tl.arange(0, BLOCK_R)
+        r_mask = offs_r < R
+        s = tl.load(s_ptr + rows[:, None] * stride_sm + offs_r[None, :] * stride_sr,
+                    mask=row_mask[:, None] & r_mask[None, :], other=0.0).to(tl.float32)
+        bt = tl.load(b_ptr + offs_r[:, None] * stride_br + cols[None, :] * stride_bn,
+                     mask=r_mask[:, None] & col_mask[None, :], other=0.0)
+        acc = _dot_split(acc, s, bt, MODE, UPCAST)
+    tl.store(y_ptr + rows[:, None] * stride_ym + cols[None, :] * stride_yn,
+             acc.to(y_ptr.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])
+
+
+def _bwd_split(a: dict) -> int:
+    m_blocks = triton.cdiv(a["m1"], a["BLOCK_M"]) + triton.cdiv(a["M"] - a["m1"], a["BLOCK_M"])
+    return _split_count(a["dy_ptr"], m_blocks, triton.cdiv(a["N"], a["BLOCK_N"]))
+
+
+@triton.autotune(configs=_configs(BWD_CONFIGS, "bwd"), key=["M_BUCKET", "N", "BLOCK_R"],
+                 reset_to_zero=["ds_ptr", "db_ptr"])
+@triton.heuristics({"SPLIT_N": _bwd_split})
+@triton.jit
+def _bwd_ds_db_kernel(
+    dy_ptr, b_ptr, s_ptr, scale_ptr, ds_ptr, db_ptr,
+    M, N, R, m1, M_BUCKET,
+    stride_dym, stride_dyn, stride_bn, stride_br, stride_sm, stride_sr,
+    stride_dsm, stride_dsr, stride_dbg, stride_dbn, stride_dbr,
+    BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_N: tl.constexpr,
+    F32_DOT: tl.constexpr, MODE: tl.constexpr, UPCAST: tl.constexpr,
+):
+    """One pass over dY: dS = (dY @ B) * scale and dB[g] += dY.T @ S, each dY tile loaded once.
+
+    Program (i, j) owns one BLOCK_M row block and the j-th of SPLIT_N column ranges. Row blocks are laid
+    out per group (group 0 = rows [0, m1), group 1 = rows [m1, M), each starting a fresh block), so no
+    block straddles m1 and each program adds into a single dB[g] without masking rows by group. dS for
+    the block accumulates in registers over its columns (stored, or atomically added when SPLIT_N > 1);
+    the dB partial of each (BLOCK_M x BLOCK_N) tile is atomically added in fp32 into the L2-resident
+    dB (N x R), which avoids a second pass over dY or an (M/BLOCK_M) x N x R workspace.
+    """
+    pid_m = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    nb0 = tl.cdiv(m1, BLOCK_M)
+    in_g1 = pid_m >= nb0
+    row0 = tl.where(in_g1, m1 + (pid_m - nb0) * BLOCK_M, pid_m * BLOCK_M).to(tl.int64)
+    row_end = tl.where(in_g1, M, m1)
+    g = in_g1.to(tl.int64)
+
+    rows = row0 + tl.arange(0, BLOCK_M)
+    offs_r = tl.arange(0, BLOCK_R)
+    row_mask = rows < row_end
+    r_mask = offs_r < R
+    # S.T tile (BLOCK_R, BLOCK_M): the fp32 operand of the dB dot, loaded once.
+    s_t = tl.load(s_ptr + rows[None, :] * stride_sm + offs_r[:, None] * stride_sr,
+                  mask=r_mask[:, None] & row_mask[None, :], other=0.0).to(tl.float32)
+    n_per = tl.cdiv(tl.cdiv(N, SPLIT_N), BLOCK_N) * BLOCK_N
+    n_start = pid_s * n_per
+    n_stop = tl.minimum(n_start + n_per, N)
+    ds_acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    db_base = db_ptr + g * stride_dbg
+    for n0 in range(n_start, n_stop, BLOCK_N):
+        cols = (n0 + tl.arange(0, BLOCK_N)).to(tl.int64)
+        col_mask = cols < N
+        dy = tl.load(dy_ptr + rows[:, None] * stride_dym + cols[None, :] * stride_dyn,
+                     mask=row_mask[:, None] & col_mask[None, :], other=0.0)
+        b = tl.load(b_ptr + cols[:, None] * stride_bn + offs_r[None, :] * stride_br,
+                    mask=col_mask[:, None] & r_mask[None, :], other=0.0)
+        ds_acc = _dot_plain(ds_acc, dy, b, F32_DOT)
+        db_t = tl.zeros((BLOCK_R, BLOCK_N), dtype=tl.float32)
+        db_t = _dot_split(db_t, s_t, dy, MODE, UPCAST)
+        tl.atomic_add(db_base + cols[None, :] * stride_dbn + offs_r[:, None] * stride_dbr, db_t,
+                      mask=r_mask[:, None] & col_mask[None, :])
+    sc = tl.load(scale_ptr + offs_r, mask=r_mask, other=0.0).to(tl.float32)
+    ds_acc = ds_acc * sc[None, :]
+    ds_ptrs = ds_ptr + rows[:, None] * stride_dsm + offs_r[None, :] * stride_dsr
+    ds_mask = row_mask[:, None] & r_mask[None, :]
+    if SPLIT_N == 1:
+        tl.store(ds_ptrs, ds_acc, mask=ds_mask)
+    else:
+        tl.atomic_add(ds_ptrs, ds_acc, mask=ds_mask)
+
+
+def _grad_a_split(a: dict) -> int:
+    programs = triton.cdiv(a["K"], a["BLOCK_K"]) * a["G"]
+    return _split_count(a["x_ptr"], programs, triton.cdiv(a["M"], a["BLOCK_M"]))
+
+
+@triton.autotune(configs=_configs(GRAD_A_CONFIGS, "grad_a"), key=["M_BUCKET", "K", "BLOCK_R", "G"],
+                 reset_to_zero=["da_ptr"])
+@triton.heuristics({"SPLIT_M": _grad_a_split})
+@triton.jit
+def _grad_a_kernel(
+    ds_ptr, x_ptr, da_ptr,
+    M, K, R, m1, M_BUCKET, G,
+    stride_dsm, stride_dsr, stride_xm, stride_xk, stride_dag, stride_dar, stride_dak,
+    seed, p_drop, inv_keep,
+    BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_M: tl.constexpr,
+    DROPOUT: tl.constexpr, MODE: tl.constexpr, UPCAST: tl.constexpr,
+):
+    """dA[g][:, cols] = sum over the group's rows of dS.T @ drop(x): a reduction over M.
+
+    Program (j, s) owns a BLOCK_K column strip and the (s % SPLIT_M)-th row range of group
+    s // SPLIT_M, so x is read once. The (R x BLOCK_K) result is stored, or atomically added when
+    the rows are split over SPLIT_M programs (small K would otherwise leave the GPU idle).
+    """
+    pid_k = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    g = pid_s // SPLIT_M
+    part = pid_s % SPLIT_M
+    g_start = tl.where(g == 0, 0, m1)
+    g_stop = tl.where(g == 0, m1, M)
+    rows_per = tl.cdiv(tl.cdiv(g_stop - g_start, SPLIT_M), BLOCK_M) * BLOCK_M
+    m_start = g_start + part * rows_per
+    m_stop = tl.minimum(m_start + rows_per, g_stop)
+
+    cols = pid_k.to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)
+    offs_r = tl.arange(0, BLOCK_R)
+    k_mask = cols < K
+    r_mask = offs_r < R
+    acc = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
+    for m0 in range(m_start, m_stop, BLOCK_M):
+        rows = (m0 + tl.arange(0, BLOCK_M)).to(tl.int64)
+        row_mask = rows < m_stop
+        ds_t = tl.load(ds_ptr + rows[None, :] * stride_dsm + offs_r[:, None] * stride_dsr,
+                       mask=r_mask[:, None] & row_mask[None, :], other=0.0).to(tl.float32)
+        x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xk,
+                    mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+        if DROPOUT:
+            x = tl.where(_keep_mask(seed, rows, cols, K, p_drop), x, 0.0)
+        acc = _dot_split(acc, ds_t, x, MODE, UPCAST)
+    acc = acc * inv_keep
+    da_ptrs = da_ptr + g.to(tl.int64) * stride_dag + offs_r[:, None] * stride_dar + cols[None, :] * stride_dak
+    da_mask = r_mask[:, None] & k_mask[None, :]
+    if SPLIT_M == 1:
+        tl.store(da_ptrs, acc, mask=da_mask)
+    else:
+        tl.atomic_add(da_ptrs, acc, mask=da_mask)
+
+
+@triton.jit
+def _dropout_mask_kernel(out_ptr, M, K, seed, p_drop, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Materialise the keep-mask of ``_keep_mask`` (tests and debugging only)."""
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1).to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)
+    keep = _keep_mask(seed, rows, cols, K, p_drop)
+    tl.store(out_ptr + rows[:, None] * K + cols[None, :], keep.to(tl.int8),
+             mask=(rows < M)[:, None] & (cols < K)[None, :])
+
+
+# ---------------------------------------------------------------------------------------------------
+# Launchers
+# ---------------------------------------------------------------------------------------------------
+
+
+def lowrank_shrink(x: torch.Tensor, A: torch.Tensor, scale: torch.Tensor, *, dropout_p: float = 0.0,
+                   seed: int = 0) -> torch.Tensor:
+    """S = (drop(x) @ A.T) * scale, shape (M, R) float32, in one pass over x (any 2-D strides)."""
+    check_device(x, A, scale)
+    _check_float(x, A)
+    _check_2d("x", x)
+    M, K = x.shape
+    _check_2d("A", A, cols=K)
+    R = A.shape[0]
+    if scale.shape != (R,):
+        raise ValueError(f"scale must have shape ({R},), got {tuple(scale.shape)}")
+    dropout, p, inv_keep, seed = _dropout_args(dropout_p, seed)
+    S = torch.zeros((M, R), dtype=torch.float32, device=x.device)
+    if M == 0 or K == 0 or R == 0:
+        return S
+    scale = scale.to(torch.float32).contiguous()
+
+    def grid(meta: dict) -> tuple[int, int]:
+        return triton.cdiv(M, meta["BLOCK_M"]), meta["SPLIT_K"]
+
+    _shrink_kernel[grid](
+        x, A, scale, S, M, K, R, triton.next_power_of_2(M),
+        x.stride(0), x.stride(1), A.stride(0), A.stride(1), S.stride(0), S.stride(1),
+        seed, p, inv_keep,
+        BLOCK_R=_block_r(R), DROPOUT=dropout, F32_DOT=_plain_f32(x.dtype, A.dtype),
+    )
+    return S
+
+
+def _expand_launch(y: torch.Tensor, S: torch.Tensor, bt: torch.Tensor, dropout_p: float, seed: int) -> None:
+    """y (M, N) += drop'(S (M, R) @ bt (R, N)) in place."""
+    M, N = y.shape
+    R = S.shape[1]
+    if M == 0 or N == 0 or R == 0:
+        return
+    dropout, p, inv_keep, seed = _dropout_args(dropout_p, seed)
+
+    def grid(meta: dict) -> tuple[int]:
+        return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+
+    _expand_kernel[grid](
+        y, S, bt, M, N, R, triton.next_power_of_2(M),
+        y.stride(0), y.stride(1), S.stride(0), S.stride(1), bt.stride(0), bt.stride(1),
+        seed, p, inv_keep,
+        BLOCK_R=_block_r(R), DROPOUT=dropout, MODE=_split_mode(bt.dtype), UPCAST=_split_upcast(bt.dtype),
+    )
+
+
+def lowrank_expand_(y: torch.Tensor, S: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+    """y += S @ B.T in place (y any float dtype and strides); fp32 sum, one rounding; returns y."""
+    check_device(y, S, B)
+    _check_float(y, S, B)
+    _check_2d("y", y)
+    M, N = y.shape
+    _check_2d("B", B, rows=N)
+    _check_2d("S", S, rows=M, cols=B.shape[1])
+    _expand_launch(y, S, B.t(), 0.0, 0)
+    return y
+
+
+def fused_linear_lowrank(x: torch.Tensor, W: torch.Tensor, bias: torch.Tensor | None,
+                         S: torch.Tensor | None, B: torch.Tensor | None) -> torch.Tensor:
+    """y = x @ W.T + bias + S @ B.T in one GEMM (low-rank term in the epilogue); y has x's dtype.
+
+    ``bias`` may be None; ``S`` and ``B`` may both be None (plain linear)."""
+    tensors = [t for t in (x, W, bias, S, B) if t is not None]
+    check_device(*tensors)
+    _check_float(*tensors)
+    _check_2d("x", x)
+    M, K = x.shape
+    _check_2d("W", W, cols=K)
+    N = W.shape[0]
+    if bias is not None and bias.shape != (N,):
+        raise ValueError(f"bias must have shape ({N},), got {tuple(bias.shape)}")
+    if (S is None) != (B is None):
+        raise ValueError("S and B must both be given or both be None")
+    has_lora = S is not None and B is not None and B.shape[1] > 0
+    if S is not None and B is not None:
+        _check_2d("B", B, rows=N)
+        _check_2d("S", S, rows=M, cols=B.shape[1])
+    y = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    if M == 0 or N == 0:
+        return y
+    R = B.shape[1] if has_lora else 1
+    s_arg = S if has_lora else y
+    b_arg = B if has_lora else y
+    bias_arg = bias if bias is not None else y
+    b_dtype = B.dtype if has_lora else torch.float32
+
+    def grid(meta: dict) -> tuple[int]:
+        return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+
+    _fused_linear_kernel[grid](
+        x, W, bias_arg, s_arg, b_arg, y, M, N, K, R, triton.next_power_of_2(M),
+        x.stride(0), x.stride(1), W.stride(0), W.stride(1), bias_arg.stride(0),
+        s_arg.stride(0), s_arg.stride(1), b_arg.stride(0), b_arg.stride(1), y.stride(0), y.stride(1),
+        BLOCK_R=_block_r(R), HAS_BIAS=bias is not None, HAS_LORA=has_lora,
+        F32_DOT=_plain_f32(x.dtype, W.dtype), MODE=_split_mode(b_dtype), UPCAST=_split_upcast(b_dtype),
+    )
+    return y
+
+
+def lowrank_backward_dS_dB(dY: torch.Tensor, B: torch.Tensor, S: torch.Tensor, scale: torch.Tensor, *,
+                           row_split: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One pass over dY (M, N): dS = (dY @ B) * scale (M, R) fp32 and dB = dY.T @ S as (G, N, R) fp32.
+
+    With ``row_split = m1``: G = 2, dB[0] from rows [0, m1), dB[1] from rows [m1, M); else G = 1.
+    """
+    check_device(dY, B, S, scale)
+    _check_float(dY, B, S)
+    _check_2d("dY", dY)
+    M, N = dY.shape
+    _check_2d("B", B, rows=N)
+    R = B.shape[1]
+    _check_2d("S", S, rows=M, cols=R)
+    if scale.shape != (R,):
+        raise ValueError(f"scale must have shape ({R},), got {tuple(scale.shape)}")
+    m1, G = _check_split(row_split, M)
+    dS = torch.zeros((M, R), dtype=torch.float32, device=dY.device)
+    dB = torch.zeros((G, N, R), dtype=torch.float32, device=dY.device)
+    if M == 0 or N == 0 or R == 0:
+        return dS, dB
+    scale = scale.to(torch.float32).contiguous()
+
+    def grid(meta: dict) -> tuple[int, int]:
+        bm = meta["BLOCK_M"]
+        return triton.cdiv(m1, bm) + triton.cdiv(M - m1, bm), meta["SPLIT_N"]
+
+    _bwd_ds_db_kernel[grid](
+        dY, B, S, scale, dS, dB, M, N, R, m1, triton.next_power_of_2(M),
+        dY.stride(0), dY.stride(1), B.stride(0), B.stride(1), S.stride(0), S.stride(1),
+        dS.stride(0), dS.stride(1), dB.stride(0), dB.stride(1), dB.stride(2),
+        BLOCK_R=_block_r(R), F32_DOT=_plain_f32(dY.dtype, B.dtype),
+        MODE=_split_mode(dY.dtype), UPCAST=_split_upcast(dY.dtype),
+    )
+    return dS, dB
+
+
+def lowrank_grad_A(dS: torch.Tensor, x: torch.Tensor, *, row_split: int | None = None,
+                   dropout_p: float = 0.0, seed: int = 0) -> torch.Tensor:
+    """dA = dS.T @ drop(x) as (G, R, K) fp32, grouped by ``row_split`` like ``lowrank_backward_dS_dB``.
+
+    The dropout mask is the one ``lowrank_shrink`` used with the same ``seed`` and ``dropout_p``.
+    """
+    check_device(dS, x)
+    _check_float(dS, x)
+    _check_2d("x", x)
+    M, K = x.shape
+    _check_2d("dS", dS, rows=M)
+    R = dS.shape[1]
+    m1, G = _check_split(row_split, M)
+    dropout, p, inv_keep, seed = _dropout_args(dropout_p, seed)
+    dA = torch.zeros((G, R, K), dtype=torch.float32, device=x.device)
+    if M == 0 or K == 0 or R == 0:
+        return dA
+
+    def grid(meta: dict) -> tuple[int, int]:
+        return triton.cdiv(K, meta["BLOCK_K"]), G * meta["SPLIT_M"]
+
+    _grad_a_kernel[grid](
+        dS, x, dA, M, K, R, m1, triton.next_power_of_2(M), G,
+        dS.stride(0), dS.stride(1), x.stride(0), x.stride(1), dA.stride(0), dA.stride(1), dA.stride(2),
+        seed, p, inv_keep,
+        BLOCK_R=_block_r(R), DROPOUT=dropout, MODE=_split_mode(x.dtype), UPCAST=_split_upcast(x.dtype),
+    )
+    return dA
+
+
+def lowrank_dx_(dX: torch.Tensor, dS: torch.Tensor, A: torch.Tensor, *, dropout_p: float = 0.0,
+                seed: int = 0) -> torch.Tensor:
+    """dX += (dS @ A) * keep / (1 - p) in place, with the mask of ``lowrank_shrink``; returns dX."""
+    check_device(dX, dS, A)
+    _check_float(dX, dS, A)
+    _check_2d("dX", dX)
+    M, K = dX.shape
+    _check_2d("A", A, cols=K)
+    _check_2d("dS", dS, rows=M, cols=A.shape[0])
+    _expand_launch(dX, dS, A, dropout_p, seed)
+    return dX
+
+
+def lowrank_forward(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: torch.Tensor,
+                    y0: torch.Tensor, *, dropout_p: float = 0.0, seed: int = 0
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Convenience: S = shrink(x), then y0 += S @ B.T in place. Returns (y0, S); S is kept for backward."""
+    S = lowrank_shrink(x, A, scale, dropout_p=dropout_p, seed=seed)
+    lowrank_expand_(y0, S, B)
+    return y0, S
+
+
+def dropout_mask(M: int, K: int, p: float, seed: int, device: torch.device | str) -> torch.Tensor:
+    """The (M, K) bool keep-mask the kernels use for ``dropout_p=p`` and ``seed`` (for tests)."""
+    out = torch.zeros((M, K), dtype=torch.int8, device=device)
+    check_device(out)
+    _, p, _, seed = _dropout_args(p, seed)
+    if M == 0 or K == 0:
+        return out.bool()
+    grid = (triton.cdiv(M, 32), triton.cdiv(K, 128))
+    _dropout_mask_kernel[grid](out, M, K, seed, p, BLOCK_M=32, BLOCK_K=128)
+    return out.bool()

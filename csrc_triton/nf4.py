@@ -1,0 +1,253 @@
+"""Blockwise 4-bit (NF4/FP4) dequantization kernel, bitsandbytes layout.
+
+The QLoRA training path dequantizes every frozen base weight on every forward and
+backward, so this is a pure streaming kernel: read ``n/2`` packed bytes (+ one
+absmax per block), write ``n`` values. Layout, as bitsandbytes stores it:
+
+* byte ``i`` holds element ``2i`` in its HIGH nibble and ``2i+1`` in its LOW nibble;
+* element ``e`` belongs to quantization block ``e // blocksize`` (flat, row-major);
+  the last block may be partial;
+* ``value = code[nibble] * absmax[block]`` in fp32, then rounded once to the output dtype;
+* with double quantization (``nested``) the per-block absmax is itself stored as uint8 and
+  decoded as ``code2[q] * absmax2[block // blocksize2] + offset`` (fp32, multiply then add,
+  two roundings, like bitsandbytes' ``dequantize_blockwise`` followed by ``absmax += offset``).
+
+Each program owns ``BYTES`` consecutive packed bytes, viewed as a ``[ROWS, COLS]`` tile whose
+rows never straddle a quantization block, so the (possibly double-quantized) absmax is decoded
+once per row rather than per element. The two 16-entry code tables are gathered from a tiny
+(64 B) global table that stays in L1. The two nibbles are interleaved with ``tl.interleave`` so
+the output store is one contiguous, vectorizable run per program.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import INTERPRET, check_device
+
+#: Block sizes bitsandbytes accepts for 4-bit quantization (``quantize_4bit``/``dequantize_4bit``).
+SUPPORTED_BLOCKSIZES: tuple[int, ...] = (32, 64, 128, 256, 512, 1024, 2048, 4096)
+
+#: Output dtypes the kernel writes.
+SUPPORTED_OUT_DTYPES: tuple[torch.dtype, ...] = (torch.float16, torch.bfloat16, torch.float32)
+
+#: GPU autotune space: packed bytes per program (x2 output elements) and warps. Large contiguous
+#: chunks keep the grid small and every load/store fully coalesced and vectorized.
+GPU_CONFIGS: list[dict[str, int]] = [
+    {"BYTES": 1024, "num_warps": 4},
+    {"BYTES": 2048, "num_warps": 4},
+    {"BYTES": 2048, "num_warps": 8},
+    {"BYTES": 4096, "num_warps": 8},
+    {"BYTES": 4096, "num_warps": 16},
+]
+
+#: The interpreter runs one numpy op per Triton op per program: one small config, so that the
+#: (small) test tensors still span several programs and partial quantization blocks.
+INTERPRET_CONFIGS: list[dict[str, int]] = [{"BYTES": 512, "num_warps": 4}]
+
+
+def _configs() -> list[triton.Config]:
+    raw = INTERPRET_CONFIGS if INTERPRET else GPU_CONFIGS
+    return [triton.Config({"BYTES": c["BYTES"]}, num_warps=c["num_warps"], num_stages=1) for c in raw]
+
+
+@triton.jit
+def _dequant_tile(
+    a_ptr,
+    absmax_ptr,
+    code_ptr,
+    code2_ptr,
+    absmax2_ptr,
+    offset_ptr,
+    out_ptr,
+    start,
+    numel,
+    n_bytes,
+    blocksize2,
+    HALF_BS: tl.constexpr,
+    NESTED: tl.constexpr,
+    BF16_RNE: tl.constexpr,
+    BYTES: tl.constexpr,
+    COLS: tl.constexpr,
+    MASKED: tl.constexpr,
+):
+    ROWS: tl.constexpr = BYTES // COLS
+    rows = tl.arange(0, ROWS)
+    cols = tl.arange(0, COLS)
+    local = rows[:, None] * COLS + cols[None, :]  # [ROWS, COLS] byte offsets from start
+    # One absmax per tile row: rows are aligned to and never straddle a quantization block.
+    blk = (start + rows * COLS) // HALF_BS
+
+    if MASKED:
+        rem = tl.minimum(n_bytes - start, BYTES)  # valid bytes in this tile
+        row_mask = rows * COLS < rem
+        raw = tl.load(a_ptr + start + local, mask=local < rem, other=0)
+        if NESTED:
+            q = tl.load(absmax_ptr + blk, mask=row_mask, other=0).to(tl.int32)
+            scale2 = tl.load(absmax2_ptr + blk // blocksize2, mask=row_mask, other=0.0)
+            scale = tl.load(code2_ptr + q) * scale2
+        else:
+            scale = tl.load(absmax_ptr + blk, mask=row_mask, other=0.0)
+    else:
+        raw = tl.load(a_ptr + start + local)
+        if NESTED:
+            q = tl.load(absmax_ptr + blk).to(tl.int32)
+            scale = tl.load(code2_ptr + q) * tl.load(absmax2_ptr + blk // blocksize2)
+        else:
+            scale = tl.load(absmax_ptr + blk)
+    if NESTED:
+        scale = scale + tl.load(offset_ptr)  # separate rounding: launched with fp fusion off
+
+    hi = (raw >> 4).to(tl.int32)  # first element of the pair
+    lo = (raw & 0xF).to(tl.int32)
+    v_hi = tl.load(code_ptr + hi) * scale[:, None]
+    v_lo = tl.load(code_ptr + lo) * scale[:, None]
+    vals = tl.interleave(v_hi, v_lo)  # [ROWS, 2*COLS]: hi0, lo0, hi1, lo1, ...
+
+    if BF16_RNE:
+        # fp32 -> bf16 round-to-nearest-even on the bits; NaN stays a quiet NaN.
+        bits = vals.to(tl.uint32, bitcast=True)
+        bits = bits + 0x7FFF + ((bits >> 16) & 1)
+        half = (bits >> 16).to(tl.uint16)
+        half = tl.where(vals != vals, 0x7FC0, half).to(tl.uint16)
+        vals = half.to(tl.bfloat16, bitcast=True)
+    else:
+        vals = vals.to(out_ptr.dtype.element_ty)
+
+    out_local = rows[:, None] * (2 * COLS) + tl.arange(0, 2 * COLS)[None, :]
+    if MASKED:
+        n_out = tl.minimum(numel - 2 * start, 2 * BYTES)
+        tl.store(out_ptr + 2 * start + out_local, vals, mask=out_local < n_out)
+    else:
+        tl.store(out_ptr + 2 * start + out_local, vals)
+
+
+@triton.autotune(configs=_configs(), key=["n_bytes", "HALF_BS", "NESTED"])
+# Tile columns: a whole half-block (bytes per quantization block) when it fits, else the whole tile.
+@triton.heuristics({"COLS": lambda a: min(a["HALF_BS"], a["BYTES"])})
+@triton.jit
+def _dequant_4bit_kernel(
+    a_ptr,  # uint8 [n_bytes] packed nibbles
+    absmax_ptr,  # fp32 [n_blocks], or uint8 [n_blocks] when NESTED
+    code_ptr,  # fp32 [16]
+    code2_ptr,  # fp32 [256] (NESTED only)
+    absmax2_ptr,  # fp32 [ceil(n_blocks / blocksize2)] (NESTED only)
+    offset_ptr,  # fp32 [1] (NESTED only)
+    out_ptr,  # fp16/bf16/fp32 [numel]
+    numel,
+    n_bytes,
+    blocksize2,
+    HALF_BS: tl.constexpr,  # quantization blocksize // 2 = packed bytes per block
+    NESTED: tl.constexpr,
+    BF16_RNE: tl.constexpr,  # round fp32 -> bf16 by hand (see dequantize_4bit_packed)
+    BYTES: tl.constexpr,
+    COLS: tl.constexpr,
+):
+    start = tl.program_id(0).to(tl.int64) * BYTES  # 64-bit: element offsets may pass 2**31
+    # Only the tail program pays for masks (which also defeat vectorization).
+    if 2 * (start + BYTES) <= numel:
+        _dequant_tile(
+            a_ptr, absmax_ptr, code_ptr, code2_ptr, absmax2_ptr, offset_ptr, out_ptr, start, numel,
+            n_bytes, blocksize2, HALF_BS, NESTED, BF16_RNE, BYTES, COLS, False,
+        )  # fmt: skip
+    else:
+        _dequant_tile(
+            a_ptr, absmax_ptr, code_ptr, code2_ptr, absmax2_ptr, offset_ptr, out_ptr, start, numel,
+            n_bytes, blocksize2, HALF_BS, NESTED, BF16_RNE, BYTES, COLS, True,
+        )  # fmt: skip
+
+
+def dequantize_4bit_packed(
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    code: torch.Tensor,
+    out: torch.Tensor,
+    blocksize: int,
+    *,
+    code2: torch.Tensor | None = None,
+    absmax2: torch.Tensor | None = None,
+    offset: torch.Tensor | None = None,
+    blocksize2: int = 256,
+) -> torch.Tensor:
+    """Dequantize flat packed 4-bit data into the contiguous ``out`` (all of its elements).
+
+    Low-level launcher: ``muscle_fast.nf4.dequantize_4bit`` validates a bitsandbytes
+    ``QuantState`` and calls this. ``packed`` is uint8 ``[ceil(out.numel()/2)]``; ``absmax`` is fp32
+    ``[ceil(numel/blocksize)]``, or its uint8 double-quantized codes when ``code2`` is given, in which
+    case ``absmax2`` (fp32 per ``blocksize2`` absmax codes) and ``offset`` (fp32, one element) are
+    required too. ``code`` is the fp32 16-entry table. Returns ``out``.
+    """
+    nested = code2 is not None
+    numel = out.numel()
+    n_bytes = (numel + 1) // 2
+    if blocksize not in SUPPORTED_BLOCKSIZES:
+        raise ValueError(f"blocksize must be one of {SUPPORTED_BLOCKSIZES}, got {blocksize}")
+    if out.dtype not in SUPPORTED_OUT_DTYPES:
+        raise ValueError(f"out dtype must be one of {SUPPORTED_OUT_DTYPES}, got {out.dtype}")
+    if not out.is_contiguous():
+        raise ValueError("out must be contiguous")
+    if packed.dtype != torch.uint8 or packed.numel() != n_bytes:
+        raise ValueError(
+            f"packed must be uint8 with {n_bytes} bytes for {numel} values, got {packed.dtype} "
+            f"with {packed.numel()} elements"
+        )
+    n_blocks = -(-numel // blocksize)
+    want_absmax = torch.uint8 if nested else torch.float32
+    if absmax.dtype != want_absmax or absmax.numel() < n_blocks:
+        raise ValueError(
+            f"absmax must be {want_absmax} with >= {n_blocks} entries, got {absmax.dtype} "
+            f"with {absmax.numel()}"
+        )
+    if code.dtype != torch.float32 or code.numel() != 16:
+        raise ValueError(f"code must be 16 fp32 values, got {code.numel()} {code.dtype}")
+    tensors = [packed, absmax, code, out]
+    if nested:
+        if absmax2 is None or offset is None:
+            raise ValueError("double quantization needs absmax2 and offset together with code2")
+        if code2.dtype != torch.float32 or code2.numel() != 256:
+            raise ValueError(f"code2 must be 256 fp32 values, got {code2.numel()} {code2.dtype}")
+        n_blocks2 = -(-n_blocks // blocksize2)
+        if absmax2.dtype != torch.float32 or absmax2.numel() < n_blocks2:
+            raise ValueError(
+                f"absmax2 must be fp32 with >= {n_blocks2} entries, got {absmax2.dtype} "
+                f"with {absmax2.numel()}"
+            )
+        if offset.dtype != torch.float32 or offset.numel() != 1:
+            raise ValueError(f"offset must be one fp32 value, got {offset.numel()} {offset.dtype}")
+        tensors += [code2, absmax2, offset]
+    else:
+        # Unused pointers in the non-nested specialization; any valid tensor will do.
+        code2 = absmax2 = offset = code
+    check_device(*tensors)
+    devices = {t.device for t in tensors}
+    if len(devices) != 1:
+        raise ValueError(f"all tensors must be on one device, got {sorted(map(str, devices))}")
+    if numel == 0:
+        return out
+
+    grid = lambda meta: (triton.cdiv(n_bytes, meta["BYTES"]),)  # noqa: E731
+    with torch.cuda.device(out.device) if out.is_cuda else contextlib.nullcontext():
+        _dequant_4bit_kernel[grid](
+            packed,
+            absmax,
+            code,
+            code2,
+            absmax2,
+            offset,
+            out,
+            numel,
+            n_bytes,
+            blocksize2,
+            HALF_BS=blocksize // 2,
+            NESTED=nested,
+            # The interpreter truncates fp32 -> bf16 casts; round by hand there. On the GPU the
+            # native cast (cvt.rn) is already round-to-nearest-even.
+            BF16_RNE=INTERPRET and out.dtype == torch.bfloat16,
+            # bitsandbytes rounds code2*absmax2 before adding offset: forbid the FMA contraction.
+            enable_fp_fusion=False,
+        )
+    return out

@@ -1,0 +1,275 @@
+"""Drop-in replacement for ``bitsandbytes.functional.dequantize_4bit`` (NF4/FP4).
+
+QLoRA keeps the frozen base weights 4-bit and dequantizes them on every forward and backward;
+this module does that from a bitsandbytes ``QuantState`` without calling into bitsandbytes, with
+one fused Triton kernel on CUDA (double-quantized absmax decoded in the same pass) and an exact
+pure-torch path everywhere else.
+
+Numerics follow bitsandbytes exactly: ``absmax = code2[q] * absmax2[b // blocksize2] + offset``
+(fp32, rounded after the multiply and after the add) for double quantization, then
+``value = code[nibble] * absmax`` in fp32, rounded once to the output dtype; the first of each
+pair of values is the high nibble of its byte.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+__all__ = ["SUPPORTED_BLOCKSIZES", "dequantize_4bit", "dequantize_4bit_ref", "get_4bit_code"]
+
+#: Block sizes bitsandbytes accepts for ``quantize_4bit``/``dequantize_4bit``.
+SUPPORTED_BLOCKSIZES: tuple[int, ...] = (32, 64, 128, 256, 512, 1024, 2048, 4096)
+_OUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+# bitsandbytes' tables (``get_4bit_type``), normalized the same way (fp32 divide by the max |.|).
+_CODE_DATA: dict[str, list[float]] = {
+    "nf4": [
+        -1.0,
+        -0.6961928009986877,
+        -0.5250730514526367,
+        -0.39491748809814453,
+        -0.28444138169288635,
+        -0.18477343022823334,
+        -0.09105003625154495,
+        0.0,
+        0.07958029955625534,
+        0.16093020141124725,
+        0.24611230194568634,
+        0.33791524171829224,
+        0.44070982933044434,
+        0.5626170039176941,
+        0.7229568362236023,
+        1.0,
+    ],
+    "fp4": [0, 0.0625, 8.0, 12.0, 4.0, 6.0, 2.0, 3.0, -0, -0.0625, -8.0, -12.0, -4.0, -6.0, -2.0, -3.0],
+}
+_code_cache: dict[tuple[str, torch.device], torch.Tensor] = {}
+
+#: A bitsandbytes ``QuantState`` (or anything with its fields: absmax, shape, code, blocksize,
+#: quant_type, dtype, offset, state2). Typed loosely so bitsandbytes stays an optional dependency.
+QuantStateLike = Any
+
+
+def get_4bit_code(quant_type: str, device: torch.device | str = "cpu") -> torch.Tensor:
+    """The fp32 16-entry table of ``quant_type`` ('nf4' or 'fp4'), identical to bitsandbytes'."""
+    if quant_type not in _CODE_DATA:
+        raise ValueError(f"quant_type must be 'nf4' or 'fp4', got {quant_type!r}")
+    device = torch.device(device)
+    key = (quant_type, device)
+    if key not in _code_cache:
+        data = torch.tensor(_CODE_DATA[quant_type], dtype=torch.float32)
+        data.div_(data.abs().max())
+        _code_cache[key] = data.to(device)
+    return _code_cache[key]
+
+
+def _nested_inline(qs: QuantStateLike) -> bool:
+    """Whether the kernel can decode this double-quantized absmax itself (the bitsandbytes default)."""
+    s2 = qs.state2
+    return (
+        getattr(s2, "state2", None) is None
+        and getattr(s2, "dtype", None) in (None, torch.float32)
+        and isinstance(s2.absmax, torch.Tensor)
+        and s2.absmax.dtype == torch.float32
+    )
+
+
+def _as_fp32_on(t: torch.Tensor | float, device: torch.device, field: str) -> torch.Tensor:
+    if isinstance(t, torch.Tensor):
+        return t.to(device=device, dtype=torch.float32)
+    if isinstance(t, (int, float)):
+        return torch.tensor([float(t)], dtype=torch.float32, device=device)
+    raise TypeError(f"{field} must be a tensor or a float, got {type(t).__name__}")
+
+
+def _decode_absmax(qs: QuantStateLike, n_blocks: int, device: torch.device) -> torch.Tensor:
+    """fp32 per-block absmax of a (possibly double-quantized) state, in bitsandbytes' order.
+
+    Mirrors ``dequantize_blockwise(qs.absmax, qs.state2)`` (``code2[q] * absmax2[b]`` in fp32, cast
+    to ``state2.dtype``), then ``absmax += offset`` in that dtype, then ``.float()``.
+    """
+    if qs.state2 is None:
+        return qs.absmax.reshape(-1).to(device=device, dtype=torch.float32)
+    s2 = qs.state2
+    q = qs.absmax.reshape(-1).to(device)
+    n2 = -(-n_blocks // s2.blocksize)
+    absmax2 = _decode_absmax(s2, n2, device)
+    code2 = s2.code.to(device=device, dtype=torch.float32)
+    blk = torch.arange(q.numel(), device=device) // s2.blocksize
+    a = (code2[q.long()] * absmax2[blk]).to(s2.dtype or torch.float32)
+    a += qs.offset if not isinstance(qs.offset, torch.Tensor) else qs.offset.to(device)
+    return a.float()
+
+
+def _validate(
+    A: torch.Tensor, qs: QuantStateLike, dtype: torch.dtype | None, out: torch.Tensor | None
+) -> tuple[torch.Tensor, tuple[int, ...], int, torch.dtype, int]:
+    """Check a call like bitsandbytes would, with errors naming the offending field.
+
+    Returns (packed uint8 flat bytes, shape, numel, output dtype, number of quantization blocks).
+    """
+    if qs is None:
+        raise ValueError("dequantize_4bit needs a quant_state (bitsandbytes QuantState)")
+    if not isinstance(A, torch.Tensor):
+        raise TypeError(f"A must be a tensor of packed 4-bit data, got {type(A).__name__}")
+    if qs.quant_type not in ("nf4", "fp4"):
+        raise ValueError(f"quant_state.quant_type must be 'nf4' or 'fp4', got {qs.quant_type!r}")
+    if qs.blocksize not in SUPPORTED_BLOCKSIZES:
+        raise ValueError(f"quant_state.blocksize must be one of {SUPPORTED_BLOCKSIZES}, got {qs.blocksize!r}")
+    if qs.shape is None:
+        raise ValueError("quant_state.shape is None: the unpacked shape is needed")
+    shape = tuple(int(s) for s in qs.shape)
+    numel = math.prod(shape)
+    if dtype is None:
+        if qs.dtype is None:
+            raise ValueError("quant_state.dtype is None: pass dtype= (fp16, bf16 or fp32)")
+        dtype = qs.dtype
+    if not isinstance(dtype, torch.dtype):
+        raise TypeError(
+            f"dtype must be a torch.dtype, got {type(dtype).__name__} (bitsandbytes' third positional "
+            "argument is absmax: pass out=/dtype= by keyword)"
+        )
+    if dtype not in _OUT_DTYPES:
+        raise ValueError(f"dtype (or quant_state.dtype) must be fp16, bf16 or fp32, got {dtype}")
+    n_bytes = A.numel() * A.element_size()
+    if n_bytes != (numel + 1) // 2:
+        raise ValueError(
+            f"packed A has {n_bytes} bytes but quant_state.shape {shape} ({numel} values) needs "
+            f"{(numel + 1) // 2}"
+        )
+    n_blocks = -(-numel // qs.blocksize)
+    if not isinstance(qs.absmax, torch.Tensor) or qs.absmax.numel() != n_blocks:
+        got = qs.absmax.numel() if isinstance(qs.absmax, torch.Tensor) else type(qs.absmax).__name__
+        raise ValueError(
+            f"quant_state.absmax has {got} entries, expected {n_blocks} "
+            f"(ceil({numel} / blocksize {qs.blocksize}))"
+        )
+    if qs.code is not None and qs.code.numel() != 16:
+        raise ValueError(f"quant_state.code must have 16 entries, got {qs.code.numel()}")
+    if qs.state2 is not None:
+        s2 = qs.state2
+        if qs.absmax.dtype != torch.uint8:
+            raise ValueError(f"quant_state.absmax must be uint8 codes with state2 set, got {qs.absmax.dtype}")
+        if qs.offset is None:
+            raise ValueError("quant_state.offset is None but quant_state.state2 is set (double quantization)")
+        if s2.code is None or s2.code.numel() != 256:
+            got = None if s2.code is None else s2.code.numel()
+            raise ValueError(f"quant_state.state2.code must have 256 entries, got {got}")
+        if not isinstance(s2.blocksize, int) or s2.blocksize <= 0:
+            raise ValueError(f"quant_state.state2.blocksize must be a positive int, got {s2.blocksize!r}")
+        n2 = -(-n_blocks // s2.blocksize)
+        if s2.absmax.numel() != n2:
+            raise ValueError(f"quant_state.state2.absmax has {s2.absmax.numel()} entries, expected {n2}")
+    elif not qs.absmax.is_floating_point():
+        raise ValueError(f"quant_state.absmax must be floating point without state2, got {qs.absmax.dtype}")
+    if out is not None:
+        if tuple(out.shape) != shape:
+            raise ValueError(f"out.shape {tuple(out.shape)} != quant_state.shape {shape}")
+        if out.dtype != dtype:
+            raise ValueError(f"out.dtype {out.dtype} != requested dtype {dtype}")
+        if out.device != A.device:
+            raise ValueError(f"out is on {out.device} but A is on {A.device}")
+        if not out.is_contiguous():
+            raise ValueError("out must be contiguous (the kernel writes it flat)")
+    packed = A.contiguous().reshape(-1).view(torch.uint8)
+    return packed, shape, numel, dtype, n_blocks
+
+
+def _finish(A: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    # bitsandbytes' back-compat shim: a packed weight given transposed as [1, n/2] gets its output
+    # transposed back. Kept for drop-in parity (bitsandbytes itself always stores [n/2, 1]).
+    if A.dim() > 0 and A.shape[0] == 1 and out.dim() <= 2:
+        return out.t()
+    return out
+
+
+def _code_for(qs: QuantStateLike, device: torch.device) -> torch.Tensor:
+    # bitsandbytes' kernels hard-code the table of quant_type; quant_state.code equals it for any
+    # state bitsandbytes made. We honour quant_state.code when present.
+    if qs.code is None:
+        return get_4bit_code(qs.quant_type, device)
+    return qs.code.reshape(-1).to(device=device, dtype=torch.float32)
+
+
+def dequantize_4bit_ref(
+    A: torch.Tensor,
+    quant_state: QuantStateLike,
+    dtype: torch.dtype | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Pure-torch dequantization, bit-exact with bitsandbytes (fp32 math, one final rounding).
+
+    The test oracle, and the CPU path when the Triton interpreter is off.
+    """
+    packed, shape, numel, dtype, n_blocks = _validate(A, quant_state, dtype, out)
+    dev = A.device
+    bs = quant_state.blocksize
+    absmax = _decode_absmax(quant_state, n_blocks, dev)
+    code = _code_for(quant_state, dev)
+    idx = torch.stack((packed >> 4, packed & 0xF), dim=1).reshape(-1).long()
+    vals = code[idx]  # fp32, padded to an even count
+    vals = torch.nn.functional.pad(vals, (0, n_blocks * bs - vals.numel()))
+    res = (vals.view(n_blocks, bs) * absmax.view(n_blocks, 1)).reshape(-1)[:numel].to(dtype).view(shape)
+    if out is None:
+        out = res
+    else:
+        out.copy_(res)
+    return _finish(A, out)
+
+
+def _use_triton(device: torch.device) -> bool:
+    if device.type == "cuda":
+        return True
+    if device.type == "cpu":
+        from muscle_fast.kernels._common import INTERPRET  # torch-only import, no triton
+
+        return INTERPRET
+    return False
+
+
+def dequantize_4bit(
+    A: torch.Tensor,
+    quant_state: QuantStateLike,
+    dtype: torch.dtype | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Dequantize bitsandbytes 4-bit weights (NF4/FP4), like ``bnb.functional.dequantize_4bit``.
+
+    ``A`` is the packed tensor (any storage dtype; bitsandbytes stores ``[n/2, 1]`` uint8),
+    ``quant_state`` its ``QuantState``. ``dtype`` overrides ``quant_state.dtype`` (fp16/bf16/fp32);
+    ``out`` (contiguous, ``quant_state.shape``) is filled and returned, so the training path can
+    reuse one buffer. Runs the Triton kernel on CUDA (and on CPU under ``TRITON_INTERPRET=1``);
+    elsewhere the pure-torch path, which computes the very same fp32 products and is exact.
+    """
+    if not _use_triton(A.device):
+        return dequantize_4bit_ref(A, quant_state, dtype, out)
+    from muscle_fast.kernels.nf4 import dequantize_4bit_packed
+
+    packed, shape, numel, dtype, n_blocks = _validate(A, quant_state, dtype, out)
+    dev = A.device
+    if out is None:
+        out = torch.empty(shape, dtype=dtype, device=dev)
+    code = _code_for(quant_state, dev)
+    qs = quant_state
+    if qs.state2 is not None and _nested_inline(qs):
+        s2 = qs.state2
+        dequantize_4bit_packed(
+            packed,
+            qs.absmax.reshape(-1).to(dev),
+            code,
+            out,
+            qs.blocksize,
+            code2=s2.code.reshape(-1).to(device=dev, dtype=torch.float32),
+            absmax2=s2.absmax.reshape(-1).to(dev),
+            offset=_as_fp32_on(qs.offset, dev, "quant_state.offset").reshape(1),
+            blocksize2=s2.blocksize,
+        )
+    else:
+        # Plain fp32 absmax, or an unusual nested state (non-fp32 state2, triple nesting) whose
+        # absmax is decoded in torch first, exactly as bitsandbytes does.
+        absmax = _decode_absmax(qs, n_blocks, dev)
+        dequantize_4bit_packed(packed, absmax, code, out, qs.blocksize)
+    return _finish(A, out)

@@ -1,0 +1,428 @@
+"""The paper's training loop: AdamW, linear schedule, gradient alignment, clip 1.0, step (SPEC §4).
+
+``train_muscle`` trains any model whose trainable parameters are set (a patched
+MuScleLoRA model, a LoRA-only one, or a fully trainable one for the undefended
+baseline), selects the epoch with the best dev accuracy, and checkpoints
+atomically so a killed run resumes to the same state. Under torch.distributed
+each rank takes its slice of every global batch and reference gradients are
+averaged across ranks before alignment, so N ranks with batch B equal one
+process with batch N*B.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .adapter import atomic_write
+from .config import family_defaults
+from .dual import default_loss, dual_gradients, trainable_params
+
+logger = logging.getLogger("muscle_fast")
+
+Row = tuple[str, int]
+StepCallback = Callable[[int, nn.Module], None]
+
+
+@dataclass
+class TrainConfig:
+    """Hyperparameters of one run; ``for_model`` fills the paper's defaults for the family."""
+
+    lr: float = 2e-5
+    epochs: int = 10
+    batch_size: int = 32
+    eval_batch_size: int = 64
+    max_length: int = 128
+    seed: int = 42
+    align: bool = True  # gradient alignment on (MuScleLoRA) or off (baselines)
+    min_ref_grad_norm: float = 5e-7
+    min_ref_loss: float = 0.4
+    max_raw_grad_ratio: float = 0.1
+    ga_epoch: int = 1
+    grad_clip: float = 1.0
+    weight_decay: float = 0.0
+    single_pass: bool | None = None  # None: single pass when every trainable param is in a MuScleLinear
+    backend: str = "auto"
+    checkpoint_dir: str | None = None
+    checkpoint_every: int = 0  # steps; 0 = at the end of each epoch only
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("lr", "batch_size", "epochs", "eval_batch_size", "max_length"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"TrainConfig.{name} must be > 0, got {getattr(self, name)!r}")
+
+    @classmethod
+    def for_model(cls, model: nn.Module, **overrides: Any) -> TrainConfig:
+        mt = getattr(getattr(model, "config", None), "model_type", None)
+        base: dict[str, Any] = {}
+        try:
+            fam = family_defaults(str(mt))
+            base = dict(
+                lr=fam.lr,
+                epochs=fam.epochs,
+                batch_size=fam.batch_size,
+                min_ref_loss=fam.min_ref_loss,
+                max_raw_grad_ratio=fam.max_raw_grad_ratio,
+                ga_epoch=fam.ga_epoch,
+            )
+        except ValueError:
+            pass
+        base.update(overrides)
+        return cls(**base)
+
+
+@dataclass
+class TrainResult:
+    best_epoch: int
+    best_dev_acc: float
+    history: list[dict[str, Any]] = field(default_factory=list)
+    best_state: dict[str, torch.Tensor] = field(default_factory=dict)
+    wall_seconds: float = 0.0
+    steps: int = 0
+    skipped_steps: int = 0
+
+
+# ---------------------------------------------------------------------------------------------- data
+
+
+def as_rows(rows: Sequence[Any], what: str) -> list[Row]:
+    """Accept (text, label) pairs or dicts with text/sentence and label."""
+    out: list[Row] = []
+    for i, r in enumerate(rows):
+        if isinstance(r, Mapping):
+            text = r.get("text", r.get("sentence"))
+            label = r.get("label")
+        else:
+            text, label = r[0], r[1]
+        if not isinstance(text, str) or label is None:
+            raise ValueError(f"{what}: row {i} has no text/label: {r!r}")
+        out.append((text, int(label)))
+    return out
+
+
+def encode(
+    tokenizer: Any, rows: Sequence[Row], max_length: int, device: torch.device
+) -> dict[str, torch.Tensor]:
+    enc = tokenizer(
+        [t for t, _ in rows], padding=True, truncation=True, max_length=max_length, return_tensors="pt"
+    )
+    batch = {k: v.to(device) for k, v in enc.items()}
+    batch["labels"] = torch.tensor([lab for _, lab in rows], dtype=torch.long, device=device)
+    return batch
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+@torch.no_grad()
+def predict(
+    model: nn.Module, tokenizer: Any, rows: Sequence[Row], batch_size: int = 64, max_length: int = 128
+) -> torch.Tensor:
+    """Predicted labels for ``rows`` (eval mode for the call, the previous mode restored)."""
+    core = _unwrap(model)
+    was = core.training
+    core.eval()
+    device = next(core.parameters()).device
+    preds = []
+    try:
+        for i in range(0, len(rows), batch_size):
+            batch = encode(tokenizer, rows[i : i + batch_size], max_length, device)
+            batch.pop("labels")
+            preds.append(core(**batch).logits.argmax(-1).cpu())
+    finally:
+        core.train(was)
+    return torch.cat(preds) if preds else torch.empty(0, dtype=torch.long)
+
+
+def accuracy(
+    model: nn.Module, tokenizer: Any, rows: Sequence[Row], batch_size: int = 64, max_length: int = 128
+) -> float:
+    """Share of rows predicted as their label (on a poisoned set labelled with the target: the ASR)."""
+    if not rows:
+        raise ValueError("accuracy: empty evaluation set")
+    pred = predict(model, tokenizer, rows, batch_size, max_length)
+    gold = torch.tensor([lab for _, lab in rows])
+    return float((pred == gold).float().mean())
+
+
+# ---------------------------------------------------------------------------------------------- distributed
+
+
+def world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def average_across_ranks(tensors: Sequence[torch.Tensor | None]) -> list[torch.Tensor | None]:
+    """Mean of each tensor over ranks, in one all-reduce of a flat buffer (no-op on one process)."""
+    _, n = world()
+    if n == 1:
+        return list(tensors)
+    present = [t for t in tensors if t is not None]
+    flat = torch.cat([t.reshape(-1).float() for t in present])
+    dist.all_reduce(flat)
+    flat /= n
+    out: list[torch.Tensor | None] = []
+    off = 0
+    for t in tensors:
+        if t is None:
+            out.append(None)
+            continue
+        out.append(flat[off : off + t.numel()].view_as(t).to(t.dtype))
+        off += t.numel()
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints
+
+CKPT = "train_state.pt"
+
+
+def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    path.mkdir(parents=True, exist_ok=True)
+    atomic_write(path / CKPT, lambda tmp: torch.save(state, tmp))
+
+
+def _load_checkpoint(path: Path) -> dict[str, Any] | None:
+    f = path / CKPT
+    if not f.is_file():
+        return None
+    return torch.load(f, map_location="cpu", weights_only=True)
+
+
+# ---------------------------------------------------------------------------------------------- the loop
+
+
+def train_muscle(
+    model: nn.Module,
+    tokenizer: Any,
+    train_rows: Sequence[Any],
+    ref_rows: Sequence[Any],
+    dev_rows: Sequence[Any],
+    config: TrainConfig | None = None,
+    eval_sets: Mapping[str, Sequence[Any]] | None = None,
+    step_callback: StepCallback | None = None,
+    stop_after_steps: int | None = None,
+) -> TrainResult:
+    """Train ``model`` (its trainable parameters) on ``train_rows``; align with ``ref_rows`` if configured.
+
+    Selects the epoch with the best accuracy on ``dev_rows``; ``eval_sets`` (for example a
+    dev-poison set, whose accuracy is the ASR) are evaluated each epoch into the history.
+    The best trainable state is loaded into the model at the end and returned.
+    ``stop_after_steps`` ends the run early (as a kill would) after that many global steps,
+    once the checkpoint for that step is written.
+    """
+    from tqdm.auto import tqdm
+
+    from .align import GradientAligner
+
+    cfg = config or TrainConfig.for_model(_unwrap(model))
+    core = _unwrap(model)
+    train = as_rows(train_rows, "train_rows")
+    ref = as_rows(ref_rows, "ref_rows")
+    dev = as_rows(dev_rows, "dev_rows")
+    extra = {k: as_rows(v, f"eval_sets[{k!r}]") for k, v in (eval_sets or {}).items()}
+    if not train:
+        raise ValueError("train_muscle: the training set is empty")
+    if not dev:
+        raise ValueError("train_muscle: the dev set is empty (needed for model selection)")
+    if cfg.align and not ref:
+        raise ValueError("train_muscle: gradient alignment needs a non-empty reference set (ref_rows)")
+    num_labels = getattr(core.config, "num_labels", None)
+    for name, rows in (("train_rows", train), ("ref_rows", ref), ("dev_rows", dev)):
+        bad = [lab for _, lab in rows if num_labels is not None and not 0 <= lab < num_labels]
+        if bad:
+            raise ValueError(
+                f"train_muscle: {name} has labels outside [0, {num_labels}): {sorted(set(bad))[:5]}"
+            )
+
+    rank, nranks = world()
+    device = next(core.parameters()).device
+    params = trainable_params(core)
+    if not params:
+        raise ValueError("train_muscle: the model has no trainable parameters")
+    names = [n for n, p in core.named_parameters() if p.requires_grad]
+    global_bs = cfg.batch_size * nranks
+    steps_per_epoch = math.ceil(len(train) / global_bs)
+    total_steps = steps_per_epoch * cfg.epochs
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: max(0.0, 1.0 - s / total_steps))
+    aligner = (
+        GradientAligner(
+            params,
+            cfg.min_ref_grad_norm,
+            cfg.min_ref_loss,
+            cfg.max_raw_grad_ratio,
+            cfg.ga_epoch,
+            cfg.epochs,
+            backend=cfg.backend,
+        )
+        if cfg.align
+        else None
+    )
+    data_gen = torch.Generator().manual_seed(cfg.seed)
+    ref_gen = torch.Generator().manual_seed(cfg.seed + 1)
+    torch.manual_seed(cfg.seed)
+
+    result = TrainResult(best_epoch=-1, best_dev_acc=-1.0)
+    start_epoch, start_step, global_step = 0, 0, 0
+    epoch_gen_state = data_gen.get_state()
+    ckpt_dir = Path(cfg.checkpoint_dir) if cfg.checkpoint_dir else None
+    if ckpt_dir is not None:
+        st = _load_checkpoint(ckpt_dir)
+        if st is not None:
+            if st["names"] != names:
+                raise ValueError(f"train_muscle: checkpoint in {ckpt_dir} is for other trainable parameters")
+            with torch.no_grad():
+                for p, v in zip(params, st["params"], strict=True):
+                    p.copy_(v)
+            opt.load_state_dict(st["optimizer"])
+            sched.load_state_dict(st["scheduler"])
+            ref_gen.set_state(st["ref_gen"])
+            epoch_gen_state = st["epoch_gen"]
+            torch.set_rng_state(st["torch_rng"])
+            start_epoch, start_step, global_step = st["epoch"], st["step_in_epoch"], st["global_step"]
+            result.history = list(st["history"])
+            result.best_epoch, result.best_dev_acc = st["best_epoch"], st["best_dev_acc"]
+            result.best_state = dict(zip(names, st["best_params"], strict=True)) if st["best_params"] else {}
+            result.skipped_steps = st["skipped_steps"]
+            logger.info(f"muscle_fast: resumed from {ckpt_dir} at epoch {start_epoch}, step {start_step}")
+
+    def checkpoint(epoch: int, step_in_epoch: int) -> None:
+        if ckpt_dir is None or rank != 0:
+            return
+        best = [result.best_state[n] for n in names] if result.best_state else []
+        _save_checkpoint(
+            ckpt_dir,
+            {
+                "names": names,
+                "params": [p.detach().cpu() for p in params],
+                "optimizer": opt.state_dict(),
+                "scheduler": sched.state_dict(),
+                "ref_gen": ref_gen.get_state(),
+                "epoch_gen": epoch_gen_state,
+                "torch_rng": torch.get_rng_state(),
+                "epoch": epoch,
+                "step_in_epoch": step_in_epoch,
+                "global_step": global_step,
+                "history": result.history,
+                "best_epoch": result.best_epoch,
+                "best_dev_acc": result.best_dev_acc,
+                "best_params": best,
+                "skipped_steps": result.skipped_steps,
+            },
+        )
+
+    t0 = time.perf_counter()
+    was_training = core.training
+    for epoch in range(start_epoch, cfg.epochs):
+        data_gen.set_state(epoch_gen_state)
+        perm = torch.randperm(len(train), generator=data_gen).tolist()
+        next_epoch_state = data_gen.get_state()
+        model.train()
+        losses: list[float] = []
+        first = start_step if epoch == start_epoch else 0
+        bar = tqdm(
+            range(first, steps_per_epoch),
+            desc=f"epoch {epoch + 1}/{cfg.epochs}",
+            disable=not cfg.progress or rank != 0,
+            leave=False,
+        )
+        for step in bar:
+            idx = perm[step * global_bs : (step + 1) * global_bs]
+            mine = idx[rank::nranks] if nranks > 1 else idx
+            batch = encode(tokenizer, [train[i] for i in mine], cfg.max_length, device)
+            if aligner is not None:
+                ridx = torch.randint(len(ref), (len(idx),), generator=ref_gen).tolist()
+                rmine = ridx[rank::nranks] if nranks > 1 else ridx
+                ref_batch = encode(tokenizer, [ref[i] for i in rmine], cfg.max_length, device)
+                loss, ref_loss, ref_grads = dual_gradients(
+                    model, batch, ref_batch, params=params, single_pass=cfg.single_pass
+                )
+                *ref_grads, ref_loss = average_across_ranks([*ref_grads, ref_loss])
+                stats = aligner.align(ref_grads, ref_loss, epoch)
+                bad_step = bool(stats.nonfinite_grad > 0)
+            else:
+                opt.zero_grad(set_to_none=True)
+                inputs = {k: v for k, v in batch.items() if k != "labels"}
+                loss = default_loss(model(**inputs).logits, batch["labels"])
+                loss.backward()
+                bad_step = False
+            norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            if bad_step or not torch.isfinite(norm):
+                result.skipped_steps += 1  # never write NaN into the parameters
+                if result.skipped_steps == 1:
+                    logger.warning("muscle_fast: non-finite gradient, optimizer step skipped")
+            else:
+                opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            losses.append(float(loss.detach()))
+            bar.set_postfix(loss=f"{losses[-1]:.4f}")
+            global_step += 1
+            if step_callback is not None:
+                step_callback(global_step, core)
+            if (
+                cfg.checkpoint_every
+                and global_step % cfg.checkpoint_every == 0
+                and step + 1 < steps_per_epoch
+            ):
+                checkpoint(epoch, step + 1)
+            if stop_after_steps is not None and global_step >= stop_after_steps:
+                checkpoint(epoch, step + 1)
+                result.steps = global_step
+                result.wall_seconds = time.perf_counter() - t0
+                core.train(was_training)
+                return result
+        # end of epoch: evaluate, select, checkpoint
+        record: dict[str, Any] = {
+            "epoch": epoch + 1,
+            "train_loss": sum(losses) / max(1, len(losses)),
+            "dev_acc": accuracy(model, tokenizer, dev, cfg.eval_batch_size, cfg.max_length),
+        }
+        for k, rows in extra.items():
+            record[k] = accuracy(model, tokenizer, rows, cfg.eval_batch_size, cfg.max_length)
+        record["seconds"] = time.perf_counter() - t0
+        result.history.append(record)
+        if record["dev_acc"] > result.best_dev_acc:
+            result.best_dev_acc, result.best_epoch = record["dev_acc"], epoch + 1
+            result.best_state = {n: p.detach().cpu().clone() for n, p in zip(names, params, strict=True)}
+        logger.info(
+            "muscle_fast: "
+            + ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items())
+        )
+        epoch_gen_state = next_epoch_state
+        checkpoint(epoch + 1, 0)
+    result.steps = global_step
+    result.wall_seconds = time.perf_counter() - t0
+    if result.best_state:
+        with torch.no_grad():
+            for n, p in zip(names, params, strict=True):
+                p.copy_(result.best_state[n])
+    core.train(was_training)
+    return result
+
+
+def load_trainable_state(model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
+    """Copy a ``TrainResult.best_state`` back into a model."""
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for k, v in state.items():
+            params[k].copy_(v)
+
+
+def config_dict(cfg: TrainConfig) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)

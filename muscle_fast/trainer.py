@@ -1,0 +1,115 @@
+"""MuScleTrainer: the Hugging Face Trainer with gradient alignment against a reference dataset."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, RandomSampler
+from transformers import Trainer
+
+from .config import family_defaults
+from .dual import default_loss, dual_gradients, trainable_params
+from .train import average_across_ranks
+
+
+class MuScleTrainer(Trainer):
+    """``Trainer`` whose every optimizer step aligns the gradient with a clean reference batch (SPEC §4).
+
+    ``ref_dataset`` is formatted like the training dataset (one reference batch of the
+    training batch size is drawn per micro-batch). Gradients of the micro-batches of one
+    optimizer step are accumulated, reference gradients too (averaged across ranks under
+    DDP), and the alignment runs once on the last micro-batch, before HF's own clipping.
+    ``align_kwargs`` override the family's GA defaults (min_ref_loss, max_raw_grad_ratio,
+    ga_epoch, min_ref_grad_norm, backend).
+    """
+
+    def __init__(
+        self, *args: Any, ref_dataset: Any = None, align_kwargs: dict[str, Any] | None = None, **kwargs: Any
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        if ref_dataset is None or len(ref_dataset) == 0:
+            raise ValueError(
+                "MuScleTrainer: ref_dataset must be a non-empty dataset of clean reference samples"
+            )
+        if self.args.fp16:
+            raise ValueError("MuScleTrainer: fp16 with a loss scaler is not supported; use bf16")
+        self.ref_dataset = ref_dataset
+        self.align_kwargs = dict(align_kwargs or {})
+        self.loss_fn = self.align_kwargs.pop("loss_fn", None) or default_loss
+        self._ref_iter: Iterator[Any] | None = None
+        self._aligner: Any = None
+        self._params: list[nn.Parameter] = []
+        self._ref_acc: list[torch.Tensor | None] | None = None
+        self._ref_loss_acc: torch.Tensor | None = None
+        self.last_align_stats: Any = None
+        self.last_ref_grads: list[torch.Tensor | None] | None = None
+
+    def _ref_batches(self) -> Iterator[Any]:
+        ds = self.ref_dataset
+        if self.args.remove_unused_columns and hasattr(ds, "column_names"):
+            ds = self._remove_unused_columns(ds, description="reference")
+        gen = torch.Generator().manual_seed(self.args.seed + 1)
+        loader = DataLoader(
+            ds,
+            batch_size=self.args.per_device_train_batch_size,
+            collate_fn=self.data_collator,
+            sampler=RandomSampler(ds, replacement=True, num_samples=10**9, generator=gen),
+        )
+        yield from loader
+
+    def _setup_aligner(self, model: nn.Module) -> None:
+        from .align import GradientAligner
+
+        core = self.accelerator.unwrap_model(model)
+        self._params = trainable_params(core)
+        mt = getattr(getattr(core, "config", None), "model_type", None)
+        kw: dict[str, Any] = {}
+        try:
+            fam = family_defaults(str(mt))
+            kw = dict(
+                min_ref_loss=fam.min_ref_loss,
+                max_raw_grad_ratio=fam.max_raw_grad_ratio,
+                ga_epoch=fam.ga_epoch,
+            )
+        except ValueError:
+            pass
+        kw.update(self.align_kwargs)
+        self._aligner = GradientAligner(self._params, epochs=math.ceil(self.args.num_train_epochs), **kw)
+
+    def training_step(
+        self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: torch.Tensor | int | None = None
+    ) -> torch.Tensor:
+        if self._aligner is None:
+            self._setup_aligner(model)
+        if self._ref_iter is None:
+            self._ref_iter = self._ref_batches()
+        model.train()
+        inputs = self._prepare_inputs(inputs)
+        ref_inputs = self._prepare_inputs(next(self._ref_iter))
+        steps = max(1, int(getattr(self, "current_gradient_accumulation_steps", 1) or 1))
+
+        def scaled(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+            return self.loss_fn(logits, labels) / steps
+
+        loss, ref_loss, ref_grads = dual_gradients(
+            model, inputs, ref_inputs, loss_fn=scaled, params=self._params, accumulate=True
+        )
+        if self._ref_acc is None:
+            self._ref_acc, self._ref_loss_acc = list(ref_grads), ref_loss
+        else:
+            self._ref_acc = [
+                a if b is None else (b if a is None else a + b)
+                for a, b in zip(self._ref_acc, ref_grads, strict=True)
+            ]
+            self._ref_loss_acc = self._ref_loss_acc + ref_loss
+        if self.accelerator.sync_gradients:
+            *refs, rl = average_across_ranks([*self._ref_acc, self._ref_loss_acc])
+            epoch = int(math.floor(self.state.epoch or 0.0))
+            self.last_align_stats = self._aligner.align(refs, rl, epoch)
+            self.last_ref_grads = refs
+            self._ref_acc, self._ref_loss_acc = None, None
+        return loss.detach()

@@ -1,0 +1,341 @@
+"""Low-rank Triton kernels (csrc_triton/lowrank.py) against float64 torch references.
+
+Runs through Triton's CPU interpreter when there is no GPU (tests/conftest.py sets TRITON_INTERPRET).
+Every reference is computed from the very same (already rounded) inputs cast to float64, so the only
+differences are the kernels' own roundings; errors are measured as max|out - ref| / max|ref|.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from muscle_fast.kernels import _common, lowrank
+
+F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
+DT_NAME = {F32: "fp32", F16: "fp16", BF16: "bf16"}
+
+# Tolerances, relative to max|ref|.
+# Outputs kept in fp32 (S, dS, dB, dA): products of the (exact) inputs are exact in fp32 and the sum is
+# fp32 (~1e-7 relative). For 16-bit inputs the fp32 intermediate (S or dS) enters a tensor-core dot as a
+# hi + lo pair of bf16: 2**-17 relative per product with round-to-nearest on the GPU, up to 2**-14 under
+# the interpreter, which truncates fp32 -> bf16. 5e-5 still fails if S / dS were rounded to fp16 or bf16
+# once (relative 2**-11 / 2**-8 per product).
+TOL_F32_OUT = {F32: 1e-5, F16: 5e-5, BF16: 5e-5}
+# Outputs rounded once to their 16-bit dtype (expand, fused, dx): unit roundoff 2**-11 (fp16) and 2**-8
+# (bf16) with round-to-nearest on the GPU; the interpreter truncates (2**-10, 2**-7), hence 1.5e-3 and
+# 1e-2. A second rounding (e.g. of the low-rank term before the add) or an fp16/bf16 accumulator fails.
+TOL_OUT = {F32: 1e-5, F16: 1.5e-3, BF16: 1e-2}
+
+# (M, K, N, R, dtype, layout): odd sizes crossing several 32-wide interpreter tiles, R padded to 16 or 64
+# inside the kernels. layout applies to the big operands (x, y, dY, dX): "c" contiguous, "t" a transposed
+# view (column-major), "s" a slice of a larger tensor (row stride != number of columns, offset start).
+CASES = [
+    (1, 67, 131, 1, F32, "c"),
+    (17, 67, 131, 3, BF16, "t"),
+    (17, 131, 67, 8, F16, "s"),
+    (67, 17, 131, 16, F32, "t"),
+    (131, 67, 17, 36, BF16, "s"),
+    (67, 67, 67, 36, F16, "t"),
+    (33, 40, 48, 64, F16, "c"),
+    (1000, 67, 131, 16, BF16, "s"),
+]
+
+
+def _case_id(c: tuple) -> str:
+    M, K, N, R, dt, layout = c
+    return f"M{M}-K{K}-N{N}-R{R}-{DT_NAME[dt]}-{layout}"
+
+
+case_params = pytest.mark.parametrize("case", [pytest.param(c, id=_case_id(c)) for c in CASES])
+
+
+def _rand(rows: int, cols: int, dtype: torch.dtype, device: str, layout: str = "c") -> torch.Tensor:
+    if layout == "t":
+        return torch.randn(cols, rows, device=device).to(dtype).t()
+    if layout == "s":
+        return torch.randn(rows + 3, cols + 5, device=device).to(dtype)[1 : rows + 1, 2 : cols + 2]
+    return torch.randn(rows, cols, device=device).to(dtype)
+
+
+def _scale(R: int, device: str) -> torch.Tensor:
+    return (torch.rand(R, device=device) * 3 + 0.5).float()
+
+
+def _d(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().to(torch.float64)
+
+
+def _assert_close(out: torch.Tensor, ref: torch.Tensor, tol: float) -> None:
+    assert out.shape == ref.shape, (out.shape, ref.shape)
+    assert torch.isfinite(out).all()
+    denom = max(ref.abs().max().item(), 1e-30) if ref.numel() else 1.0
+    err = (_d(out) - ref).abs().max().item() / denom if ref.numel() else 0.0
+    assert err <= tol, f"relative error {err:.3g} > {tol:.3g}"
+
+
+def _keep(M: int, K: int, p: float, seed: int, device: str) -> torch.Tensor:
+    """Float64 dropout multiplier (mask / (1 - p)) taken from the kernels' own mask."""
+    return lowrank.dropout_mask(M, K, p, seed, device).to(torch.float64) / (1.0 - p)
+
+
+# ---------------------------------------------------------------------------------------------------
+# One test per launcher over the covering set of cases
+# ---------------------------------------------------------------------------------------------------
+
+
+@case_params
+def test_shrink(case: tuple, device: str) -> None:
+    M, K, N, R, dt, layout = case
+    x = _rand(M, K, dt, device, layout)
+    A = _rand(R, K, dt, device, layout)
+    scale = _scale(R, device)
+    S = lowrank.lowrank_shrink(x, A, scale)
+    assert S.dtype == F32
+    _assert_close(S, (_d(x) @ _d(A).T) * _d(scale), TOL_F32_OUT[dt])
+
+
+@case_params
+def test_expand(case: tuple, device: str) -> None:
+    M, K, N, R, dt, layout = case
+    y = _rand(M, N, dt, device, layout)
+    S = _rand(M, R, F32, device)
+    B = _rand(N, R, dt, device, layout)
+    ref = _d(y) + _d(S) @ _d(B).T
+    out = lowrank.lowrank_expand_(y, S, B)
+    assert out is y and y.dtype == dt
+    _assert_close(y, ref, TOL_OUT[dt])
+
+
+@case_params
+def test_fused_linear(case: tuple, device: str) -> None:
+    M, K, N, R, dt, layout = case
+    x = _rand(M, K, dt, device, layout)
+    W = _rand(N, K, dt, device, layout)
+    bias = torch.randn(N, device=device).to(dt) if M % 2 else None
+    S = _rand(M, R, F32, device)
+    B = _rand(N, R, dt, device)
+    y = lowrank.fused_linear_lowrank(x, W, bias, S, B)
+    ref = _d(x) @ _d(W).T + _d(S) @ _d(B).T
+    if bias is not None:
+        ref = ref + _d(bias)
+    assert y.dtype == dt
+    _assert_close(y, ref, TOL_OUT[dt])
+
+
+@case_params
+def test_backward_dS_dB(case: tuple, device: str) -> None:
+    M, K, N, R, dt, layout = case
+    dY = _rand(M, N, dt, device, layout)
+    B = _rand(N, R, dt, device, layout)
+    S = _rand(M, R, F32, device)
+    scale = _scale(R, device)
+    dS, dB = lowrank.lowrank_backward_dS_dB(dY, B, S, scale)
+    assert dS.dtype == dB.dtype == F32 and dB.shape == (1, N, R)
+    _assert_close(dS, (_d(dY) @ _d(B)) * _d(scale), TOL_F32_OUT[dt])
+    _assert_close(dB[0], _d(dY).T @ _d(S), TOL_F32_OUT[dt])
+
+
+@case_params
+def test_grad_A(case: tuple, device: str) -> None:
+    M, K, N, R, dt, layout = case
+    dS = _rand(M, R, F32, device)
+    x = _rand(M, K, dt, device, layout)
+    dA = lowrank.lowrank_grad_A(dS, x)
+    assert dA.dtype == F32 and dA.shape == (1, R, K)
+    _assert_close(dA[0], _d(dS).T @ _d(x), TOL_F32_OUT[dt])
+
+
+@case_params
+def test_dx(case: tuple, device: str) -> None:
+    M, K, N, R, dt, layout = case
+    dX = _rand(M, K, dt, device, layout)
+    dS = _rand(M, R, F32, device)
+    A = _rand(R, K, dt, device, layout)
+    ref = _d(dX) + _d(dS) @ _d(A)
+    out = lowrank.lowrank_dx_(dX, dS, A)
+    assert out is dX
+    _assert_close(dX, ref, TOL_OUT[dt])
+
+
+def test_fused_linear_without_lowrank_and_forward_helper(device: str) -> None:
+    x = _rand(17, 67, BF16, device, "t")
+    W = _rand(131, 67, BF16, device)
+    y = lowrank.fused_linear_lowrank(x, W, None, None, None)
+    _assert_close(y, _d(x) @ _d(W).T, TOL_OUT[BF16])
+
+    A, B, scale = _rand(3, 67, BF16, device), _rand(131, 3, BF16, device), _scale(3, device)
+    y0 = _rand(17, 131, F32, device)
+    ref = _d(y0) + ((_d(x) @ _d(A).T) * _d(scale)) @ _d(B).T
+    out, S = lowrank.lowrank_forward(x, A, B, scale, y0)
+    assert out is y0 and S.shape == (17, 3)
+    _assert_close(y0, ref, TOL_F32_OUT[BF16])
+
+
+def test_mixed_dtypes(device: str) -> None:
+    """Adapters in fp32 while the activations are bf16 (cast in-kernel, fp32 IEEE dot)."""
+    M, K, N, R = 17, 67, 131, 3
+    x = _rand(M, K, BF16, device, "t")
+    A = _rand(R, K, F32, device)
+    B = _rand(N, R, F32, device)
+    scale = _scale(R, device)
+    S = lowrank.lowrank_shrink(x, A, scale)
+    _assert_close(S, (_d(x) @ _d(A).T) * _d(scale), TOL_F32_OUT[F32])
+    y = _rand(M, N, BF16, device, "s")
+    ref = _d(y) + _d(S) @ _d(B).T
+    lowrank.lowrank_expand_(y, S, B)
+    _assert_close(y, ref, TOL_OUT[BF16])
+    W = _rand(N, K, F16, device)  # different 16-bit dtype than x: fp32 main loop
+    yf = lowrank.fused_linear_lowrank(x, W, torch.randn(N, device=device), S, B)
+    assert yf.dtype == BF16
+
+
+# ---------------------------------------------------------------------------------------------------
+# Row groups (single-pass gradient alignment)
+# ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dt", [F32, BF16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("m1", [0, 13, 45, 67], ids=lambda m: f"split{m}")
+def test_row_split(m1: int, dt: torch.dtype, device: str) -> None:
+    """m1 = 0 / M: one group empty; 13: mid-block; 45: group 1 starts mid-block and spans a boundary."""
+    M, K, N, R = 67, 40, 75, 5
+    dY = _rand(M, N, dt, device, "t")
+    B = _rand(N, R, dt, device)
+    S = _rand(M, R, F32, device)
+    x = _rand(M, K, dt, device, "s")
+    scale = _scale(R, device)
+    tol = TOL_F32_OUT[dt]
+
+    dS, dB = lowrank.lowrank_backward_dS_dB(dY, B, S, scale, row_split=m1)
+    assert dB.shape == (2, N, R)
+    _assert_close(dS, (_d(dY) @ _d(B)) * _d(scale), tol)
+    parts = [slice(0, m1), slice(m1, M)]
+    for g, rows in enumerate(parts):
+        ref = _d(dY)[rows].T @ _d(S)[rows]
+        if ref.abs().max() > 0:
+            _assert_close(dB[g], ref, tol)
+        else:
+            assert not dB[g].any()
+    _, dB1 = lowrank.lowrank_backward_dS_dB(dY, B, S, scale)
+    _assert_close(dB.sum(0), _d(dB1[0]), tol)
+
+    dA = lowrank.lowrank_grad_A(dS, x, row_split=m1, dropout_p=0.25, seed=3)
+    assert dA.shape == (2, R, K)
+    xd = _d(x) * _keep(M, K, 0.25, 3, device)
+    for g, rows in enumerate(parts):
+        ref = _d(dS)[rows].T @ xd[rows]
+        if ref.abs().max() > 0:
+            _assert_close(dA[g], ref, tol)
+        else:
+            assert not dA[g].any()
+    dA1 = lowrank.lowrank_grad_A(dS, x, dropout_p=0.25, seed=3)
+    _assert_close(dA.sum(0), _d(dA1[0]), tol)
+
+
+def test_row_split_out_of_range(device: str) -> None:
+    dY, B, S = _rand(5, 7, F32, device), _rand(7, 2, F32, device), _rand(5, 2, F32, device)
+    with pytest.raises(ValueError):
+        lowrank.lowrank_backward_dS_dB(dY, B, S, _scale(2, device), row_split=6)
+    with pytest.raises(ValueError):
+        lowrank.lowrank_grad_A(S, dY, row_split=-1)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Empty batches
+# ---------------------------------------------------------------------------------------------------
+
+
+def test_empty_rows(device: str) -> None:
+    K, N, R = 67, 131, 3
+    x = torch.empty(0, K, device=device, dtype=BF16)
+    A, B = _rand(R, K, BF16, device), _rand(N, R, BF16, device)
+    scale = _scale(R, device)
+    S = lowrank.lowrank_shrink(x, A, scale, dropout_p=0.5)
+    assert S.shape == (0, R) and S.dtype == F32
+    y = torch.empty(0, N, device=device, dtype=BF16)
+    assert lowrank.lowrank_expand_(y, S, B).shape == (0, N)
+    assert lowrank.fused_linear_lowrank(x, _rand(N, K, BF16, device), None, S, B).shape == (0, N)
+    dS, dB = lowrank.lowrank_backward_dS_dB(y, B, S, scale, row_split=0)
+    assert dS.shape == (0, R) and dB.shape == (2, N, R) and not dB.any()
+    dA = lowrank.lowrank_grad_A(dS, x)
+    assert dA.shape == (1, R, K) and not dA.any()
+    assert lowrank.lowrank_dx_(torch.empty(0, K, device=device), dS, A, dropout_p=0.1).shape == (0, K)
+    assert lowrank.dropout_mask(0, K, 0.5, 1, device).shape == (0, K)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Dropout
+# ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5], ids=lambda p: f"p{p}")
+def test_dropout_keep_rate(p: float, device: str) -> None:
+    M, K = 301, 401
+    mask = lowrank.dropout_mask(M, K, p, 1234, device)
+    assert mask.dtype == torch.bool and mask.shape == (M, K)
+    n = M * K
+    sigma = math.sqrt(p * (1 - p) / n)
+    assert abs(mask.float().mean().item() - (1 - p)) < 5 * sigma
+    # no visible structure: per-row and per-column keep rates stay within 6 sigma of 1 - p as well
+    row_rate, col_rate = mask.float().mean(1), mask.float().mean(0)
+    assert (row_rate - (1 - p)).abs().max().item() < 6 * math.sqrt(p * (1 - p) / K)
+    assert (col_rate - (1 - p)).abs().max().item() < 6 * math.sqrt(p * (1 - p) / M)
+
+
+def test_dropout_seeds(device: str) -> None:
+    a = lowrank.dropout_mask(67, 131, 0.3, 7, device)
+    assert torch.equal(a, lowrank.dropout_mask(67, 131, 0.3, 7, device))
+    assert not torch.equal(a, lowrank.dropout_mask(67, 131, 0.3, 8, device))
+    assert not torch.equal(a[0], a[1])
+    assert lowrank.dropout_mask(17, 33, 0.0, 7, device).all()
+    assert not lowrank.dropout_mask(17, 33, 1.0, 7, device).any()
+
+
+@pytest.mark.parametrize("dt", [F32, F16, BF16], ids=lambda d: DT_NAME[d])
+def test_dropout_kernels_match_reference(dt: torch.dtype, device: str) -> None:
+    M, K, R, p, seed = 67, 131, 3, 0.3, 2024
+    x = _rand(M, K, dt, device, "t")
+    A = _rand(R, K, dt, device)
+    scale = _scale(R, device)
+    keep = _keep(M, K, p, seed, device)
+    xd = _d(x) * keep
+
+    S = lowrank.lowrank_shrink(x, A, scale, dropout_p=p, seed=seed)
+    _assert_close(S, (xd @ _d(A).T) * _d(scale), TOL_F32_OUT[dt])
+    # the mask follows the logical index, not the memory layout
+    S_c = lowrank.lowrank_shrink(x.contiguous(), A, scale, dropout_p=p, seed=seed)
+    _assert_close(S_c, _d(S), 1e-6)
+    # another seed gives another result
+    S_other = lowrank.lowrank_shrink(x, A, scale, dropout_p=p, seed=seed + 1)
+    assert not torch.allclose(S_other, S)
+
+    dS = _rand(M, R, F32, device)
+    dA = lowrank.lowrank_grad_A(dS, x, dropout_p=p, seed=seed)
+    _assert_close(dA[0], _d(dS).T @ xd, TOL_F32_OUT[dt])
+
+    dX = _rand(M, K, dt, device, "s")
+    ref = _d(dX) + (_d(dS) @ _d(A)) * keep
+    lowrank.lowrank_dx_(dX, dS, A, dropout_p=p, seed=seed)
+    _assert_close(dX, ref, TOL_OUT[dt])
+
+
+def test_dropout_p_validation(device: str) -> None:
+    x, A = _rand(4, 8, F32, device), _rand(2, 8, F32, device)
+    with pytest.raises(ValueError):
+        lowrank.lowrank_shrink(x, A, _scale(2, device), dropout_p=1.5)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Device checks
+# ---------------------------------------------------------------------------------------------------
+
+
+def test_cpu_without_interpreter_raises(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_common, "INTERPRET", False)
+    x, A = torch.randn(4, 8), torch.randn(2, 8)
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+        lowrank.lowrank_shrink(x, A, torch.ones(2))
+    with pytest.raises(RuntimeError, match="CUDA"):
+        lowrank.lowrank_expand_(torch.randn(4, 3), torch.randn(4, 2), torch.randn(3, 2))

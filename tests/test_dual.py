@@ -1,0 +1,105 @@
+"""Single-pass dual gradients equal the two-pass result (SPEC §4)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from reference import randomize_adapters
+from tiny_models import FAMILIES, tiny_batch, tiny_model
+
+from muscle_fast import patch_model
+from muscle_fast.dual import dual_gradients, trainable_params
+
+
+def _batches(family: str):
+    b = tiny_batch(family, batch=3, seq=7, seed=1)
+    b["labels"] = torch.tensor([0, 2, 1])
+    r = tiny_batch(family, batch=4, seq=5, seed=2)  # other length: the single pass pads
+    r["labels"] = torch.tensor([1, 1, 0, 2])
+    return b, r
+
+
+def _model(family: str):
+    model = tiny_model(family)
+    patch_model(model)
+    randomize_adapters(model)
+    return model
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_single_pass_equals_two_pass(family):
+    model = _model(family).train()
+    b, r = _batches(family)
+    params = trainable_params(model)
+    loss2, ref2, c2 = dual_gradients(model, b, r, single_pass=False)
+    g2 = [p.grad.clone() for p in params]
+    loss1, ref1, c1 = dual_gradients(model, b, r, single_pass=True)
+    g1 = [p.grad.clone() for p in params]
+    assert model.training
+    torch.testing.assert_close(loss1, loss2, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ref1, ref2, rtol=1e-5, atol=1e-6)
+    for i, p in enumerate(params):
+        scale = max(g2[i].abs().max().item(), c2[i].abs().max().item(), 1e-6)
+        torch.testing.assert_close(g1[i], g2[i], rtol=1e-4, atol=1e-5 * scale)
+        torch.testing.assert_close(c1[i], c2[i], rtol=1e-4, atol=1e-5 * scale)
+        assert c1[i].shape == p.shape and float(c1[i].abs().sum()) > 0
+    # and the training gradient is the plain gradient of the training loss
+    model.zero_grad()
+    logits = model(**{k: v for k, v in b.items() if k != "labels"}).logits
+    torch.nn.functional.cross_entropy(logits, b["labels"]).backward()
+    for p, g in zip(params, g1, strict=True):
+        torch.testing.assert_close(p.grad, g, rtol=1e-4, atol=1e-6)
+
+
+def test_mode_is_left_alone():
+    model = _model("bert").eval()
+    b, r = _batches("bert")
+    dual_gradients(model, b, r)
+    assert not model.training
+
+
+def test_falls_back_to_two_passes_when_a_param_is_outside(caplog):
+    model = _model("bert")
+    model.classifier.weight.requires_grad_(True)
+    b, r = _batches("bert")
+    with caplog.at_level("INFO", logger="muscle_fast"):
+        _, _, c = dual_gradients(model, b, r)
+    assert "two passes" in caplog.text
+    params = trainable_params(model)
+    idx = next(i for i, p in enumerate(params) if p is model.classifier.weight)
+    assert len(c) == len(params) and c[idx] is not None and c[idx].shape == (3, 48)
+    with pytest.raises(ValueError, match="single_pass=True needs"):
+        dual_gradients(model, b, r, single_pass=True)
+
+
+def test_accumulate_adds():
+    model = _model("llama")
+    b, r = _batches("llama")
+    dual_gradients(model, b, r)
+    g = [p.grad.clone() for p in trainable_params(model)]
+    dual_gradients(model, b, r, accumulate=True)
+    for p, g0 in zip(trainable_params(model), g, strict=True):
+        torch.testing.assert_close(p.grad, 2 * g0)
+
+
+@pytest.mark.parametrize(
+    "labels, match",
+    [
+        (torch.tensor([0, 3, 1, 1]), r"reference labels must be in \[0, 3\), got values in \[0, 3\]"),
+        (torch.tensor([-1, 0, 1, 1]), r"reference labels must be in \[0, 3\)"),
+    ],
+)
+def test_bad_reference_labels(labels, match):
+    model = _model("bert")
+    b, r = _batches("bert")
+    r["labels"] = labels
+    with pytest.raises(ValueError, match=match):
+        dual_gradients(model, b, r)
+
+
+def test_empty_reference_batch():
+    model = _model("bert")
+    b, r = _batches("bert")
+    r = {k: v[:0] for k, v in r.items()}
+    with pytest.raises(ValueError, match="reference batch is empty"):
+        dual_gradients(model, b, r)

@@ -1,0 +1,257 @@
+"""NF4/FP4 dequantization: Triton kernel vs pure-torch reference vs bitsandbytes, bit for bit.
+
+Without CUDA the kernel runs in Triton's interpreter (tests/conftest.py), so tensors stay small.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from muscle_fast.nf4 import SUPPORTED_BLOCKSIZES, dequantize_4bit, dequantize_4bit_ref, get_4bit_code
+
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+NF4 = get_4bit_code("nf4")
+
+
+def _state(
+    shape: tuple[int, ...],
+    blocksize: int,
+    quant_type: str = "nf4",
+    nested: bool = False,
+    dtype: torch.dtype = torch.float32,
+    device: str = "cpu",
+    seed: int = 0,
+) -> tuple[torch.Tensor, SimpleNamespace]:
+    """A random packed tensor and a hand-built QuantState (no bitsandbytes needed)."""
+    g = torch.Generator().manual_seed(seed)
+    numel = 1
+    for s in shape:
+        numel *= s
+    n_bytes, n_blocks = (numel + 1) // 2, -(-numel // blocksize)
+    packed = torch.randint(0, 256, (n_bytes, 1), generator=g, dtype=torch.uint8)
+    state2, offset = None, None
+    if nested:
+        absmax = torch.randint(0, 256, (n_blocks,), generator=g, dtype=torch.uint8)
+        code2 = torch.sort(torch.rand(256, generator=g) * 2 - 1).values
+        n2 = -(-n_blocks // 256)
+        absmax2 = torch.rand(n2, generator=g) * 3 + 0.1
+        state2 = SimpleNamespace(
+            absmax=absmax2.to(device), code=code2.to(device), blocksize=256, dtype=torch.float32, state2=None
+        )
+        offset = (torch.rand((), generator=g) + 0.5).to(device)
+    else:
+        absmax = torch.rand(n_blocks, generator=g) * 4 + 1e-3
+    qs = SimpleNamespace(
+        absmax=absmax.to(device),
+        shape=torch.Size(shape),
+        code=get_4bit_code(quant_type, device),
+        blocksize=blocksize,
+        quant_type=quant_type,
+        dtype=dtype,
+        offset=offset,
+        state2=state2,
+    )
+    return packed.to(device), qs
+
+
+# --------------------------------------------------------------------------- reference-only tests
+
+
+@pytest.mark.parametrize("blocksize", SUPPORTED_BLOCKSIZES)
+@pytest.mark.parametrize("nested", [False, True], ids=["fp32absmax", "nested"])
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_kernel_matches_reference(device: str, blocksize: int, nested: bool, quant_type: str) -> None:
+    # 67 x 131 = 8777 values: odd, a partial last block for every blocksize, several programs.
+    packed, qs = _state((67, 131), blocksize, quant_type, nested, device=device, seed=blocksize)
+    for dtype in DTYPES:
+        got = dequantize_4bit(packed, qs, dtype=dtype)
+        want = dequantize_4bit_ref(packed, qs, dtype=dtype)
+        assert got.shape == (67, 131) and got.dtype == dtype and got.device.type == torch.device(device).type
+        assert torch.equal(got, want), (blocksize, nested, quant_type, dtype)
+
+
+@pytest.mark.parametrize("shape", [(1, 64), (3, 5), (7,), (2, 3, 33), (1,), (4, 1024)])
+def test_shapes(device: str, shape: tuple[int, ...]) -> None:
+    for nested in (False, True):
+        packed, qs = _state(shape, 64, nested=nested, dtype=torch.bfloat16, device=device)
+        got = dequantize_4bit(packed, qs)
+        assert got.shape == shape
+        assert torch.equal(got, dequantize_4bit_ref(packed, qs))
+
+
+def test_known_bytes_high_nibble_first(device: str) -> None:
+    # 0x1F -> (code[1], code[15]); 0xF1 -> (code[15], code[1]); 0x70 -> (code[7], code[0]).
+    packed = torch.tensor([[0x1F], [0xF1], [0x70]], dtype=torch.uint8, device=device)
+    for absmax, name in ((1.0, "unit"), (2.5, "scaled")):
+        qs = SimpleNamespace(
+            absmax=torch.tensor([absmax], device=device),
+            shape=torch.Size([1, 6]),
+            code=None,  # falls back to the built-in NF4 table
+            blocksize=64,
+            quant_type="nf4",
+            dtype=torch.float32,
+            offset=None,
+            state2=None,
+        )
+        c = NF4.tolist()
+        want = torch.tensor([[c[1], c[15], c[15], c[1], c[7], c[0]]], device=device) * absmax
+        for fn in (dequantize_4bit, dequantize_4bit_ref):
+            assert torch.equal(fn(packed, qs), want), (fn.__name__, name)
+    assert c[1] == pytest.approx(-0.6961928009986877) and c[15] == 1.0
+
+
+def test_bf16_rounds_to_nearest_even(device: str) -> None:
+    # code[15] = 1.0, so value = absmax exactly; pick absmax on bf16 rounding ties and near-ties.
+    ties = [1 + 2**-8, 1 + 3 * 2**-8, -(1 + 2**-8), 1 + 2**-8 + 2**-20, 3 * 2**-126, 1e38]
+    n = len(ties)
+    packed = torch.full((n * 32, 1), 0xFF, dtype=torch.uint8, device=device)
+    qs = SimpleNamespace(
+        absmax=torch.tensor(ties, dtype=torch.float32, device=device).abs(),
+        shape=torch.Size([n, 64]),
+        code=None,
+        blocksize=64,
+        quant_type="nf4",
+        dtype=torch.bfloat16,
+        offset=None,
+        state2=None,
+    )
+    got = dequantize_4bit(packed, qs)
+    want = qs.absmax.view(n, 1).expand(n, 64).to(torch.bfloat16)
+    assert torch.equal(got, want)
+    assert got[0, 0].item() == 1.0 and got[1, 0].item() == 1 + 4 * 2**-8  # ties go to even
+
+
+def test_out_buffer_reuse_and_dtype_override(device: str) -> None:
+    out = torch.empty(67, 131, dtype=torch.bfloat16, device=device)
+    for seed in (1, 2):
+        packed, qs = _state((67, 131), 64, nested=seed == 2, dtype=torch.float16, device=device, seed=seed)
+        res = dequantize_4bit(packed, qs, dtype=torch.bfloat16, out=out)
+        assert res is out
+        assert torch.equal(out, dequantize_4bit_ref(packed, qs, dtype=torch.bfloat16))
+    ref_out = torch.empty_like(out)
+    assert dequantize_4bit_ref(packed, qs, dtype=torch.bfloat16, out=ref_out) is ref_out
+    assert torch.equal(ref_out, out)
+
+
+def test_packed_storage_layouts(device: str) -> None:
+    packed, qs = _state((8, 64), 64, device=device)
+    want = dequantize_4bit_ref(packed, qs)
+    assert torch.equal(dequantize_4bit(packed.view(-1), qs), want)  # flat
+    assert torch.equal(dequantize_4bit(packed.view(-1).view(torch.bfloat16).view(-1, 1), qs), want)  # storage
+    # bitsandbytes' back-compat shim: packed weight given transposed as [1, n/2] -> output transposed.
+    assert torch.equal(dequantize_4bit(packed.view(1, -1), qs), want.t())
+
+
+def test_unusual_nested_state_decoded_in_torch(device: str) -> None:
+    # state2.dtype fp16: absmax is decoded (and rounded) in fp16 first, as bitsandbytes does.
+    packed, qs = _state((5, 200), 32, nested=True, device=device)
+    qs.state2.dtype = torch.float16
+    got = dequantize_4bit(packed, qs)
+    assert torch.equal(got, dequantize_4bit_ref(packed, qs))
+    qs.state2.dtype = torch.float32
+    assert not torch.equal(got, dequantize_4bit(packed, qs))
+
+
+def test_empty(device: str) -> None:
+    packed, qs = _state((0, 64), 64, device=device)
+    assert dequantize_4bit(packed, qs).shape == (0, 64)
+
+
+def test_cpu_without_interpreter_is_reference(monkeypatch: pytest.MonkeyPatch) -> None:
+    from muscle_fast.kernels import _common
+
+    monkeypatch.setattr(_common, "INTERPRET", False)
+    packed, qs = _state((9, 33), 32, nested=True, dtype=torch.bfloat16)
+    assert torch.equal(dequantize_4bit(packed, qs), dequantize_4bit_ref(packed, qs))
+
+
+def test_errors(device: str) -> None:
+    packed, qs = _state((4, 64), 64, device=device)
+    for fn in (dequantize_4bit, dequantize_4bit_ref):
+        with pytest.raises(ValueError, match="quant_state.quant_type"):
+            fn(packed, SimpleNamespace(**{**vars(qs), "quant_type": "int4"}))
+        with pytest.raises(ValueError, match="quant_state.blocksize"):
+            fn(packed, SimpleNamespace(**{**vars(qs), "blocksize": 96}))
+        with pytest.raises(ValueError, match="packed A has 127 bytes"):
+            fn(packed[:-1], qs)
+        with pytest.raises(ValueError, match=r"quant_state.absmax has 3 entries, expected 4"):
+            fn(packed, SimpleNamespace(**{**vars(qs), "absmax": qs.absmax[:3]}))
+        with pytest.raises(ValueError, match="out.shape"):
+            fn(packed, qs, out=torch.empty(64, 4, device=device))
+        with pytest.raises(ValueError, match="out.dtype"):
+            fn(packed, qs, out=torch.empty(4, 64, dtype=torch.float16, device=device))
+        with pytest.raises(ValueError, match="contiguous"):
+            fn(packed, qs, out=torch.empty(64, 4, device=device).t())
+        with pytest.raises(ValueError, match="quant_state.dtype"):
+            fn(packed, SimpleNamespace(**{**vars(qs), "dtype": torch.int8}))
+        with pytest.raises(TypeError, match="absmax"):
+            fn(packed, qs, qs.absmax)  # bitsandbytes-style positional absmax
+    _, nqs = _state((4, 64), 64, nested=True, device=device)
+    with pytest.raises(ValueError, match="quant_state.offset"):
+        dequantize_4bit(packed, SimpleNamespace(**{**vars(nqs), "offset": None}))
+
+
+# --------------------------------------------------------------------------- against bitsandbytes
+
+
+def _bnb():
+    return pytest.importorskip("bitsandbytes.functional")
+
+
+def _eager() -> contextlib.AbstractContextManager:
+    # bitsandbytes' CPU fallback is torch.compile'd; recompiling per dtype/shape costs seconds.
+    set_stance = getattr(torch.compiler, "set_stance", None)
+    return set_stance("force_eager") if set_stance is not None else contextlib.nullcontext()
+
+
+def _bnb_shapes(device: str) -> list[tuple[int, int]]:
+    # bitsandbytes 0.50's native CPU dequant indexes blocks per row, which disagrees with its own
+    # (flat) quantizer when an even last dim is not a multiple of blocksize; odd last dims take its
+    # flat torch fallback. Keep to shapes where bitsandbytes is self-consistent on the CPU.
+    return [(67, 131), (1, 64), (2, 4096)]
+
+
+def test_bnb_code_tables_and_nibble_order() -> None:
+    F = _bnb()
+    for qt in ("nf4", "fp4"):
+        assert torch.equal(get_4bit_code(qt), F.get_4bit_type(qt, device="cpu"))
+    # bitsandbytes' quantizer puts the first value in the high nibble.
+    q, _ = F.quantize_4bit(torch.tensor([NF4[1].item(), 1.0]), blocksize=64, quant_type="nf4")
+    assert q.view(-1).tolist() == [0x1F]
+
+
+@pytest.mark.parametrize("blocksize", SUPPORTED_BLOCKSIZES)
+@pytest.mark.parametrize("nested", [False, True], ids=["fp32absmax", "nested"])
+def test_matches_bitsandbytes(device: str, blocksize: int, nested: bool) -> None:
+    F = _bnb()
+    quant_types = ("nf4", "fp4") if blocksize == 64 else ("nf4",)
+    for shape in _bnb_shapes(device):
+        for qt in quant_types:
+            x = torch.randn(shape, device=device) * 2
+            q, qs = F.quantize_4bit(x, blocksize=blocksize, compress_statistics=nested, quant_type=qt)
+            assert qs.nested == nested
+            for dtype in DTYPES:
+                qs.dtype = dtype
+                with _eager():
+                    want = F.dequantize_4bit(q, qs).reshape(shape)  # bnb's CPU path returns (1, n) for 1-D
+                got = dequantize_4bit(q, qs)
+                assert torch.equal(dequantize_4bit_ref(q, qs), want), (shape, qt, dtype)
+                assert torch.equal(got, want), (shape, qt, dtype)
+
+
+def test_matches_bitsandbytes_out_and_transposed(device: str) -> None:
+    F = _bnb()
+    x = torch.randn(64, 64, device=device, dtype=torch.bfloat16)
+    q, qs = F.quantize_4bit(x, blocksize=64, compress_statistics=True, quant_type="nf4")
+    with _eager():
+        # bitsandbytes' CPU backend has no dequantize_4bit.out kernel.
+        want = F.dequantize_4bit(q, qs, out=torch.empty_like(x) if device == "cuda" else None)
+        want_t = F.dequantize_4bit(q.view(1, -1), qs)
+    out = torch.empty_like(x)
+    assert dequantize_4bit(q, qs, out=out) is out and torch.equal(out, want)
+    assert torch.equal(dequantize_4bit(q.view(1, -1), qs), want_t)
+    assert (x.float() - out.float()).abs().max() < 0.5 * x.float().abs().max()  # it is a real round trip

@@ -1,0 +1,122 @@
+"""The training loop: it learns, selects on dev, and a killed run resumes to the same state."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from tiny_models import tiny_model
+
+from muscle_fast import patch_model
+from muscle_fast.train import TrainConfig, accuracy, train_muscle
+
+WORDS = [f"w{i}" for i in range(40)]
+
+
+class WordTokenizer:
+    """A deterministic whitespace tokenizer with the HF call signature (ids 3..)."""
+
+    pad_token_id = 0
+
+    def __call__(self, texts, padding=True, truncation=True, max_length=32, return_tensors="pt"):
+        ids = [[3 + WORDS.index(w) for w in t.split()][:max_length] for t in texts]
+        n = max(len(x) for x in ids)
+        input_ids = torch.tensor([x + [0] * (n - len(x)) for x in ids])
+        mask = torch.tensor([[1] * len(x) + [0] * (n - len(x)) for x in ids])
+        return {"input_ids": input_ids, "attention_mask": mask}
+
+
+def make_rows(n: int, seed: int):
+    """Label 1 iff the sentence contains a word from the first half of the vocabulary more often."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        words = [rng.choice(WORDS) for _ in range(rng.randint(3, 9))]
+        lab = int(sum(WORDS.index(w) < 20 for w in words) * 2 > len(words))
+        rows.append((" ".join(words), lab))
+    return rows
+
+
+def _model(family="bert"):
+    model = tiny_model(family, num_labels=2)
+    patch_model(model)
+    return model
+
+
+def _cfg(**kw):
+    base = dict(
+        lr=5e-3,
+        epochs=2,
+        batch_size=8,
+        eval_batch_size=16,
+        max_length=16,
+        seed=3,
+        min_ref_loss=0.4,
+        max_raw_grad_ratio=0.1,
+        ga_epoch=1,
+        progress=False,
+    )
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def test_trains_and_selects_best_epoch():
+    model = _model()
+    tok = WordTokenizer()
+    train, ref, dev = make_rows(96, 0), make_rows(24, 1), make_rows(48, 2)
+    before = accuracy(model, tok, dev)
+    res = train_muscle(
+        model, tok, train, ref, dev, _cfg(epochs=3, align=False), eval_sets={"dev_poison": dev[:8]}
+    )
+    assert len(res.history) == 3 and {"epoch", "train_loss", "dev_acc", "dev_poison"} <= set(res.history[0])
+    assert res.best_dev_acc == max(h["dev_acc"] for h in res.history)
+    assert res.history[res.best_epoch - 1]["dev_acc"] == res.best_dev_acc
+    assert accuracy(model, tok, dev) == pytest.approx(res.best_dev_acc)  # best state loaded back
+    assert res.history[-1]["train_loss"] < res.history[0]["train_loss"]
+    assert res.best_dev_acc >= before
+
+
+@pytest.mark.parametrize("family", ["bert", "llama"])
+def test_resume_after_kill_reaches_the_same_state(tmp_path, family):
+    tok = WordTokenizer()
+    train, ref, dev = make_rows(40, 0), make_rows(16, 1), make_rows(16, 2)
+    cfg = _cfg(checkpoint_every=2, min_ref_loss=0.0)
+    full = _model(family)
+    res_full = train_muscle(full, tok, train, ref, dev, cfg)
+    killed = _model(family)
+    cfg_k = _cfg(checkpoint_every=2, min_ref_loss=0.0, checkpoint_dir=str(tmp_path / "ck"))
+    train_muscle(killed, tok, train, ref, dev, cfg_k, stop_after_steps=7)  # mid epoch 2 (5 steps/epoch)
+    resumed = _model(family)
+    res = train_muscle(resumed, tok, train, ref, dev, cfg_k)
+    assert [h["dev_acc"] for h in res.history] == [h["dev_acc"] for h in res_full.history]
+    for (n, p), (_, q) in zip(resumed.named_parameters(), full.named_parameters(), strict=True):
+        assert torch.equal(p, q), n
+
+
+def test_alignment_changes_the_update():
+    tok = WordTokenizer()
+    train, ref, dev = make_rows(32, 0), make_rows(16, 1), make_rows(16, 2)
+    a, b = _model(), _model()
+    train_muscle(a, tok, train, ref, dev, _cfg(epochs=1, align=True, min_ref_loss=0.0))
+    train_muscle(b, tok, train, ref, dev, _cfg(epochs=1, align=False))
+    diffs = [float((p - q).detach().abs().max()) for p, q in zip(a.parameters(), b.parameters(), strict=True)]
+    assert max(diffs) > 0
+
+
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        (dict(train_rows=[]), "training set is empty"),
+        (dict(dev_rows=[]), "dev set is empty"),
+        (dict(ref_rows=[]), "non-empty reference set"),
+        (dict(ref_rows=[("w1 w2", 5)]), r"ref_rows has labels outside \[0, 2\): \[5\]"),
+    ],
+)
+def test_bad_input(kw, match):
+    args = dict(train_rows=make_rows(8, 0), ref_rows=make_rows(4, 1), dev_rows=make_rows(4, 2))
+    args.update(kw)
+    with pytest.raises(ValueError, match=match):
+        train_muscle(
+            _model(), WordTokenizer(), args["train_rows"], args["ref_rows"], args["dev_rows"], _cfg()
+        )
