@@ -1,0 +1,140 @@
+"""The multi-scale low-rank linear against the peers users would pick instead.
+
+Peers, same shapes, same run: the frozen base alone (cuBLAS / MKL: F.linear forward and dX only),
+peft's LoRA Linear, an ``addmm_``-in-place autograd function (the technique fast LoRA trainers
+use), our torch path, and ours with the Triton kernels (CUDA). Modes: forward, backward,
+forward+backward (with dX), and peak memory on CUDA.
+
+    pytest benchmarks/bench_lowrank.py --benchmark-json=lowrank.json
+    python benchmarks/summarize.py lowrank.json     # the ratios the issue targets
+
+On the CPU it runs the issue's CPU shape (M=4096, K=N=1024, R=16, fp32, 2 threads); on CUDA the
+Llama-sized shapes (M=8192 tokens, bf16).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import pytest
+import torch
+from torch import nn
+
+from muscle_fast import MuScleLinear
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+if CUDA:
+    SHAPES = [(8192, k, n, r) for (k, n) in ((4096, 4096), (4096, 11008), (11008, 4096)) for r in (8, 16, 64)]
+    DTYPE = torch.bfloat16
+else:
+    SHAPES = [(4096, 1024, 1024, 16)]
+    DTYPE = torch.float32
+    torch.set_num_threads(2)
+IMPLS = ["base", "peft", "addmm", "ours-torch"] + (["ours-triton"] if CUDA else [])
+MODES = ["fwd", "bwd", "fwdbwd"]
+
+
+class _AddmmLoRA(torch.autograd.Function):
+    """LoRA with in-place accumulation and no M x N temporaries (frozen W)."""
+
+    @staticmethod
+    def forward(ctx, x, W, A, B, s):
+        y = x @ W.t()
+        xa = x @ A.t()
+        y.addmm_(xa, B.t(), alpha=s)
+        ctx.save_for_backward(x, W, A, B, xa)
+        ctx.s = s
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, W, A, B, xa = ctx.saved_tensors
+        s = ctx.s
+        dyb = dy @ B
+        dB = (dy.t() @ xa).mul_(s)
+        dA = (dyb.t() @ x).mul_(s)
+        dx = dy @ W
+        dx.addmm_(dyb, A, alpha=s)
+        return dx, None, dA, dB, None
+
+
+def _make(impl: str, k: int, n: int, r: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    torch.manual_seed(0)
+    base = nn.Linear(k, n, bias=False, device=DEVICE, dtype=DTYPE).requires_grad_(False)
+    if impl == "base":
+        return base
+    if impl == "peft":
+        peft = pytest.importorskip("peft")
+        model = nn.Sequential()
+        model.add_module("lin", base)
+        pm = peft.get_peft_model(model, peft.LoraConfig(r=r, lora_alpha=2 * r, target_modules=["lin"]))
+        for name, p in pm.named_parameters():
+            if "lora_B" in name:
+                nn.init.normal_(p, std=0.02)
+        return pm
+    if impl == "addmm":
+        A = nn.Parameter(torch.randn(r, k, device=DEVICE, dtype=DTYPE) / math.sqrt(k))
+        B = nn.Parameter(torch.randn(n, r, device=DEVICE, dtype=DTYPE) * 0.02)
+        mod = nn.Module()
+        mod.A, mod.B = A, B
+        return lambda x: _AddmmLoRA.apply(x, base.weight, A, B, 2.0)
+    backend = "torch" if impl == "ours-torch" else "triton"
+    m = MuScleLinear(base, (1.0,), r, 2.0 * r, init_B="kaiming", backend=backend)
+    return m
+
+
+def _sync() -> None:
+    if CUDA:
+        torch.cuda.synchronize()
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"M{s[0]}-K{s[1]}-N{s[2]}-R{s[3]}")
+def test_lowrank(benchmark, shape, impl, mode):
+    m_, k, n, r = shape
+    layer = _make(impl, k, n, r)
+    x = torch.randn(m_, k, device=DEVICE, dtype=DTYPE, requires_grad=True)
+    gy = torch.randn(m_, n, device=DEVICE, dtype=DTYPE)
+    benchmark.extra_info.update(dict(M=m_, K=k, N=n, R=r, impl=impl, mode=mode, dtype=str(DTYPE), device=DEVICE,
+                                     threads=torch.get_num_threads()))
+    if CUDA:
+        benchmark.extra_info["gpu"] = torch.cuda.get_device_name()
+
+    def fwd():
+        with torch.no_grad():
+            layer(x)
+        _sync()
+
+    def fwdbwd():
+        y = layer(x)
+        y.backward(gy)
+        x.grad = None
+        _sync()
+
+    def setup_bwd():
+        x.grad = None
+        y = layer(x)
+        _sync()
+        return (y,), {}
+
+    def bwd(y):
+        y.backward(gy)
+        _sync()
+
+    for _ in range(2):  # warm-up: autotune and allocator
+        fwdbwd()
+    if CUDA:
+        torch.cuda.reset_peak_memory_stats()
+        base_mem = torch.cuda.memory_allocated()
+    rounds = 10 if CUDA else 5
+    if mode == "fwd":
+        benchmark.pedantic(fwd, rounds=rounds, iterations=1)
+    elif mode == "bwd":
+        benchmark.pedantic(bwd, setup=setup_bwd, rounds=rounds, iterations=1)
+    else:
+        benchmark.pedantic(fwdbwd, rounds=rounds, iterations=1)
+    if CUDA:
+        benchmark.extra_info["peak_mem_bytes"] = torch.cuda.max_memory_allocated() - base_mem

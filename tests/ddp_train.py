@@ -1,0 +1,38 @@
+"""Worker for test_ddp.py: train a tiny MuScleLoRA BERT, under torchrun (DDP, gloo) or alone."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, os.path.dirname(__file__))
+from test_train import WordTokenizer, make_rows  # noqa: E402
+from tiny_models import tiny_model  # noqa: E402
+
+from muscle_fast import patch_model  # noqa: E402
+from muscle_fast.train import TrainConfig, train_muscle  # noqa: E402
+
+
+def main(out: str, batch_size: int) -> None:
+    distributed = "RANK" in os.environ
+    if distributed:
+        dist.init_process_group("gloo")
+    torch.set_num_threads(1)
+    model = tiny_model("bert", num_labels=2)
+    patch_model(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    wrapped = torch.nn.parallel.DistributedDataParallel(model) if distributed else model
+    cfg = TrainConfig(lr=5e-3, epochs=2, batch_size=batch_size, eval_batch_size=16, max_length=16, seed=3,
+                      min_ref_loss=0.0, max_raw_grad_ratio=0.1, ga_epoch=1, progress=False)
+    train_muscle(wrapped, WordTokenizer(), make_rows(48, 0), make_rows(16, 1), make_rows(16, 2), cfg)
+    if not distributed or dist.get_rank() == 0:
+        torch.save([p.detach().clone() for p in params], out)
+    if distributed:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], int(sys.argv[2]))
