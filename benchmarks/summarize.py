@@ -49,8 +49,10 @@ def main() -> None:
     cols = [c for c in rows[0] if c not in ("seconds",)]
     print(" | ".join(cols + ["ms"]))
     for r in rows:
-        print(" | ".join(f"{r[c]:.3f}" if isinstance(r[c], float) else str(r[c]) for c in cols)
-              + f" | {1e3 * r['seconds']:.2f}")
+        print(
+            " | ".join(f"{r[c]:.3f}" if isinstance(r[c], float) else str(r[c]) for c in cols)
+            + f" | {1e3 * r['seconds']:.2f}"
+        )
 
 
 if __name__ == "__main__":

@@ -32,5 +32,8 @@ for t in $TOPICS; do
   timeout 150 python3 -m pytest -q -p no:cacheprovider "$f" --benchmark-json="$OUT/bench_$t.json" \
     --benchmark-columns=median,min,rounds 2>&1 | tail -n 5
 done
-python3 benchmarks/summarize.py "$OUT/bench_lowrank.json" >"$OUT/summary.txt" 2>&1 || true
+{
+  python3 benchmarks/summarize.py "$OUT/bench_lowrank.json" --baseline base
+  python3 benchmarks/summarize.py "$OUT/bench_step.json" --baseline paper
+} >"$OUT/summary.txt" 2>&1
 cat "$OUT/summary.txt"
