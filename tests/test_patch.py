@@ -7,7 +7,15 @@ import json
 import pytest
 import torch
 from reference import randomize_adapters, reference_model
-from tiny_models import FAMILIES, LLAMA_4BIT, quantize_linears_4bit, tiny_batch, tiny_config, tiny_model
+from tiny_models import (
+    FAMILIES,
+    LLAMA_4BIT,
+    exact_cpu_4bit,
+    quantize_linears_4bit,
+    tiny_batch,
+    tiny_config,
+    tiny_model,
+)
 from torch import nn
 
 from muscle_fast import (
@@ -323,3 +331,55 @@ def test_config_json_round_trip():
     assert again == cfg
     with pytest.raises(ValueError, match="unknown field"):
         MuScleConfig.from_dict({**cfg.to_dict(), "lora_rank": 3})
+
+
+def test_from_pretrained_bitsandbytes_4bit(tmp_path, device):
+    """The user's path: from_pretrained(..., BitsAndBytesConfig(load_in_4bit)) on a saved checkpoint."""
+    pytest.importorskip("bitsandbytes")
+    from transformers import AutoModelForSequenceClassification, BitsAndBytesConfig
+
+    tiny_model("llama", **LLAMA_4BIT).save_pretrained(tmp_path / "ckpt")
+    qcfg = BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32
+    )
+    model = AutoModelForSequenceClassification.from_pretrained(
+        tmp_path / "ckpt", quantization_config=qcfg, device_map=device
+    )
+    exact_cpu_4bit(model)
+    patch_model(model)
+    randomize_adapters(model)
+    assert all(
+        m.kind == "4bit"
+        for n, m in model.named_modules()
+        if isinstance(m, MuScleLinear) and n.endswith(("q_proj", "v_proj"))
+    )
+    batch = {k: v.to(device) for k, v in tiny_batch("llama").items()}
+    ref = reference_model(model).to(device)
+    torch.testing.assert_close(_logits(model, batch).double(), _logits(ref, batch), rtol=1e-5, atol=1e-5)
+    model.train()
+    model(**batch, labels=LABELS.to(device)).loss.backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+def test_4bit_weight_repacked_by_bnb_cpu_inference_still_dequantizes():
+    """bnb's CPU eval shortcut repacks weights in place; a layer patched after that must still be right."""
+    pytest.importorskip("bitsandbytes")
+    model = quantize_linears_4bit(tiny_model("llama", **LLAMA_4BIT))
+    q = model.model.layers[0].self_attn.q_proj
+    q.support_avx512bf16_for_cpu = True  # force the shortcut whatever this CPU supports
+    from bitsandbytes.nn.modules import _convert_weight_packed_for_cpu
+
+    want = dequantize(q)
+    q.weight.data, q.weight.quant_state = _convert_weight_packed_for_cpu(q.weight.data, q.weight.quant_state)
+    patch_model(model)
+    from muscle_fast.ops.lowrank import base_weight
+
+    got = base_weight(model.model.layers[0].self_attn.q_proj.base, "4bit", torch.float32)
+    # bnb's repacking keeps absmax at reduced precision (its inverse is "best effort"): agree to that
+    torch.testing.assert_close(got, want, rtol=8e-3, atol=1e-3 * want.abs().max().item())
+
+
+def dequantize(layer):
+    from muscle_fast.nf4 import dequantize_4bit
+
+    return dequantize_4bit(layer.weight.data, layer.weight.quant_state)

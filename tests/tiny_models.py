@@ -105,8 +105,14 @@ def quantize_linears_4bit(model, skip: tuple[str, ...] = ("score", "classifier")
         if lin.bias is not None:
             q.bias = torch.nn.Parameter(lin.bias.data.clone(), requires_grad=False)
         q = q.to(lin.weight.device)
-        # bnb's CPU inference shortcut repacks the weight and runs a bf16 GEMM: keep the exact path in tests
-        q.support_avx512bf16_for_cpu = False
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, q)
+    return exact_cpu_4bit(model)
+
+
+def exact_cpu_4bit(model):
+    """bnb's CPU inference shortcut repacks 4-bit weights and runs a bf16 GEMM: keep the exact path."""
+    for m in model.modules():
+        if hasattr(m, "support_avx512bf16_for_cpu"):
+            m.support_avx512bf16_for_cpu = False
     return model

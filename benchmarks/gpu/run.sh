@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # One command for the lent GPU machine: the test suite on CUDA, then the benchmarks, results in $OUT.
 # Sized to finish in about 8 minutes on an H100. Usage (device tool, from the repo root):
-#   bash benchmarks/gpu/run.sh            # TOPICS="lowrank align nf4 fourier step" by default
+#   bash benchmarks/gpu/run.sh            # TOPICS="lowrank align nf4 qlora fourier step" by default
 # Carried wheels (bitsandbytes is not in the GPU image): put them in .whl/ and name .whl in carry.
 set -uo pipefail
 OUT=${OUT:-$PWD/out}
 mkdir -p "$OUT"
-TOPICS=${TOPICS:-"lowrank align nf4 fourier step"}
+TOPICS=${TOPICS:-"lowrank align nf4 qlora fourier step"}
 export PYTHONUNBUFFERED=1
 if compgen -G ".whl/*.whl" >/dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \

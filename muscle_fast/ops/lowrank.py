@@ -111,17 +111,38 @@ def base_weight(module: nn.Module, kind: str, dtype: torch.dtype) -> torch.Tenso
     elif kind == "conv1d":
         w = module.weight.t()
     elif kind == "4bit":
-        w = _dequantize_4bit(module)
+        return _dequantize_4bit(module, dtype)
     else:  # pragma: no cover - guarded by MuScleLinear
         raise TypeError(kind)
     return w if w.dtype == dtype else w.to(dtype)
 
 
-def _dequantize_4bit(module: nn.Module) -> torch.Tensor:
+_workspace: dict[tuple, torch.Tensor] = {}
+
+
+def _dequantize_4bit(module: nn.Module, dtype: torch.dtype) -> torch.Tensor:
+    """The dequantized weight, written into a workspace reused by every 4-bit layer of that shape.
+
+    Forward and backward use the weight at once and drop it, so one buffer per (shape, dtype,
+    device) serves all layers; nothing of size N x K stays alive between forward and backward.
+    """
     from muscle_fast.nf4 import dequantize_4bit  # Triton on CUDA, an exact torch path on the CPU
 
     w = module.weight
-    return dequantize_4bit(w.data, w.quant_state)
+    if getattr(w.quant_state, "packing_format_for_cpu", False):
+        # bitsandbytes' CPU inference path repacked this weight; restore the standard layout, as its
+        # own state_dict saving does
+        from bitsandbytes.nn.modules import _convert_weight_packed_for_cpu_inverse
+
+        w.data, w.quant_state = _convert_weight_packed_for_cpu_inverse(w.data, w.quant_state)
+    qs = w.quant_state
+    if w.device.type != "cuda":
+        return dequantize_4bit(w.data, qs, dtype=dtype)
+    key = (tuple(qs.shape), dtype, w.device)
+    buf = _workspace.get(key)
+    if buf is None:
+        buf = _workspace[key] = torch.empty(tuple(qs.shape), dtype=dtype, device=w.device)
+    return dequantize_4bit(w.data, qs, dtype=dtype, out=buf)
 
 
 # --------------------------------------------------------------------------------------------------
