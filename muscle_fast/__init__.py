@@ -1,25 +1,50 @@
 """muscle_fast: MuScleLoRA fine-tuning on possibly backdoor-poisoned data, with fused Triton kernels.
 
 ``patch_model(model)`` turns a Hugging Face model into a MuScleLoRA model (SPEC §2-3);
-adapters save and load through safetensors and export to peft.
+``dual_gradients`` + ``GradientAligner`` are the gradient alignment (SPEC §4); adapters
+save and load through safetensors and export to peft.
 """
 
+from typing import Any
+
 from .adapter import export_peft, load_adapter, merge_and_unload, save_adapter
+from .align import AlignStats, GradientAligner, align_loop_reference
 from .config import FAMILIES, MuScleConfig, family_defaults
+from .dual import dual_gradients
 from .layers import MuScleLinear
+from .nf4 import dequantize_4bit
 from .patch import DecoderScoreHead, patch_model
+from .train import TrainConfig, TrainResult, train_muscle
 
 __version__ = "0.1.0"
 
 __all__ = [
     "FAMILIES",
+    "AlignStats",
     "DecoderScoreHead",
+    "GradientAligner",
     "MuScleConfig",
     "MuScleLinear",
+    "MuScleTrainer",
+    "TrainConfig",
+    "TrainResult",
+    "align_loop_reference",
+    "dequantize_4bit",
+    "dual_gradients",
     "export_peft",
     "family_defaults",
     "load_adapter",
     "merge_and_unload",
     "patch_model",
     "save_adapter",
+    "train_muscle",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    # transformers' Trainer is heavy to import and needs accelerate: load it on first use only
+    if name == "MuScleTrainer":
+        from .trainer import MuScleTrainer
+
+        return MuScleTrainer
+    raise AttributeError(f"module 'muscle_fast' has no attribute {name!r}")
