@@ -25,8 +25,18 @@ def main(out: str, batch_size: int) -> None:
     patch_model(model)
     params = [p for p in model.parameters() if p.requires_grad]
     wrapped = torch.nn.parallel.DistributedDataParallel(model) if distributed else model
-    cfg = TrainConfig(lr=5e-3, epochs=2, batch_size=batch_size, eval_batch_size=16, max_length=16, seed=3,
-                      min_ref_loss=0.0, max_raw_grad_ratio=0.1, ga_epoch=1, progress=False)
+    cfg = TrainConfig(
+        lr=5e-3,
+        epochs=2,
+        batch_size=batch_size,
+        eval_batch_size=16,
+        max_length=16,
+        seed=3,
+        min_ref_loss=0.0,
+        max_raw_grad_ratio=0.1,
+        ga_epoch=1,
+        progress=False,
+    )
     train_muscle(wrapped, WordTokenizer(), make_rows(48, 0), make_rows(16, 1), make_rows(16, 2), cfg)
     if not distributed or dist.get_rank() == 0:
         torch.save([p.detach().clone() for p in params], out)

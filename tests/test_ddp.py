@@ -15,11 +15,27 @@ WORKER = Path(__file__).with_name("ddp_train.py")
 def test_two_ranks_equal_one_process_on_the_union(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     single, multi = tmp_path / "single.pt", tmp_path / "ddp.pt"
-    proc = subprocess.run([sys.executable, str(WORKER), str(single), "8"], env=env, capture_output=True,
-                          text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, str(WORKER), str(single), "8"], env=env, capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           str(WORKER), str(multi), "4"], env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            str(WORKER),
+            str(multi),
+            "4",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     a, b = torch.load(single), torch.load(multi)
     assert len(a) == len(b) > 0
