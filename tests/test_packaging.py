@@ -43,7 +43,8 @@ def test_wheel_contains_kernels(wheel):
     kernels = {Path(n).name for n in names if n.startswith("muscle_fast/kernels/")}
     expected = {p.name for p in (ROOT / "csrc_triton").glob("*.py")}
     assert expected and expected <= kernels, f"missing from the wheel: {sorted(expected - kernels)}"
-    assert "muscle_fast/ops/lowrank.py" in names
+    sources = {p.relative_to(ROOT).as_posix() for p in (ROOT / "muscle_fast").rglob("*.py")}
+    assert sources <= set(names), f"missing from the wheel: {sorted(sources - set(names))}"
     assert not any(n.startswith(("csrc_triton/", "tests/")) for n in names)
     entry = [n for n in names if n.endswith("entry_points.txt")]
     assert entry and "muscle-fast" in zipfile.ZipFile(wheel).read(entry[0]).decode()

