@@ -174,9 +174,9 @@ def effective_hparams(
     model: Any, method: str, preset: dict[str, Any], args: argparse.Namespace
 ) -> dict[str, Any]:
     """Hyperparameters of one method: family preset < preset file < its method section < flags."""
-    from .config import FAMILIES
+    from .config import model_family
 
-    fam = FAMILIES.get(getattr(getattr(model, "config", None), "model_type", None))
+    fam = model_family(model)
     out: dict[str, Any] = {"ref_samples": fam.ref_samples if fam else 96, "muscle_config": {}}
     for section in (
         {k: v for k, v in preset.items() if k != "methods"},

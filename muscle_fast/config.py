@@ -35,6 +35,21 @@ class FamilyDefaults:
     max_raw_grad_ratio: float = 0.1
     ga_epoch: int = 1
 
+    def align_kwargs(self) -> dict[str, Any]:
+        """The family's gradient-alignment settings, as GradientAligner / TrainConfig take them."""
+        return dict(
+            min_ref_loss=self.min_ref_loss, max_raw_grad_ratio=self.max_raw_grad_ratio, ga_epoch=self.ga_epoch
+        )
+
+    def train_kwargs(self) -> dict[str, Any]:
+        """The family's training defaults, as TrainConfig takes them."""
+        return dict(lr=self.lr, epochs=self.epochs, batch_size=self.batch_size, **self.align_kwargs())
+
+
+def model_family(model: Any) -> FamilyDefaults | None:
+    """The registry entry for ``model.config.model_type``, or None for an unknown family."""
+    return FAMILIES.get(str(getattr(getattr(model, "config", None), "model_type", None)))
+
 
 def _hidden(cfg: Any) -> int:
     return int(getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd", 0))

@@ -25,7 +25,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .adapter import atomic_write
-from .config import family_defaults
+from .config import model_family
 from .dual import default_loss, dual_gradients, trainable_params
 
 logger = logging.getLogger("muscle_fast")
@@ -64,20 +64,8 @@ class TrainConfig:
 
     @classmethod
     def for_model(cls, model: nn.Module, **overrides: Any) -> TrainConfig:
-        mt = getattr(getattr(model, "config", None), "model_type", None)
-        base: dict[str, Any] = {}
-        try:
-            fam = family_defaults(str(mt))
-            base = dict(
-                lr=fam.lr,
-                epochs=fam.epochs,
-                batch_size=fam.batch_size,
-                min_ref_loss=fam.min_ref_loss,
-                max_raw_grad_ratio=fam.max_raw_grad_ratio,
-                ga_epoch=fam.ga_epoch,
-            )
-        except ValueError:
-            pass
+        fam = model_family(model)
+        base: dict[str, Any] = fam.train_kwargs() if fam is not None else {}
         base.update(overrides)
         return cls(**base)
 

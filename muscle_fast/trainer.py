@@ -11,7 +11,7 @@ from torch import nn
 from torch.utils.data import DataLoader, RandomSampler
 from transformers import Trainer
 
-from .config import family_defaults
+from .config import model_family
 from .dual import default_loss, dual_gradients, trainable_params
 from .train import average_across_ranks
 
@@ -66,17 +66,8 @@ class MuScleTrainer(Trainer):
 
         core = self.accelerator.unwrap_model(model)
         self._params = trainable_params(core)
-        mt = getattr(getattr(core, "config", None), "model_type", None)
-        kw: dict[str, Any] = {}
-        try:
-            fam = family_defaults(str(mt))
-            kw = dict(
-                min_ref_loss=fam.min_ref_loss,
-                max_raw_grad_ratio=fam.max_raw_grad_ratio,
-                ga_epoch=fam.ga_epoch,
-            )
-        except ValueError:
-            pass
+        fam = model_family(core)
+        kw: dict[str, Any] = fam.align_kwargs() if fam is not None else {}
         kw.update(self.align_kwargs)
         self._aligner = GradientAligner(self._params, epochs=math.ceil(self.args.num_train_epochs), **kw)
 
