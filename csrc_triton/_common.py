@@ -19,6 +19,11 @@ def upcast_dot(*dtypes: torch.dtype) -> bool:
     return INTERPRET and any(d == torch.bfloat16 for d in dtypes)
 
 
+def kernels_run_on(device: torch.device) -> bool:
+    """Whether the Triton kernels can run on ``device`` (CUDA, or the CPU under the interpreter)."""
+    return device.type == "cuda" or (device.type == "cpu" and INTERPRET)
+
+
 def check_device(*tensors: torch.Tensor) -> None:
     """Raise a clear error when a kernel cannot run on these tensors."""
     for t in tensors:

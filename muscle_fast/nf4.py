@@ -18,6 +18,8 @@ from typing import Any
 
 import torch
 
+from muscle_fast.kernels._common import kernels_run_on
+
 __all__ = ["SUPPORTED_BLOCKSIZES", "dequantize_4bit", "dequantize_4bit_ref", "get_4bit_code"]
 
 #: Block sizes bitsandbytes accepts for ``quantize_4bit``/``dequantize_4bit``.
@@ -220,16 +222,6 @@ def dequantize_4bit_ref(
     return _finish(A, out)
 
 
-def _use_triton(device: torch.device) -> bool:
-    if device.type == "cuda":
-        return True
-    if device.type == "cpu":
-        from muscle_fast.kernels._common import INTERPRET  # torch-only import, no triton
-
-        return INTERPRET
-    return False
-
-
 def dequantize_4bit(
     A: torch.Tensor,
     quant_state: QuantStateLike,
@@ -244,7 +236,7 @@ def dequantize_4bit(
     reuse one buffer. Runs the Triton kernel on CUDA (and on CPU under ``TRITON_INTERPRET=1``);
     elsewhere the pure-torch path, which computes the very same fp32 products and is exact.
     """
-    if not _use_triton(A.device):
+    if not kernels_run_on(A.device):
         return dequantize_4bit_ref(A, quant_state, dtype, out)
     from muscle_fast.kernels.nf4 import dequantize_4bit_packed
 
