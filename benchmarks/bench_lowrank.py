@@ -149,7 +149,7 @@ def test_lowrank(benchmark, shape, impl, mode):
     if CUDA:
         torch.cuda.reset_peak_memory_stats()
         base_mem = torch.cuda.memory_allocated()
-    rounds = 10 if CUDA else 5
+    rounds = 10
     if mode == "fwd":
         benchmark.pedantic(fwd, rounds=rounds, iterations=1)
     elif mode == "bwd":
