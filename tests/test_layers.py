@@ -71,7 +71,9 @@ def _id(c) -> str:
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize(
+    "dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"]
+)
 @pytest.mark.parametrize("case", CASES, ids=_id)
 def test_forward_backward_matches_reference(case, dtype, backend, device):
     kind, lead, k, n, scales, r = case
