@@ -1,5 +1,6 @@
 """The ``muscle-fast`` command line: ``inspect`` a patched model, ``defend`` (train and compare
-defenses on poisoned data, SPEC §5) and ``eval`` a saved checkpoint.
+defenses on poisoned data, SPEC §5), ``eval`` a saved checkpoint and ``fourier`` (track the
+low/high-frequency errors of one method's training, SPEC §6).
 
 Heavy imports (torch, transformers, datasets, matplotlib) happen inside the commands so
 ``--help`` and argument errors stay instant. Every input error ends the process with a
@@ -607,6 +608,134 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------------------------- fourier
+
+
+def parse_deltas(spec: str | None) -> list[float] | None:
+    """Widths from a comma-separated list (None: chosen from the data), or SystemExit saying why."""
+    if spec is None:
+        return None
+    out: list[float] = []
+    for part in (s.strip() for s in spec.split(",")):
+        try:
+            v = float(part)
+        except ValueError:
+            raise SystemExit(f"muscle-fast: bad --deltas {spec!r}: {part!r} is not a number") from None
+        if not (v > 0 and v != float("inf")):
+            raise SystemExit(f"muscle-fast: bad --deltas {spec!r}: every width must be a positive number")
+        out.append(v)
+    if len({f"{v:g}" for v in out}) != len(out):
+        raise SystemExit(f"muscle-fast: bad --deltas {spec!r}: a width is repeated")
+    return out
+
+
+def cmd_fourier(args: argparse.Namespace) -> int:
+    """Train one method like ``defend`` does while a FourierTracker records dev-clean / dev-poison."""
+    methods = parse_methods(args.method)
+    if len(methods) != 1:
+        raise SystemExit(f"muscle-fast: fourier trains one method at a time, got {methods}")
+    method = methods[0]
+    deltas = parse_deltas(args.deltas)
+    for flag, v, least in (("--every", args.every, 1), ("--samples", args.samples, 2)):
+        if v < least:
+            raise SystemExit(f"muscle-fast: {flag} must be >= {least}, got {v}")
+    preset = load_preset(args.config)
+    seed = args.seed if args.seed is not None else preset.get("seed", 42)
+    device = _device(args.device)
+    sets = _load_sets(args, args.attacks, seed)  # data errors before the (slow) model loads
+    if len(sets) != 1:
+        raise SystemExit(
+            "muscle-fast: fourier analyses one attack at a time; pass --attacks with one of "
+            f"{[ds.attack for ds in sets]}"
+        )
+    ds = sets[0]
+
+    import torch
+
+    from .analysis.tracking import FourierTracker
+    from .backdoor.metrics import evaluate_backdoor
+    from .patch import patch_model
+    from .train import config_dict, train_muscle
+
+    model_name = args.model or default_model()
+    model, tok = BaseModels(model_name, seed).get(ds.num_labels)  # the head defend would start from
+    torch.manual_seed(seed)
+    try:
+        pcfg, tcfg, hp = method_configs(model, method, preset, args)
+    except (ValueError, TypeError) as e:
+        raise SystemExit(f"muscle-fast: method {method}: {_one_line(e)}") from None
+    if pcfg is not None:
+        patch_model(model, pcfg)
+    model.to(device)
+    ref = random.Random(f"{seed}:ref").sample(ds.dev_clean, min(hp["ref_samples"], len(ds.dev_clean)))
+    tracker = FourierTracker(
+        tok,
+        {"dev_clean": ds.dev_clean, "dev_poison": ds.dev_poison},
+        deltas=deltas,
+        every=args.every,
+        max_length=tcfg.max_length,
+        max_samples=args.samples,
+        batch_size=tcfg.eval_batch_size,
+        seed=seed,
+    )
+    spec = METHODS[method]
+    tracker.meta.update(
+        {
+            "dataset": ds.dataset,
+            "attack": ds.attack,
+            "method": method,
+            "method_doc": spec.doc,
+            "model": model_name,
+            "train": config_dict(tcfg),
+            "muscle_config": pcfg.to_dict() if pcfg is not None else None,
+            "data_dir": str(Path(args.data_dir).resolve()) if args.data_dir else None,
+            "rows": ds.summary(),
+            "complete": False,
+        }
+    )
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    json_path = out / "fourier.json"
+
+    def step(global_step: int, m: Any) -> None:
+        if tracker(global_step, m):
+            tracker.to_json(json_path)  # partial series survive an interrupted run
+
+    logging.getLogger("muscle_fast").info(
+        f"muscle-fast: fourier {ds.dataset}/{ds.attack} {method} ({spec.doc}): {len(ds.train)} train rows, "
+        f"{tcfg.epochs} epochs; tracking "
+        + ", ".join(f"{len(tracker.sample(n))} {n} rows" for n in tracker.set_names)
+        + f" every {args.every} steps"
+    )
+    step(0, model)
+    evals = {"dev_asr": ds.dev_poison}
+    res = train_muscle(model, tok, ds.train, ref, ds.dev_clean, tcfg, eval_sets=evals, step_callback=step)
+    scores = evaluate_backdoor(model, tok, ds, tcfg.eval_batch_size, tcfg.max_length)
+    tracker.meta.update(
+        {
+            "cacc": scores["cacc"],
+            "asr": scores["asr"],
+            "selected": "cacc/asr: the epoch with the best dev-clean accuracy, as in defend",
+            "best_epoch": res.best_epoch,
+            "dev_history": res.history,
+            "train_steps": res.steps,
+            "wall_seconds": res.wall_seconds,
+            "complete": True,
+        }
+    )
+    tracker.to_json(json_path)
+    tracker.plot(
+        out / "fourier.png",
+        title=f"Fourier analysis: {ds.dataset}/{ds.attack}, {method} ({spec.doc}), {model_label(model_name)}",
+    )
+    print(
+        f"{ds.dataset}/{ds.attack} {method}: test CACC {100 * scores['cacc']:.2f} %, ASR "
+        f"{100 * scores['asr']:.2f} %; {len(tracker.steps)} records at widths {tracker.deltas}"
+    )
+    print(f"wrote {json_path} and {out / 'fourier.png'}")
+    return 0
+
+
 def _add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--data-dir",
@@ -670,6 +799,37 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--batch-size", type=int, help="evaluation batch size (default: as in training)")
     e.add_argument("--max-length", type=int, help="default: as in training")
     e.set_defaults(func=cmd_eval)
+
+    f = sub.add_parser(
+        "fourier",
+        help="train one method and track the low/high-frequency errors of dev-clean and dev-poison",
+        description="The paper's Fourier analysis (SPEC §6): train one method as defend does and, every "
+        "--every steps, record e_low and e_high (Gaussian low-pass over the input embeddings) of a fixed "
+        "sample of dev-clean (clean mapping) and dev-poison (backdoor mapping); writes fourier.json and "
+        "fourier.png under --out, with the test CACC/ASR of the selected checkpoint.",
+    )
+    _add_data_args(f)
+    f.add_argument("--model", help="path or hub id (default: the MiniLM of the demo extra)")
+    f.add_argument("--method", required=True, help=f"one of {', '.join(METHODS)}")
+    f.add_argument("--out", required=True, help="output folder")
+    f.add_argument("--epochs", type=int, help="default: the family preset (10 for BERT/RoBERTa)")
+    f.add_argument("--batch-size", type=int, help="default: the family preset (32 for BERT/RoBERTa)")
+    f.add_argument("--max-length", type=int, help="tokens per sample (default 128)")
+    f.add_argument("--lr", type=float, help="default: the family preset (2e-5 for BERT/RoBERTa)")
+    f.add_argument("--ref-samples", type=int, help="clean reference rows from dev-clean (default: preset)")
+    f.add_argument("--max-train-rows", type=int, help="seeded training subsample, poison share kept")
+    f.add_argument("--config", help="JSON preset file, as for defend")
+    f.add_argument("--every", type=int, default=10, help="record every N optimizer steps (default 10)")
+    f.add_argument(
+        "--samples", type=int, default=400, help="seeded sample of dev-clean and of dev-poison (default 400)"
+    )
+    f.add_argument(
+        "--deltas",
+        help="comma-separated kernel widths, e.g. 0.5,1,2 (default: chosen at the first record so each "
+        "point's Gaussian neighbourhood holds about 2, 8, 32, 128 samples)",
+    )
+    f.add_argument("--no-progress", action="store_true", help="no progress bars")
+    f.set_defaults(func=cmd_fourier)
     return p
 
 
