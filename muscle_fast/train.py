@@ -24,9 +24,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .adapter import atomic_write
 from .config import model_family
 from .dual import default_loss, dual_gradients, trainable_params
+from .fileio import atomic_write
 
 logger = logging.getLogger("muscle_fast")
 

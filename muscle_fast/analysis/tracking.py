@@ -429,32 +429,16 @@ class FourierTracker:
 
     def to_json(self, path: str | Path) -> Path:
         """Write ``to_dict()`` atomically (a reader never sees half a file)."""
-        from ..adapter import atomic_write
+        from ..fileio import write_text
 
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        text = json.dumps(self.to_dict(), indent=2, allow_nan=False) + "\n"
-
-        def write(tmp: str) -> None:
-            with open(tmp, "w") as f:
-                f.write(text)
-            _public_mode(tmp)
-
-        atomic_write(path, write)
+        write_text(path, json.dumps(self.to_dict(), indent=2, allow_nan=False) + "\n")
         return path
 
     def plot(self, path: str | Path, title: str | None = None) -> Path:
         """PNG of e_low and e_high against the step, one panel per width (see :func:`plot_fourier`)."""
         return plot_fourier(self.to_dict(), path, title)
-
-
-def _public_mode(path: str) -> None:
-    """Usual umask permissions for a file made through a private temporary."""
-    import os
-
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)
 
 
 _SET_COLOURS = {"dev_clean": "tab:blue", "dev_poison": "tab:red"}
@@ -470,7 +454,7 @@ def plot_fourier(data: Mapping[str, Any], path: str | Path, title: str | None = 
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
 
-    from ..adapter import atomic_write
+    from ..fileio import atomic_write
 
     deltas, steps, series = list(data["deltas"]), list(data["steps"]), data["series"]
     if not deltas or not steps:
@@ -527,7 +511,6 @@ def plot_fourier(data: Mapping[str, Any], path: str | Path, title: str | None = 
 
     def write(tmp: str) -> None:
         fig.savefig(tmp, format="png", dpi=100)
-        _public_mode(tmp)
 
     atomic_write(path, write)
     return path

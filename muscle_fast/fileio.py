@@ -1,0 +1,66 @@
+"""Atomic file and folder writes: a reader (or a killed run) never sees half a file or checkpoint."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+
+def _public_mode(path: str | Path, directory: bool = False) -> None:
+    """Give a file made through a private temporary (mode 600/700) the usual umask permissions."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, (0o777 if directory else 0o666) & ~umask)
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
+    """Write through a temporary file in the same folder, then rename it over ``path``."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        _public_mode(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    def write(tmp: str) -> None:
+        with open(tmp, "w") as f:
+            f.write(text)
+
+    atomic_write(path, write)
+
+
+def write_json(path: str | os.PathLike, obj: Any, sort_keys: bool = False) -> None:
+    write_text(path, json.dumps(obj, indent=2, sort_keys=sort_keys) + "\n")
+
+
+def replace_dir(directory: Path, write: Callable[[Path], None]) -> None:
+    """Fill a temporary sibling folder, then swap it in: a reader never sees half a checkpoint."""
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    try:
+        write(tmp)
+        for f in tmp.rglob("*"):
+            _public_mode(f, directory=f.is_dir())
+        _public_mode(tmp, directory=True)
+        if directory.exists():
+            old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
+            os.replace(directory, old)
+            os.replace(tmp, directory)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -1,0 +1,51 @@
+"""Atomic writes: whole files or nothing, normal permissions, checkpoint folders swapped in whole."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from muscle_fast.fileio import atomic_write, replace_dir, write_json
+
+
+def test_failed_write_leaves_old_file_and_no_temporary(tmp_path):
+    target = tmp_path / "a.json"
+    write_json(target, {"v": 1})
+
+    def boom(tmp: str) -> None:
+        with open(tmp, "w") as f:
+            f.write('{"v": 2, "half')
+        raise RuntimeError("killed mid-write")
+
+    with pytest.raises(RuntimeError, match="killed"):
+        atomic_write(target, boom)
+    assert target.read_text() == '{\n  "v": 1\n}\n'
+    assert [p.name for p in tmp_path.iterdir()] == ["a.json"]
+
+
+def test_permissions_follow_umask(tmp_path):
+    old = os.umask(0o022)
+    try:
+        write_json(tmp_path / "b.json", [1])
+        replace_dir(tmp_path / "ck", lambda d: (d / "w.txt").write_text("x"))
+    finally:
+        os.umask(old)
+    assert (tmp_path / "b.json").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "ck").stat().st_mode & 0o777 == 0o755
+    assert (tmp_path / "ck" / "w.txt").stat().st_mode & 0o777 == 0o644
+
+
+def test_replace_dir_swaps_whole_folder(tmp_path):
+    replace_dir(tmp_path / "ck", lambda d: (d / "old.txt").write_text("1"))
+
+    def fail(d):
+        (d / "new.txt").write_text("2")
+        raise RuntimeError("killed")
+
+    with pytest.raises(RuntimeError):
+        replace_dir(tmp_path / "ck", fail)
+    assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == ["old.txt"]
+    replace_dir(tmp_path / "ck", lambda d: (d / "new.txt").write_text("2"))
+    assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == ["new.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]
