@@ -204,6 +204,22 @@ def _finalize(
 
 
 @triton.jit
+def _tensor_entry(dyn_ptr, t, G_CODE: tl.constexpr, C_CODE: tl.constexpr):
+    """Tensor t's (g address, g dtype code, c address, c dtype code); codes fixed at compile time if >= 0."""
+    gaddr = tl.load(dyn_ptr + t * 4 + 0)
+    caddr = tl.load(dyn_ptr + t * 4 + 1)
+    if G_CODE >= 0:
+        gcode = G_CODE
+    else:
+        gcode = tl.load(dyn_ptr + t * 4 + 2)
+    if C_CODE >= 0:
+        ccode = C_CODE
+    else:
+        ccode = tl.load(dyn_ptr + t * 4 + 3)
+    return gaddr, gcode, caddr, ccode
+
+
+@triton.jit
 def _align_stats_kernel(
     chunk_tid_ptr, chunk_start_ptr, t_cfirst_ptr, t_nch_ptr, t_numel_ptr, dyn_ptr,
     partial_ptr, tstat_ptr, coef_ptr, count_ptr, out_ptr, ref_loss_ptr, ref_loss_val, T,
@@ -216,16 +232,7 @@ def _align_stats_kernel(
     t = tl.load(chunk_tid_ptr + pid)
     start = tl.load(chunk_start_ptr + pid)
     numel = tl.load(t_numel_ptr + t)
-    gaddr = tl.load(dyn_ptr + t * 4 + 0)
-    caddr = tl.load(dyn_ptr + t * 4 + 1)
-    if G_CODE >= 0:
-        gcode = G_CODE
-    else:
-        gcode = tl.load(dyn_ptr + t * 4 + 2)
-    if C_CODE >= 0:
-        ccode = C_CODE
-    else:
-        ccode = tl.load(dyn_ptr + t * 4 + 3)
+    gaddr, gcode, caddr, ccode = _tensor_entry(dyn_ptr, t, G_CODE, C_CODE)
     # A missing tensor (address 0) reads as zeros: its mask limit is 0.
     g_lim = tl.where(gaddr != 0, numel, 0)
     c_lim = tl.where(caddr != 0, numel, 0)
@@ -301,16 +308,7 @@ def _align_apply_kernel(
         numel = tl.load(t_numel_ptr + t)
         a = tl.load(coef_ptr + t * 3 + 0)
         b = tl.load(coef_ptr + t * 3 + 1)
-        gaddr = tl.load(dyn_ptr + t * 4 + 0)
-        caddr = tl.load(dyn_ptr + t * 4 + 1)
-        if G_CODE >= 0:
-            gcode = G_CODE
-        else:
-            gcode = tl.load(dyn_ptr + t * 4 + 2)
-        if C_CODE >= 0:
-            ccode = C_CODE
-        else:
-            ccode = tl.load(dyn_ptr + t * 4 + 3)
+        gaddr, gcode, caddr, ccode = _tensor_entry(dyn_ptr, t, G_CODE, C_CODE)
         offs0 = tl.arange(0, BLOCK)
         if start + BLOCK * ITERS <= numel:
             if b == 0.0:
