@@ -13,7 +13,6 @@ import argparse
 import json
 import logging
 import os
-import random
 import sys
 import time
 from collections.abc import Sequence
@@ -33,6 +32,7 @@ from .experiment import (
     load_preset,
     method_configs,
     parse_methods,
+    reference_split,
     run_method,
 )
 from .report import model_label, results_table, write_results
@@ -202,7 +202,7 @@ def cmd_fourier(args: argparse.Namespace) -> int:
     if pcfg is not None:
         patch_model(model, pcfg)
     model.to(device)
-    ref = random.Random(f"{seed}:ref").sample(ds.dev_clean, min(hp["ref_samples"], len(ds.dev_clean)))
+    ref, select = reference_split(ds.dev_clean, hp["ref_samples"], seed, hp["ref_disjoint"])
     tracker = FourierTracker(
         tok,
         {"dev_clean": ds.dev_clean, "dev_poison": ds.dev_poison},
@@ -244,7 +244,7 @@ def cmd_fourier(args: argparse.Namespace) -> int:
     )
     step(0, model)
     evals = {"dev_asr": ds.dev_poison}
-    res = train_muscle(model, tok, ds.train, ref, ds.dev_clean, tcfg, eval_sets=evals, step_callback=step)
+    res = train_muscle(model, tok, ds.train, ref, select, tcfg, eval_sets=evals, step_callback=step)
     scores = evaluate_backdoor(model, tok, ds, tcfg.eval_batch_size, tcfg.max_length)
     tracker.meta.update(
         {
@@ -318,6 +318,12 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--max-length", type=int, help="tokens per sample (default 128)")
     d.add_argument("--lr", type=float, help="default: the family preset (2e-5 for BERT/RoBERTa)")
     d.add_argument("--ref-samples", type=int, help="clean reference rows from dev-clean (default: preset)")
+    d.add_argument(
+        "--ref-overlap",
+        action="store_true",
+        help="select the epoch on all of dev-clean, reference rows included (the paper's "
+        "protocol); by default selection uses the dev-clean rows not in the reference set",
+    )
     d.add_argument("--max-train-rows", type=int, help="seeded training subsample, poison share kept")
     d.add_argument(
         "--config",
@@ -352,6 +358,12 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--max-length", type=int, help="tokens per sample (default 128)")
     f.add_argument("--lr", type=float, help="default: the family preset (2e-5 for BERT/RoBERTa)")
     f.add_argument("--ref-samples", type=int, help="clean reference rows from dev-clean (default: preset)")
+    f.add_argument(
+        "--ref-overlap",
+        action="store_true",
+        help="select the epoch on all of dev-clean, reference rows included (the paper's "
+        "protocol); by default selection uses the dev-clean rows not in the reference set",
+    )
     f.add_argument("--max-train-rows", type=int, help="seeded training subsample, poison share kept")
     f.add_argument("--config", help="JSON preset file, as for defend")
     f.add_argument("--every", type=int, default=10, help="record every N optimizer steps (default 10)")

@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -103,7 +104,11 @@ def parse_methods(spec: str) -> list[str]:
 def _preset_keys() -> set[str]:
     from .train import TrainConfig
 
-    return {f.name for f in dataclasses.fields(TrainConfig)} - _RESERVED | {"ref_samples", "muscle_config"}
+    return {f.name for f in dataclasses.fields(TrainConfig)} - _RESERVED | {
+        "ref_samples",
+        "ref_disjoint",
+        "muscle_config",
+    }
 
 
 def _check_section(section: Any, where: str, path: str) -> dict[str, Any]:
@@ -153,7 +158,11 @@ def effective_hparams(
     from .config import model_family
 
     fam = model_family(model)
-    out: dict[str, Any] = {"ref_samples": fam.ref_samples if fam else 96, "muscle_config": {}}
+    out: dict[str, Any] = {
+        "ref_samples": fam.ref_samples if fam else 96,
+        "ref_disjoint": True,
+        "muscle_config": {},
+    }
     for section in (
         {k: v for k, v in preset.items() if k != "methods"},
         preset.get("methods", {}).get(method, {}),
@@ -166,9 +175,35 @@ def effective_hparams(
     for key, attr in {**_FLAG_KEYS, "ref_samples": "ref_samples", "seed": "seed"}.items():
         if getattr(args, attr, None) is not None:
             out[key] = getattr(args, attr)
+    if getattr(args, "ref_overlap", False):
+        out["ref_disjoint"] = False
+    if not isinstance(out["ref_disjoint"], bool):
+        raise SystemExit(f"muscle-fast: ref_disjoint must be true or false, got {out['ref_disjoint']!r}")
     if not (isinstance(out["ref_samples"], int) and out["ref_samples"] >= 1):
         raise SystemExit(f"muscle-fast: ref_samples must be an integer >= 1, got {out['ref_samples']!r}")
     return out
+
+
+def reference_split(dev_clean: Sequence[Any], n: int, seed: int, disjoint: bool) -> tuple[list, list]:
+    """(reference rows, model-selection rows) from dev-clean, seeded.
+
+    Gradient alignment trains the adapters along the reference gradient, so dev accuracy
+    measured on the reference rows themselves is inflated (measured: dev 0.860 vs test 0.779
+    with 400 of 872 rows as reference). ``disjoint`` keeps them out of model selection; the
+    paper's protocol (selection on all of dev-clean) is ``disjoint=False``.
+    """
+    idx = random.Random(f"{seed}:ref").sample(range(len(dev_clean)), min(n, len(dev_clean)))
+    ref = [dev_clean[i] for i in idx]
+    if not disjoint:
+        return ref, list(dev_clean)
+    taken = set(idx)
+    select = [r for i, r in enumerate(dev_clean) if i not in taken]
+    if not select:
+        raise SystemExit(
+            f"muscle-fast: ref_samples={n} takes all {len(dev_clean)} dev-clean rows and leaves "
+            "none for model selection; use fewer reference rows or --ref-overlap"
+        )
+    return ref, select
 
 
 def _device(name: str) -> Any:
@@ -229,7 +264,7 @@ def method_configs(
         if not spec.mslr:
             overrides["mslr_targets"] = []
         pcfg = MuScleConfig.for_model(model, **overrides)
-    train_kw = {k: v for k, v in hp.items() if k not in ("ref_samples", "muscle_config")}
+    train_kw = {k: v for k, v in hp.items() if k not in ("ref_samples", "ref_disjoint", "muscle_config")}
     tcfg = TrainConfig.for_model(model, align=spec.align, progress=not args.no_progress, **train_kw)
     return pcfg, tcfg, hp
 
@@ -259,12 +294,12 @@ def run_method(
     if pcfg is not None:
         patch_model(model, pcfg)
     model.to(_device(args.device))
-    ref = random.Random(f"{seed}:ref").sample(ds.dev_clean, min(hp["ref_samples"], len(ds.dev_clean)))
+    ref, select = reference_split(ds.dev_clean, hp["ref_samples"], seed, hp["ref_disjoint"])
     logging.getLogger("muscle_fast").info(
         f"muscle-fast: {ds.dataset}/{ds.attack} {method} ({spec.doc}): {len(ds.train)} train rows "
         f"({sum(ds.train_poison_flags)} poisoned), {len(ref)} reference rows, {tcfg.epochs} epochs"
     )
-    res = train_muscle(model, tok, ds.train, ref, ds.dev_clean, tcfg, eval_sets={"dev_asr": ds.dev_poison})
+    res = train_muscle(model, tok, ds.train, ref, select, tcfg, eval_sets={"dev_asr": ds.dev_poison})
     scores = evaluate_backdoor(model, tok, ds, tcfg.eval_batch_size, tcfg.max_length)
     best = next(h for h in res.history if h["epoch"] == res.best_epoch)
     config = {
@@ -274,6 +309,8 @@ def run_method(
         "train": config_dict(tcfg),
         "muscle_config": pcfg.to_dict() if pcfg is not None else None,
         "ref_samples": len(ref),
+        "ref_disjoint": hp["ref_disjoint"],
+        "selection_rows": len(select),
         "data": {
             "source": ds.source,
             "setting": ds.setting,

@@ -23,7 +23,7 @@ needs_shared = pytest.mark.skipif(
 
 
 SMOKE_FLAGS = (
-    "--methods vanilla,lora,muscle --max-train-rows 64 --max-eval-rows 32 --epochs 1 --batch-size 16 "
+    "--methods vanilla,lora,muscle --max-train-rows 64 --max-eval-rows 32 --ref-samples 16 --epochs 1 --batch-size 16 "
     "--max-length 32"
 )
 
@@ -249,3 +249,28 @@ def test_bad_method_config_fails_before_training(tmp_path):
     msg = _exit_message(argv)
     assert "method muscle: MuScleConfig.lora_r must be an integer >= 1" in msg
     assert not (tmp_path / "results.json").exists()
+
+
+def test_reference_rows_are_kept_out_of_model_selection():
+    from muscle_fast.experiment import reference_split
+
+    dev = [(f"s{i}", i % 2) for i in range(50)]
+    ref, select = reference_split(dev, 20, seed=3, disjoint=True)
+    assert len(ref) == 20 and len(select) == 30 and not set(ref) & set(select)
+    assert reference_split(dev, 20, seed=3, disjoint=True)[0] == ref  # seeded
+    ref2, select2 = reference_split(dev, 20, seed=3, disjoint=False)
+    assert ref2 == ref and select2 == dev  # the paper's protocol: selection on all of dev-clean
+    with pytest.raises(SystemExit, match="leaves none for model selection"):
+        reference_split(dev, 50, seed=3, disjoint=True)
+
+
+def test_ref_disjoint_flag_and_preset():
+    from muscle_fast.cli import build_parser
+
+    args = build_parser().parse_args(["defend", "--out", "x", "--ref-overlap"])
+    model = SimpleNamespace(config=SimpleNamespace(model_type="bert"))
+    assert effective_hparams(model, "muscle", {}, args)["ref_disjoint"] is False
+    args = build_parser().parse_args(["defend", "--out", "x"])
+    assert effective_hparams(model, "muscle", {}, args)["ref_disjoint"] is True
+    with pytest.raises(SystemExit, match="ref_disjoint must be true or false"):
+        effective_hparams(model, "muscle", {"ref_disjoint": "yes"}, args)

@@ -215,7 +215,7 @@ def test_cli_fourier_smoke(tmp_path, monkeypatch):
     monkeypatch.setenv("MUSCLE_FAST_BACKEND", "torch")
     flags = (
         "--method muscle --max-train-rows 64 --samples 24 --epochs 1 --batch-size 16 --max-length 32 "
-        "--every 2 --max-eval-rows 48 --no-progress"
+        "--every 2 --max-eval-rows 48 --ref-samples 16 --no-progress"
     )
     argv = ["fourier", "--data-dir", str(BADNETS), "--model", default_model(), "--out", str(tmp_path)]
     assert main(argv + flags.split()) == 0
