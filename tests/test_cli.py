@@ -23,8 +23,8 @@ needs_shared = pytest.mark.skipif(
 
 
 SMOKE_FLAGS = (
-    "--methods vanilla,lora,muscle --max-train-rows 64 --max-eval-rows 32 --ref-samples 16 --epochs 1 --batch-size 16 "
-    "--max-length 32"
+    "--methods vanilla,lora,muscle --max-train-rows 64 --max-eval-rows 32 --ref-samples 16 --epochs 1 "
+    "--batch-size 16 --max-length 32"
 )
 
 
