@@ -287,6 +287,27 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
 
 
+def _add_train_args(p: argparse.ArgumentParser) -> None:
+    """Training hyperparameters shared by defend and fourier (flags override the preset file)."""
+    p.add_argument("--epochs", type=int, help="default: the family preset (10 for BERT/RoBERTa)")
+    p.add_argument("--batch-size", type=int, help="default: the family preset (32 for BERT/RoBERTa)")
+    p.add_argument("--max-length", type=int, help="tokens per sample (default 128)")
+    p.add_argument("--lr", type=float, help="default: the family preset (2e-5 for BERT/RoBERTa)")
+    p.add_argument("--ref-samples", type=int, help="clean reference rows from dev-clean (default: preset)")
+    p.add_argument(
+        "--ref-overlap",
+        action="store_true",
+        help="select the epoch on all of dev-clean, reference rows included (the paper's "
+        "protocol); by default selection uses the dev-clean rows not in the reference set",
+    )
+    p.add_argument("--max-train-rows", type=int, help="seeded training subsample, poison share kept")
+    p.add_argument(
+        "--config",
+        help='JSON preset file: {"lr": ..., "methods": {"vanilla": {"lr": 2e-5}, "muscle": {...}}}; '
+        "keys are TrainConfig fields, ref_samples, ref_disjoint and muscle_config (MuScleConfig overrides)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="muscle-fast", description="MuScleLoRA on possibly backdoor-poisoned data"
@@ -313,23 +334,7 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"comma-separated, from {', '.join(METHODS)} (default: vanilla,lora,muscle)",
     )
     d.add_argument("--out", required=True, help="output folder")
-    d.add_argument("--epochs", type=int, help="default: the family preset (10 for BERT/RoBERTa)")
-    d.add_argument("--batch-size", type=int, help="default: the family preset (32 for BERT/RoBERTa)")
-    d.add_argument("--max-length", type=int, help="tokens per sample (default 128)")
-    d.add_argument("--lr", type=float, help="default: the family preset (2e-5 for BERT/RoBERTa)")
-    d.add_argument("--ref-samples", type=int, help="clean reference rows from dev-clean (default: preset)")
-    d.add_argument(
-        "--ref-overlap",
-        action="store_true",
-        help="select the epoch on all of dev-clean, reference rows included (the paper's "
-        "protocol); by default selection uses the dev-clean rows not in the reference set",
-    )
-    d.add_argument("--max-train-rows", type=int, help="seeded training subsample, poison share kept")
-    d.add_argument(
-        "--config",
-        help='JSON preset file: {"lr": ..., "methods": {"vanilla": {"lr": 2e-5}, "muscle": {...}}}; '
-        "keys are TrainConfig fields, ref_samples and muscle_config (MuScleConfig overrides)",
-    )
+    _add_train_args(d)
     d.add_argument("--no-progress", action="store_true", help="no progress bars")
     d.set_defaults(func=cmd_defend)
 
@@ -353,19 +358,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--model", help="path or hub id (default: the MiniLM of the demo extra)")
     f.add_argument("--method", required=True, help=f"one of {', '.join(METHODS)}")
     f.add_argument("--out", required=True, help="output folder")
-    f.add_argument("--epochs", type=int, help="default: the family preset (10 for BERT/RoBERTa)")
-    f.add_argument("--batch-size", type=int, help="default: the family preset (32 for BERT/RoBERTa)")
-    f.add_argument("--max-length", type=int, help="tokens per sample (default 128)")
-    f.add_argument("--lr", type=float, help="default: the family preset (2e-5 for BERT/RoBERTa)")
-    f.add_argument("--ref-samples", type=int, help="clean reference rows from dev-clean (default: preset)")
-    f.add_argument(
-        "--ref-overlap",
-        action="store_true",
-        help="select the epoch on all of dev-clean, reference rows included (the paper's "
-        "protocol); by default selection uses the dev-clean rows not in the reference set",
-    )
-    f.add_argument("--max-train-rows", type=int, help="seeded training subsample, poison share kept")
-    f.add_argument("--config", help="JSON preset file, as for defend")
+    _add_train_args(f)
     f.add_argument("--every", type=int, default=10, help="record every N optimizer steps (default 10)")
     f.add_argument(
         "--samples", type=int, default=400, help="seeded sample of dev-clean and of dev-poison (default 400)"
