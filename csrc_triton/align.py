@@ -474,25 +474,19 @@ def align_fused(
     addr_bits = 0
     g_set: set[int] = set()
     c_set: set[int] = set()
+    def entry(t: torch.Tensor | None, what: str, i: int, seen: set[int]) -> tuple[int, int]:
+        """(address, dtype code) of one table cell; a missing tensor is (0, 0)."""
+        if t is None:
+            return 0, 0
+        code = codes.get(t.dtype, -1)
+        if code < 0 or t.get_device() != dev or not t.is_contiguous() or t.shape != shapes[i]:
+            _bad_tensor(what, i, t, plan)
+        seen.add(code)
+        return t.data_ptr(), code
+
     for i in range(T):
-        g = grads[i]
-        c = refs[i]
-        if g is None:
-            gaddr = gcode = 0
-        else:
-            gcode = codes.get(g.dtype, -1)
-            if gcode < 0 or g.get_device() != dev or not g.is_contiguous() or g.shape != shapes[i]:
-                _bad_tensor("grads", i, g, plan)
-            gaddr = g.data_ptr()
-            g_set.add(gcode)
-        if c is None:
-            caddr = ccode = 0
-        else:
-            ccode = codes.get(c.dtype, -1)
-            if ccode < 0 or c.get_device() != dev or not c.is_contiguous() or c.shape != shapes[i]:
-                _bad_tensor("ref_grads", i, c, plan)
-            caddr = c.data_ptr()
-            c_set.add(ccode)
+        gaddr, gcode = entry(grads[i], "grads", i, g_set)
+        caddr, ccode = entry(refs[i], "ref_grads", i, c_set)
         rows += (gaddr, caddr, gcode, ccode)
         addr_bits |= gaddr | caddr
     aligned = addr_bits % 16 == 0  # views at odd offsets (flat-buffer grads) fall back to scalar access
