@@ -32,6 +32,17 @@ def _groups(m: int, row_split: int | None) -> list[slice]:
     return [slice(0, row_split), slice(row_split, m)]
 
 
+def _grouped_tn(a: torch.Tensor, b: torch.Tensor, groups: list[slice]) -> torch.Tensor:
+    """out[g] = a[rows_g]^T @ b[rows_g] in float32, (G, a.shape[1], b.shape[1]); fp32 writes in place."""
+    out = torch.empty((len(groups), a.shape[1], b.shape[1]), dtype=torch.float32, device=a.device)
+    for g, rows in enumerate(groups):
+        if a.dtype == torch.float32:
+            torch.mm(a[rows].t(), b[rows], out=out[g])
+        else:
+            out[g].copy_(a[rows].t() @ b[rows])
+    return out
+
+
 def lowrank_shrink(
     x: torch.Tensor, A: torch.Tensor, scale: torch.Tensor, *, dropout_p: float = 0.0, seed: int = 0
 ) -> torch.Tensor:
@@ -61,14 +72,7 @@ def lowrank_backward_dS_dB(
     """dS = (dY @ B) * scale (M, R) and dB = dY^T @ S per row group, (G, N, R), both float32."""
     dS = (dY @ B.to(dY.dtype)).float().mul_(scale)
     groups = _groups(dY.shape[0], row_split)
-    dB = torch.empty((len(groups), dY.shape[1], S.shape[1]), dtype=torch.float32, device=dY.device)
-    Sc = S if dY.dtype == torch.float32 else S.to(dY.dtype)
-    for g, rows in enumerate(groups):
-        if dY.dtype == torch.float32:
-            torch.mm(dY[rows].t(), Sc[rows], out=dB[g])
-        else:
-            dB[g].copy_(dY[rows].t() @ Sc[rows])
-    return dS, dB
+    return dS, _grouped_tn(dY, S.to(dY.dtype), groups)
 
 
 def lowrank_grad_A(
@@ -77,14 +81,7 @@ def lowrank_grad_A(
     """dA = dS^T @ drop(x) per row group, (G, R, K) float32."""
     xd = _dropped(x, dropout_p, seed)
     groups = _groups(x.shape[0], row_split)
-    dA = torch.empty((len(groups), dS.shape[1], x.shape[1]), dtype=torch.float32, device=x.device)
-    dSc = dS if x.dtype == torch.float32 else dS.to(x.dtype)
-    for g, rows in enumerate(groups):
-        if x.dtype == torch.float32:
-            torch.mm(dSc[rows].t(), xd[rows], out=dA[g])
-        else:
-            dA[g].copy_(dSc[rows].t() @ xd[rows])
-    return dA
+    return _grouped_tn(dS.to(x.dtype), xd, groups)
 
 
 def lowrank_dx_(
