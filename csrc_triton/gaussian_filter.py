@@ -114,8 +114,7 @@ def _sqnorm_kernel(
         offs_d = k0 + tl.arange(0, BLOCK_D)
         dmask = offs_d < d
         a = _load_tile(x_ptr, mu_ptr, rows, rmask, offs_d, dmask, stride_x, CENTER, TC)
-        b = _load_tile(x_ptr, mu_ptr, rows, rmask, offs_d, dmask, stride_x, CENTER, TC)
-        g = _gram(g, a, tl.trans(b), TC, UPCAST)
+        g = _gram(g, a, tl.trans(a), TC, UPCAST)
     r = tl.arange(0, BLOCK)
     sq = tl.sum(tl.where(r[:, None] == r[None, :], g, 0.0), 1)
     tl.store(sq_ptr + rows, sq, mask=rmask)
