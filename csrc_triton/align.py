@@ -152,9 +152,7 @@ def _finalize(
     for j in range(0, T, RBLOCK):
         idx = j + r
         m = idx < T
-        dot = tl.load(tstat_ptr + idx * 3 + 0, mask=m, other=0.0, cache_modifier=".cg")
-        gg = tl.load(tstat_ptr + idx * 3 + 1, mask=m, other=0.0, cache_modifier=".cg")
-        cc = tl.load(tstat_ptr + idx * 3 + 2, mask=m, other=0.0, cache_modifier=".cg")
+        dot, gg, cc = _load_tstat(tstat_ptr, idx, m)
         g_fin = gg < float("inf")  # gg >= 0, so this is false exactly for inf and NaN
         c_fin = cc < float("inf")
         d_fin = tl.abs(dot) < float("inf")
@@ -180,9 +178,7 @@ def _finalize(
     for j in range(0, T, RBLOCK):
         idx = j + r
         m = idx < T
-        dot = tl.load(tstat_ptr + idx * 3 + 0, mask=m, other=0.0, cache_modifier=".cg")
-        gg = tl.load(tstat_ptr + idx * 3 + 1, mask=m, other=0.0, cache_modifier=".cg")
-        cc = tl.load(tstat_ptr + idx * 3 + 2, mask=m, other=0.0, cache_modifier=".cg")
+        dot, gg, cc = _load_tstat(tstat_ptr, idx, m)
         ok = m & (gg < float("inf")) & (gg > 0.0) & (cc < float("inf")) & (cc > 0.0)
         ok = ok & (tl.abs(dot) < float("inf"))
         coef = tl.abs(dot) / tl.where(ok, cc, 1.0)
@@ -201,6 +197,15 @@ def _finalize(
     tl.store(out_ptr + 5, tl.sum(n_upd, 0))
     tl.store(out_ptr + 6, loss)
     tl.store(out_ptr + 7, n_valid_s)
+
+
+@triton.jit
+def _load_tstat(tstat_ptr, idx, m):
+    """Per-tensor (<g,c>, ||g||^2, ||c||^2), read past L1: other programs wrote them this launch."""
+    dot = tl.load(tstat_ptr + idx * 3 + 0, mask=m, other=0.0, cache_modifier=".cg")
+    gg = tl.load(tstat_ptr + idx * 3 + 1, mask=m, other=0.0, cache_modifier=".cg")
+    cc = tl.load(tstat_ptr + idx * 3 + 2, mask=m, other=0.0, cache_modifier=".cg")
+    return dot, gg, cc
 
 
 @triton.jit
