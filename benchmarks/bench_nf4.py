@@ -122,3 +122,40 @@ def test_torch_copy_floor(benchmark, shape: tuple[int, int]) -> None:
     src = torch.empty(traffic // 2, dtype=torch.uint8, device="cuda")
     dst = torch.empty_like(src)
     _run(benchmark, lambda: dst.copy_(src), 2 * src.numel(), "torch copy")
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=_id)
+def test_dequant_matches_bitsandbytes(shape: tuple[int, int]) -> None:
+    """The autotuned kernel at the benchmark shapes, bit-exact against bitsandbytes' CUDA dequantizer."""
+    F = pytest.importorskip("bitsandbytes.functional", reason="no bitsandbytes: nothing to compare")
+    from muscle_fast.nf4 import dequantize_4bit
+
+    for nested in (False, True):
+        packed, qs = _state(shape, nested)
+        assert torch.equal(dequantize_4bit(packed, qs), F.dequantize_4bit(packed, qs))
+
+
+# Small-M inference: is a fused dequant+GEMM kernel worth writing? Compare our dequant + cuBLAS
+# against bitsandbytes' matmul_4bit (its fused 4-bit GEMV at M=1) and the dense bf16 GEMM floor.
+SMALL_M = [1, 16, 128]
+
+
+@pytest.mark.parametrize("impl", ["ours-dequant+cublas", "bnb-matmul_4bit", "dense-bf16"])
+@pytest.mark.parametrize("m", SMALL_M, ids=lambda m: f"M{m}")
+@pytest.mark.parametrize("shape", SHAPES, ids=_id)
+def test_small_m_matmul(benchmark, shape: tuple[int, int], m: int, impl: str) -> None:
+    from muscle_fast.nf4 import dequantize_4bit
+
+    packed, qs = _state(shape, nested=True)
+    x = torch.randn(m, shape[1], device="cuda", dtype=DTYPE)
+    if impl == "ours-dequant+cublas":
+        w = torch.empty(shape, dtype=DTYPE, device="cuda")
+        fn = lambda: torch.nn.functional.linear(x, dequantize_4bit(packed, qs, out=w))  # noqa: E731
+    elif impl == "bnb-matmul_4bit":
+        bnb = pytest.importorskip("bitsandbytes", reason="no bitsandbytes: nothing to compare")
+        fn = lambda: bnb.matmul_4bit(x, packed.t(), quant_state=qs)  # noqa: E731
+    else:
+        w = torch.randn(shape, dtype=DTYPE, device="cuda")
+        fn = lambda: torch.nn.functional.linear(x, w)  # noqa: E731
+    benchmark.extra_info.update({"M": m, "N": shape[0], "K": shape[1], "impl": impl})
+    _run(benchmark, fn, _traffic(shape, nested=True), f"{impl} M={m}")

@@ -9,6 +9,11 @@ import torch
 #: True when Triton runs kernels on the CPU through its interpreter.
 INTERPRET: bool = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
+#: ``MUSCLE_FAST_AUTOTUNE=0`` launches every kernel with one conservative config instead of
+#: autotuning: the GPU test suite runs hundreds of odd shapes, each a new autotune key, where
+#: timing every config would cost minutes and prove nothing about correctness.
+AUTOTUNE: bool = os.environ.get("MUSCLE_FAST_AUTOTUNE", "1") != "0"
+
 
 def upcast_dot(*dtypes: torch.dtype) -> bool:
     """Whether kernels must upcast bf16 operands to fp32 before ``tl.dot``.

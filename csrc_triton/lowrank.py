@@ -121,8 +121,21 @@ INTERPRET_CONFIGS = {
 }
 
 
+#: With autotuning off (``MUSCLE_FAST_AUTOTUNE=0``): small tiles and two stages fit shared memory at
+#: every dtype and R <= 64, so one config is valid for every shape.
+UNTUNED_CONFIGS = {
+    "shrink": [_cfg(4, 2, BLOCK_M=64, BLOCK_K=64)],
+    "expand": [_cfg(4, 2, BLOCK_M=64, BLOCK_N=64)],
+    "matmul": [_cfg(4, 2, BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8)],
+    "bwd": [_cfg(4, 2, BLOCK_M=64, BLOCK_N=64)],
+    "grad_a": [_cfg(4, 2, BLOCK_M=64, BLOCK_K=64)],
+}
+
+
 def _configs(gpu: list[triton.Config], name: str) -> list[triton.Config]:
-    return INTERPRET_CONFIGS[name] if _common.INTERPRET else gpu
+    if _common.INTERPRET:
+        return INTERPRET_CONFIGS[name]
+    return gpu if _common.AUTOTUNE else UNTUNED_CONFIGS[name]
 
 
 # Programs per launch wanted before a reduction is split across programs. Small under the interpreter

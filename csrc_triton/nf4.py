@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET, check_device
+from ._common import AUTOTUNE, INTERPRET, check_device
 
 #: Block sizes bitsandbytes accepts for 4-bit quantization (``quantize_4bit``/``dequantize_4bit``).
 SUPPORTED_BLOCKSIZES: tuple[int, ...] = (32, 64, 128, 256, 512, 1024, 2048, 4096)
@@ -51,7 +51,7 @@ INTERPRET_CONFIGS: list[dict[str, int]] = [{"BYTES": 512, "num_warps": 4}]
 
 
 def _configs() -> list[triton.Config]:
-    raw = INTERPRET_CONFIGS if INTERPRET else GPU_CONFIGS
+    raw = INTERPRET_CONFIGS if INTERPRET else GPU_CONFIGS if AUTOTUNE else GPU_CONFIGS[1:2]
     return [triton.Config({"BYTES": c["BYTES"]}, num_warps=c["num_warps"], num_stages=1) for c in raw]
 
 

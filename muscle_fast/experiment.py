@@ -36,6 +36,7 @@ def default_model() -> str:
 def load_classifier(name_or_path: str, num_labels: int = 2):
     """A sequence classifier and its tokenizer from a local path or a hub id, with a clear error."""
 
+    import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     # a hub id is "name" or "org/name"; anything else that is not on disk is a missing path
@@ -47,6 +48,12 @@ def load_classifier(name_or_path: str, num_labels: int = 2):
         model = AutoModelForSequenceClassification.from_pretrained(name_or_path, num_labels=num_labels)
     except OSError as e:
         raise SystemExit(f"muscle-fast: cannot load model {name_or_path!r}: {_one_line(e)}") from None
+    half = {p.dtype for p in model.parameters() if p.dtype in (torch.float16, torch.bfloat16)}
+    if half:
+        # a half-precision checkpoint (transformers 5 keeps the stored dtype): fine-tuning, the
+        # optimizer state and the metrics here assume fp32 master weights
+        logging.getLogger("muscle_fast").info(f"muscle-fast: {name_or_path} is {half}; training in fp32")
+        model.float()
     if tok.pad_token is None and tok.eos_token is not None:
         tok.pad_token = tok.eos_token
     if getattr(model.config, "pad_token_id", None) is None:

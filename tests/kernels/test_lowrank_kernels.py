@@ -11,6 +11,7 @@ import math
 
 import pytest
 import torch
+
 from muscle_fast.kernels import _common, lowrank
 
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
@@ -339,3 +340,24 @@ def test_cpu_without_interpreter_raises(monkeypatch: pytest.MonkeyPatch) -> None
         lowrank.lowrank_shrink(x, A, torch.ones(2))
     with pytest.raises(RuntimeError, match="CUDA"):
         lowrank.lowrank_expand_(torch.randn(4, 3), torch.randn(4, 2), torch.randn(3, 2))
+
+
+def test_config_choice(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Interpreter: its one small config; GPU: the autotune list, or one safe config when it is off."""
+    from muscle_fast.kernels import nf4
+
+    assert lowrank._configs(lowrank.SHRINK_CONFIGS, "shrink") == (
+        lowrank.INTERPRET_CONFIGS["shrink"] if _common.INTERPRET else lowrank.SHRINK_CONFIGS
+    )
+    monkeypatch.setattr(_common, "INTERPRET", False)
+    monkeypatch.setattr(_common, "AUTOTUNE", True)
+    assert lowrank._configs(lowrank.BWD_CONFIGS, "bwd") is lowrank.BWD_CONFIGS
+    monkeypatch.setattr(_common, "AUTOTUNE", False)
+    for name in lowrank.UNTUNED_CONFIGS:
+        (cfg,) = lowrank._configs([], name)
+        # fits shared memory at fp32 and R <= 64: stages * (tile + 64-wide operand) * 4 bytes
+        tile = math.prod(v for k, v in cfg.kwargs.items() if k.startswith("BLOCK_"))
+        assert cfg.num_stages * (tile + 64 * 64) * 4 <= 160 * 1024
+    monkeypatch.setattr(nf4, "INTERPRET", False)
+    monkeypatch.setattr(nf4, "AUTOTUNE", False)
+    assert len(nf4._configs()) == 1
