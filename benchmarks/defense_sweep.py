@@ -8,6 +8,8 @@ numbers are recorded for the report but never read by the selection.
 
     python benchmarks/defense_sweep.py --grid benchmarks/sweeps/minilm-sst2.json \\
         --data-dir ../shared/data/poison_data/sst-2/1 --out out/sweep --parallel 8 --deadline 1800
+    python benchmarks/defense_sweep.py collect --sweep out/sweep/sweep.json --out DIR \\
+        --pick vanilla=vanilla-lr2e-5-e2 lora=lora-lr3e-4-e3 muscle=always-ref600-bs16-e3
 
 `sweep.json` (atomic, rewritten after every finished run) holds each run's preset and records.
 """
@@ -94,8 +96,8 @@ def _summary(jobs: list[Job]) -> list[dict[str, Any]]:
         if j.records:
             r = j.records[0]
             row.update({k: r[k] for k in ("dev_cacc", "dev_asr", "cacc", "asr", "best_epoch", "epochs")})
-            row["curves"] = r["curves"]
-            row["wall_seconds"] = r["wall_seconds"]
+            row.update(curves=r["curves"], wall_seconds=r["wall_seconds"], dataset=r["dataset"])
+            row["config"] = r.get("config")
         out.append(row)
     return out
 
@@ -112,6 +114,12 @@ def _print(rows: list[dict[str, Any]]) -> None:
             print(f"{r['name']:34s} {r['attack']:9s} {r['stage']:2d} {r['status']}")
 
 
+def _print_records(records: list[dict[str, Any]]) -> None:
+    from muscle_fast.report import results_table
+
+    print(results_table(records))
+
+
 def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     grid = json.loads(Path(args.grid).read_text())
     base = grid.get("base", {})
@@ -120,8 +128,9 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     t0 = time.time()
     s1 = grid["stage1"]
     jobs = [
-        Job(r["name"], s1["attack"], r.get("method", "muscle"), {**base, **r.get("preset", {})}, 1)
+        Job(r["name"], a, r.get("method", "muscle"), {**base, **r.get("preset", {})}, 1)
         for r in s1["runs"]
+        for a in r.get("attacks", [s1["attack"]])  # a run may name its own attacks
     ]
     s2 = grid.get("stage2", {})
     for b in s2.get("baselines", []):
@@ -166,7 +175,45 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     return rows
 
 
+def collect(
+    sweeps: list[str], picks: dict[str, str], out: Path, model: str, note: str
+) -> list[dict[str, Any]]:
+    """results.json/md/png of one chosen run name per method, from one or more sweep.json files."""
+    from muscle_fast.report import write_results
+
+    rows = [r for f in sweeps for r in json.loads(Path(f).read_text()) if "dev_cacc" in r]
+    records = []
+    for method, name in picks.items():
+        found = {r["attack"]: r for r in rows if r["name"] == name and r["method"] == method}
+        if not found:
+            raise SystemExit(f"defense_sweep: no finished run {name!r} with method {method!r}")
+        for _, r in sorted(found.items()):
+            rec = {k: r[k] for k in ("attack", "method", "cacc", "asr", "dev_cacc", "dev_asr", "best_epoch")}
+            rec.update(dataset=r.get("dataset", "sst-2"), epochs=r["epochs"], curves=r["curves"])
+            rec.update(wall_seconds=r["wall_seconds"], adapter=None)
+            rec["config"] = r.get("config") or {"method": method, "preset": r["preset"], "sweep_run": name}
+            rec["config"]["note"] = note
+            records.append(rec)
+    order = {m: i for i, m in enumerate(picks)}
+    records.sort(key=lambda r: (r["attack"], order[r["method"]]))
+    write_results(out, records, model)
+    return records
+
+
 def main(argv: list[str] | None = None) -> None:
+    if argv is None:
+        argv = sys.argv[1:]
+    if argv[:1] == ["collect"]:
+        c = argparse.ArgumentParser(description=collect.__doc__)
+        c.add_argument("--sweep", nargs="+", required=True, help="sweep.json files")
+        c.add_argument("--pick", nargs="+", required=True, help="METHOD=RUN_NAME, in table order")
+        c.add_argument("--out", required=True)
+        c.add_argument("--model", default="sentence-transformers/all-MiniLM-L6-v2")
+        c.add_argument("--note", default="", help="recorded in every record's config")
+        a = c.parse_args(argv[1:])
+        picks = dict(p.split("=", 1) for p in a.pick)
+        _print_records(collect(a.sweep, picks, Path(a.out), a.model, a.note))
+        return
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--grid", required=True, help="JSON: base preset, stage1 {attack, runs}, stage2")
     p.add_argument("--data-dir", required=True, help="folder of OpenBackdoor attack folders")

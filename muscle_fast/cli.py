@@ -20,12 +20,14 @@ from pathlib import Path
 from typing import Any
 
 from .experiment import (
+    DEFAULT_MODEL_PRESET,
     METHODS,
     RUN_FILE,
     BaseModels,
     _device,
     _load_sets,
     _one_line,
+    builtin_presets,
     default_model,
     effective_hparams,
     load_classifier,
@@ -70,9 +72,19 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _preset_for(args: argparse.Namespace) -> dict[str, Any]:
+    """--config, or for the default model (no --model) the preset tuned for it."""
+    if args.config is None and args.model is None:
+        logging.getLogger("muscle_fast").info(
+            f"muscle-fast: default model, built-in preset {DEFAULT_MODEL_PRESET!r} (--config overrides)"
+        )
+        return load_preset(DEFAULT_MODEL_PRESET)
+    return load_preset(args.config)
+
+
 def cmd_defend(args: argparse.Namespace) -> int:
     methods = parse_methods(args.methods)
-    preset = load_preset(args.config)
+    preset = _preset_for(args)
     seed = args.seed if args.seed is not None else preset.get("seed", 42)
     _device(args.device)
     sets = _load_sets(args, args.attacks, seed)  # data errors before the (slow) model loads
@@ -174,7 +186,7 @@ def cmd_fourier(args: argparse.Namespace) -> int:
     for flag, v, least in (("--every", args.every, 1), ("--samples", args.samples, 2)):
         if v < least:
             raise SystemExit(f"muscle-fast: {flag} must be >= {least}, got {v}")
-    preset = load_preset(args.config)
+    preset = _preset_for(args)
     seed = args.seed if args.seed is not None else preset.get("seed", 42)
     device = _device(args.device)
     sets = _load_sets(args, args.attacks, seed)  # data errors before the (slow) model loads
@@ -304,7 +316,9 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--config",
         help='JSON preset file: {"lr": ..., "methods": {"vanilla": {"lr": 2e-5}, "muscle": {...}}}; '
-        "keys are TrainConfig fields, ref_samples, ref_disjoint and muscle_config (MuScleConfig overrides)",
+        "keys are TrainConfig fields, ref_samples, ref_disjoint and muscle_config (MuScleConfig overrides); "
+        f"or a built-in preset: {', '.join(builtin_presets())} (the default without --model is "
+        f"{DEFAULT_MODEL_PRESET})",
     )
 
 

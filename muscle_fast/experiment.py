@@ -131,13 +131,28 @@ def _check_section(section: Any, where: str, path: str) -> dict[str, Any]:
     return section
 
 
+#: Presets shipped with the package (``--config NAME``): tuned settings with their provenance.
+PRESETS_DIR = Path(__file__).resolve().parent / "presets"
+#: The preset used when neither ``--model`` nor ``--config`` is given (the demo MiniLM).
+DEFAULT_MODEL_PRESET = "minilm-sst2"
+
+
+def builtin_presets() -> list[str]:
+    return sorted(p.stem for p in PRESETS_DIR.glob("*.json"))
+
+
 def load_preset(path: str | None) -> dict[str, Any]:
-    """A JSON preset file: top-level hyperparameters plus optional per-method ``methods`` sections."""
+    """A JSON preset: a file, or a built-in name (``minilm-sst2``); top-level hyperparameters plus
+    optional per-method ``methods`` sections."""
     if path is None:
         return {}
     p = Path(path)
+    if not p.is_file() and path in builtin_presets():
+        p = PRESETS_DIR / f"{path}.json"
     if not p.is_file():
-        raise SystemExit(f"muscle-fast: preset file {p} does not exist")
+        raise SystemExit(
+            f"muscle-fast: preset file {p} does not exist (built-in presets: {', '.join(builtin_presets())})"
+        )
     try:
         data = json.loads(p.read_text())
     except json.JSONDecodeError as e:
@@ -145,6 +160,7 @@ def load_preset(path: str | None) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise SystemExit(f"muscle-fast: {p}: the preset must be a JSON object")
     methods = data.pop("methods", {})
+    data.pop("about", None)  # free text: where the numbers came from
     _check_section(data, "the top level", str(p))
     if not isinstance(methods, dict):
         raise SystemExit(f"muscle-fast: {p}: 'methods' must be an object of per-method sections")

@@ -100,7 +100,7 @@ def results_plot(records: Sequence[dict[str, Any]], path: Path, model_name: str)
         ax2.set_title(f"{dataset} / {attack}: dev per epoch (solid CACC, dashed ASR)")
         ax2.legend(fontsize=7, ncols=2)
     fig.suptitle(f"MuScleLoRA defense: {model_label(model_name)}")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.35 / fig.get_figheight()))  # room for the suptitle
 
     def write(tmp: str) -> None:
         fig.savefig(tmp, format="png", dpi=100)

@@ -194,6 +194,25 @@ def test_preset_file_errors(tmp_path):
     assert "does not exist" in _exit_message(["defend", "--config", str(tmp_path / "no.json"), "--out", "x"])
 
 
+def test_builtin_preset(tmp_path):
+    from muscle_fast.cli import _preset_for, build_parser
+    from muscle_fast.experiment import builtin_presets, load_preset
+
+    assert "minilm-sst2" in builtin_presets()
+    p = load_preset("minilm-sst2")
+    assert "about" not in p and p["ref_samples"] == 600 and p["max_length"] == 64
+    assert p["methods"]["muscle"]["min_ref_loss"] == 0.0 and p["methods"]["vanilla"]["lr"] == 2e-5
+    # the default model gets its tuned preset; another model or an explicit --config do not
+    parse = build_parser().parse_args
+    assert _preset_for(parse(["defend", "--out", "x"])) == p
+    assert _preset_for(parse(["defend", "--out", "x", "--model", "bert-base-uncased"])) == {}
+    mine = tmp_path / "mine.json"
+    mine.write_text(json.dumps({"lr": 1e-4}))
+    assert _preset_for(parse(["defend", "--out", "x", "--config", str(mine)])) == {"lr": 1e-4, "methods": {}}
+    msg = _exit_message(["defend", "--config", "minilm-sst3", "--out", "x"])
+    assert "does not exist" in msg and "minilm-sst2" in msg
+
+
 def test_eval_bad_checkpoint_folder(tmp_path):
     assert "does not exist" in _exit_message(["eval", "--adapter", str(tmp_path / "none")])
     msg = _exit_message(["eval", "--adapter", str(tmp_path)])

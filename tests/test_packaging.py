@@ -43,6 +43,8 @@ def test_wheel_contains_kernels(wheel):
     kernels = {Path(n).name for n in names if n.startswith("muscle_fast/kernels/")}
     expected = {p.name for p in (ROOT / "csrc_triton").glob("*.py")}
     assert expected and expected <= kernels, f"missing from the wheel: {sorted(expected - kernels)}"
+    presets = {p.relative_to(ROOT).as_posix() for p in (ROOT / "muscle_fast" / "presets").glob("*.json")}
+    assert presets and presets <= set(names), f"missing from the wheel: {sorted(presets - set(names))}"
     sources = {p.relative_to(ROOT).as_posix() for p in (ROOT / "muscle_fast").rglob("*.py")}
     sources.discard("muscle_fast/kernels/__init__.py")  # the source-tree stand-in; csrc_triton's ships
     assert sources <= set(names), f"missing from the wheel: {sorted(sources - set(names))}"

@@ -346,8 +346,9 @@ def test_config_choice(monkeypatch: pytest.MonkeyPatch) -> None:
     """Interpreter: its one small config; GPU: the autotune list, or one safe config when it is off."""
     from muscle_fast.kernels import nf4
 
+    expected = lowrank.SHRINK_CONFIGS if _common.AUTOTUNE else lowrank.UNTUNED_CONFIGS["shrink"]
     assert lowrank._configs(lowrank.SHRINK_CONFIGS, "shrink") == (
-        lowrank.INTERPRET_CONFIGS["shrink"] if _common.INTERPRET else lowrank.SHRINK_CONFIGS
+        lowrank.INTERPRET_CONFIGS["shrink"] if _common.INTERPRET else expected
     )
     monkeypatch.setattr(_common, "INTERPRET", False)
     monkeypatch.setattr(_common, "AUTOTUNE", True)
@@ -356,8 +357,12 @@ def test_config_choice(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in lowrank.UNTUNED_CONFIGS:
         (cfg,) = lowrank._configs([], name)
         # fits shared memory at fp32 and R <= 64: stages * (tile + 64-wide operand) * 4 bytes
-        tile = math.prod(v for k, v in cfg.kwargs.items() if k.startswith("BLOCK_"))
-        assert cfg.num_stages * (tile + 64 * 64) * 4 <= 160 * 1024
+        kw = cfg.kwargs
+        if name == "matmul":  # x and W tiles, plus the 64-wide low-rank operand
+            tile = kw["BLOCK_M"] * kw["BLOCK_K"] + kw["BLOCK_K"] * kw["BLOCK_N"]
+        else:
+            tile = math.prod(v for k, v in kw.items() if k.startswith("BLOCK_"))
+        assert cfg.num_stages * (tile + 64 * 64) * 4 <= 160 * 1024, name
     monkeypatch.setattr(nf4, "INTERPRET", False)
     monkeypatch.setattr(nf4, "AUTOTUNE", False)
     assert len(nf4._configs()) == 1
