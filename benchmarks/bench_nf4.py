@@ -96,14 +96,25 @@ def _id(shape: tuple[int, int]) -> str:
     return f"{shape[0]}x{shape[1]}"
 
 
+@pytest.mark.parametrize("lookup", ["gather", "select"])
 @pytest.mark.parametrize("nested", [False, True], ids=["fp32absmax", "nested"])
 @pytest.mark.parametrize("shape", SHAPES, ids=_id)
-def test_muscle_fast_dequant(benchmark, shape: tuple[int, int], nested: bool) -> None:
+def test_muscle_fast_dequant(
+    benchmark, shape: tuple[int, int], nested: bool, lookup: str, monkeypatch
+) -> None:
+    from muscle_fast.kernels import nf4 as knf4
     from muscle_fast.nf4 import dequantize_4bit
 
+    monkeypatch.setattr(knf4, "LOOKUP", lookup)
     packed, qs = _state(shape, nested)
     out = torch.empty(shape, dtype=DTYPE, device="cuda")
-    _run(benchmark, lambda: dequantize_4bit(packed, qs, out=out), _traffic(shape, nested), "muscle_fast")
+    benchmark.extra_info["lookup"] = lookup
+    _run(
+        benchmark,
+        lambda: dequantize_4bit(packed, qs, out=out),
+        _traffic(shape, nested),
+        f"muscle_fast {lookup}",
+    )
 
 
 @pytest.mark.parametrize("nested", [False, True], ids=["fp32absmax", "nested"])
@@ -125,14 +136,18 @@ def test_torch_copy_floor(benchmark, shape: tuple[int, int]) -> None:
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=_id)
-def test_dequant_matches_bitsandbytes(shape: tuple[int, int]) -> None:
+def test_dequant_matches_bitsandbytes(shape: tuple[int, int], monkeypatch) -> None:
     """The autotuned kernel at the benchmark shapes, bit-exact against bitsandbytes' CUDA dequantizer."""
     F = pytest.importorskip("bitsandbytes.functional", reason="no bitsandbytes: nothing to compare")
+    from muscle_fast.kernels import nf4 as knf4
     from muscle_fast.nf4 import dequantize_4bit
 
     for nested in (False, True):
         packed, qs = _state(shape, nested)
-        assert torch.equal(dequantize_4bit(packed, qs), F.dequantize_4bit(packed, qs))
+        want = F.dequantize_4bit(packed, qs)
+        for lookup in knf4.LOOKUPS:
+            monkeypatch.setattr(knf4, "LOOKUP", lookup)
+            assert torch.equal(dequantize_4bit(packed, qs), want), (nested, lookup)
 
 
 # Small-M inference: is a fused dequant+GEMM kernel worth writing? Compare our dequant + cuBLAS

@@ -14,9 +14,13 @@ absmax per block), write ``n`` values. Layout, as bitsandbytes stores it:
 
 Each program owns ``BYTES`` consecutive packed bytes, viewed as a ``[ROWS, COLS]`` tile whose
 rows never straddle a quantization block, so the (possibly double-quantized) absmax is decoded
-once per row rather than per element. The two 16-entry code tables are gathered from a tiny
-(64 B) global table that stays in L1. The two nibbles are interleaved with ``tl.interleave`` so
-the output store is one contiguous, vectorizable run per program.
+once per row rather than per element. The 16-entry code table is read one of two ways
+(``LOOKUP``): ``"gather"``, a per-element load from the tiny (64 B) global table, which stays in
+L1; or ``"select"``, the 16 values loaded once per program and picked by a 4-level ``tl.where``
+tree on the nibble's bits (what bitsandbytes' CUDA kernel does with branches): no memory traffic
+per element, 15 selects instead. Which is faster is the GPU's to say (``benchmarks/bench_nf4.py``
+times both); both are exact. The two nibbles are interleaved with ``tl.interleave`` so the output
+store is one contiguous, vectorizable run per program.
 """
 
 from __future__ import annotations
@@ -31,6 +35,11 @@ from ._common import AUTOTUNE, INTERPRET, check_device
 
 #: Block sizes bitsandbytes accepts for 4-bit quantization (``quantize_4bit``/``dequantize_4bit``).
 SUPPORTED_BLOCKSIZES: tuple[int, ...] = (32, 64, 128, 256, 512, 1024, 2048, 4096)
+
+#: How the kernel reads the 16-entry code table (module doc). ``LOOKUP`` is the default; the GPU
+#: benchmark times both. "gather" measured 650-1380 GB/s on an H100 (2026-11-26), "select" not yet.
+LOOKUPS: tuple[str, ...] = ("gather", "select")
+LOOKUP: str = "gather"
 
 #: Output dtypes the kernel writes.
 SUPPORTED_OUT_DTYPES: tuple[torch.dtype, ...] = (torch.float16, torch.bfloat16, torch.float32)
@@ -56,6 +65,26 @@ def _configs() -> list[triton.Config]:
 
 
 @triton.jit
+def _pick(bit, c0, c1):
+    return tl.where(bit, c1, c0)
+
+
+@triton.jit
+def _code_select(code_ptr, idx):
+    """code[idx] for 4-bit idx by a where-tree on its bits: 16 scalar loads per call, no gather."""
+    b0 = (idx & 1) != 0
+    b1 = (idx & 2) != 0
+    b2 = (idx & 4) != 0
+    b3 = (idx & 8) != 0
+    c = code_ptr
+    q0 = _pick(b1, _pick(b0, tl.load(c + 0), tl.load(c + 1)), _pick(b0, tl.load(c + 2), tl.load(c + 3)))
+    q1 = _pick(b1, _pick(b0, tl.load(c + 4), tl.load(c + 5)), _pick(b0, tl.load(c + 6), tl.load(c + 7)))
+    q2 = _pick(b1, _pick(b0, tl.load(c + 8), tl.load(c + 9)), _pick(b0, tl.load(c + 10), tl.load(c + 11)))
+    q3 = _pick(b1, _pick(b0, tl.load(c + 12), tl.load(c + 13)), _pick(b0, tl.load(c + 14), tl.load(c + 15)))
+    return _pick(b3, _pick(b2, q0, q1), _pick(b2, q2, q3))
+
+
+@triton.jit
 def _dequant_tile(
     a_ptr,
     absmax_ptr,
@@ -71,6 +100,7 @@ def _dequant_tile(
     HALF_BS: tl.constexpr,
     NESTED: tl.constexpr,
     BF16_RNE: tl.constexpr,
+    SELECT: tl.constexpr,
     BYTES: tl.constexpr,
     COLS: tl.constexpr,
     MASKED: tl.constexpr,
@@ -104,8 +134,12 @@ def _dequant_tile(
 
     hi = (raw >> 4).to(tl.int32)  # first element of the pair
     lo = (raw & 0xF).to(tl.int32)
-    v_hi = tl.load(code_ptr + hi) * scale[:, None]
-    v_lo = tl.load(code_ptr + lo) * scale[:, None]
+    if SELECT:
+        v_hi = _code_select(code_ptr, hi) * scale[:, None]
+        v_lo = _code_select(code_ptr, lo) * scale[:, None]
+    else:
+        v_hi = tl.load(code_ptr + hi) * scale[:, None]
+        v_lo = tl.load(code_ptr + lo) * scale[:, None]
     vals = tl.interleave(v_hi, v_lo)  # [ROWS, 2*COLS]: hi0, lo0, hi1, lo1, ...
 
     if BF16_RNE:
@@ -126,7 +160,7 @@ def _dequant_tile(
         tl.store(out_ptr + 2 * start + out_local, vals)
 
 
-@triton.autotune(configs=_configs(), key=["n_bytes", "HALF_BS", "NESTED"])
+@triton.autotune(configs=_configs(), key=["n_bytes", "HALF_BS", "NESTED", "SELECT"])
 # Tile columns: a whole half-block (bytes per quantization block) when it fits, else the whole tile.
 @triton.heuristics({"COLS": lambda a: min(a["HALF_BS"], a["BYTES"])})
 @triton.jit
@@ -144,6 +178,7 @@ def _dequant_4bit_kernel(
     HALF_BS: tl.constexpr,  # quantization blocksize // 2 = packed bytes per block
     NESTED: tl.constexpr,
     BF16_RNE: tl.constexpr,  # round fp32 -> bf16 by hand (see dequantize_4bit_packed)
+    SELECT: tl.constexpr,  # code lookup: where-tree (True) or gather (False), see the module doc
     BYTES: tl.constexpr,
     COLS: tl.constexpr,
 ):
@@ -152,12 +187,12 @@ def _dequant_4bit_kernel(
     if 2 * (start + BYTES) <= numel:
         _dequant_tile(
             a_ptr, absmax_ptr, code_ptr, code2_ptr, absmax2_ptr, offset_ptr, out_ptr, start, numel,
-            n_bytes, blocksize2, HALF_BS, NESTED, BF16_RNE, BYTES, COLS, False,
+            n_bytes, blocksize2, HALF_BS, NESTED, BF16_RNE, SELECT, BYTES, COLS, False,
         )  # fmt: skip
     else:
         _dequant_tile(
             a_ptr, absmax_ptr, code_ptr, code2_ptr, absmax2_ptr, offset_ptr, out_ptr, start, numel,
-            n_bytes, blocksize2, HALF_BS, NESTED, BF16_RNE, BYTES, COLS, True,
+            n_bytes, blocksize2, HALF_BS, NESTED, BF16_RNE, SELECT, BYTES, COLS, True,
         )  # fmt: skip
 
 
@@ -172,6 +207,7 @@ def dequantize_4bit_packed(
     absmax2: torch.Tensor | None = None,
     offset: torch.Tensor | None = None,
     blocksize2: int = 256,
+    lookup: str | None = None,
 ) -> torch.Tensor:
     """Dequantize flat packed 4-bit data into the contiguous ``out`` (all of its elements).
 
@@ -179,8 +215,12 @@ def dequantize_4bit_packed(
     ``QuantState`` and calls this. ``packed`` is uint8 ``[ceil(out.numel()/2)]``; ``absmax`` is fp32
     ``[ceil(numel/blocksize)]``, or its uint8 double-quantized codes when ``code2`` is given, in which
     case ``absmax2`` (fp32 per ``blocksize2`` absmax codes) and ``offset`` (fp32, one element) are
-    required too. ``code`` is the fp32 16-entry table. Returns ``out``.
+    required too. ``code`` is the fp32 16-entry table. ``lookup``: ``"gather"`` or ``"select"``
+    (default: ``LOOKUP``, see the module doc). Returns ``out``.
     """
+    lookup = LOOKUP if lookup is None else lookup
+    if lookup not in LOOKUPS:
+        raise ValueError(f"lookup must be one of {LOOKUPS}, got {lookup!r}")
     nested = code2 is not None
     numel = out.numel()
     n_bytes = (numel + 1) // 2
@@ -247,6 +287,7 @@ def dequantize_4bit_packed(
             # The interpreter truncates fp32 -> bf16 casts; round by hand there. On the GPU the
             # native cast (cvt.rn) is already round-to-nearest-even.
             BF16_RNE=INTERPRET and out.dtype == torch.bfloat16,
+            SELECT=lookup == "select",
             # bitsandbytes rounds code2*absmax2 before adding offset: forbid the FMA contraction.
             enable_fp_fusion=False,
         )

@@ -61,10 +61,21 @@ def _state(
 # --------------------------------------------------------------------------- reference-only tests
 
 
+@pytest.fixture(params=["gather", "select"])
+def lookup(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Both ways the kernel reads the code table (csrc_triton/nf4.py), as the default."""
+    from muscle_fast.kernels import nf4 as knf4
+
+    monkeypatch.setattr(knf4, "LOOKUP", request.param)
+    return request.param
+
+
 @pytest.mark.parametrize("blocksize", SUPPORTED_BLOCKSIZES)
 @pytest.mark.parametrize("nested", [False, True], ids=["fp32absmax", "nested"])
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
-def test_kernel_matches_reference(device: str, blocksize: int, nested: bool, quant_type: str) -> None:
+def test_kernel_matches_reference(
+    device: str, blocksize: int, nested: bool, quant_type: str, lookup: str
+) -> None:
     # 67 x 131 = 8777 values: odd, a partial last block for every blocksize, several programs.
     packed, qs = _state((67, 131), blocksize, quant_type, nested, device=device, seed=blocksize)
     for dtype in DTYPES:
@@ -75,7 +86,7 @@ def test_kernel_matches_reference(device: str, blocksize: int, nested: bool, qua
 
 
 @pytest.mark.parametrize("shape", [(1, 64), (3, 5), (7,), (2, 3, 33), (1,), (4, 1024)])
-def test_shapes(device: str, shape: tuple[int, ...]) -> None:
+def test_shapes(device: str, shape: tuple[int, ...], lookup: str) -> None:
     for nested in (False, True):
         packed, qs = _state(shape, 64, nested=nested, dtype=torch.bfloat16, device=device)
         got = dequantize_4bit(packed, qs)
@@ -83,7 +94,7 @@ def test_shapes(device: str, shape: tuple[int, ...]) -> None:
         assert torch.equal(got, dequantize_4bit_ref(packed, qs))
 
 
-def test_known_bytes_high_nibble_first(device: str) -> None:
+def test_known_bytes_high_nibble_first(device: str, lookup: str) -> None:
     # 0x1F -> (code[1], code[15]); 0xF1 -> (code[15], code[1]); 0x70 -> (code[7], code[0]).
     packed = torch.tensor([[0x1F], [0xF1], [0x70]], dtype=torch.uint8, device=device)
     for absmax, name in ((1.0, "unit"), (2.5, "scaled")):
@@ -255,3 +266,13 @@ def test_matches_bitsandbytes_out_and_transposed(device: str) -> None:
     assert dequantize_4bit(q, qs, out=out) is out and torch.equal(out, want)
     assert torch.equal(dequantize_4bit(q.view(1, -1), qs), want_t)
     assert (x.float() - out.float()).abs().max() < 0.5 * x.float().abs().max()  # it is a real round trip
+
+
+def test_lookup_argument_checked(device: str) -> None:
+    from muscle_fast.kernels.nf4 import dequantize_4bit_packed
+
+    out = torch.empty(8, device=device)
+    packed = torch.zeros(4, dtype=torch.uint8, device=device)
+    absmax = torch.ones(1, device=device)
+    with pytest.raises(ValueError, match="lookup must be one of"):
+        dequantize_4bit_packed(packed, absmax, NF4.to(device), out, 64, lookup="table")
