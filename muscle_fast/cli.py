@@ -111,6 +111,24 @@ def cmd_defend(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from .report import merge_records
+
+    records = merge_records([Path(f) for f in args.results])
+    models = {str((r.get("config") or {}).get("model", "")) for r in records} - {""}
+    model_name = args.model or (models.pop() if len(models) == 1 else "several models")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_results(out, records, model_name)
+    print(results_table(records))
+    total = sum(r["wall_seconds"] for r in records)
+    print(
+        f"\n{len(records)} runs, {total / 60:.1f} min of training in all; wrote {out / 'results.json'}, "
+        "results.md, results.png"
+    )
+    return 0
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from .adapter import ADAPTER_CONFIG, load_adapter, read_adapter_config
     from .backdoor.data import is_attack_dir
@@ -359,6 +377,15 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--batch-size", type=int, help="evaluation batch size (default: as in training)")
     e.add_argument("--max-length", type=int, help="default: as in training")
     e.set_defaults(func=cmd_eval)
+
+    r = sub.add_parser(
+        "report",
+        help="merge results.json files of runs split across processes into one table and plot",
+    )
+    r.add_argument("results", nargs="+", help="results.json files written by defend")
+    r.add_argument("--out", required=True, help="folder for the merged results.json/md/png")
+    r.add_argument("--model", help="model name for the titles (default: the one the records name)")
+    r.set_defaults(func=cmd_report)
 
     f = sub.add_parser(
         "fourier",

@@ -113,3 +113,42 @@ def write_results(out: Path, records: Sequence[dict[str, Any]], model_name: str)
     write_json(out / "results.json", list(records))
     write_text(out / "results.md", results_markdown(records, model_name))
     results_plot(records, out / "results.png", model_name)
+
+
+#: Keys every record needs for the table and the plot.
+RECORD_KEYS = (
+    "dataset", "attack", "method", "cacc", "asr", "dev_cacc", "dev_asr", "best_epoch", "epochs",
+    "wall_seconds", "curves",
+)  # fmt: skip
+
+
+def merge_records(files: Sequence[Path]) -> list[dict[str, Any]]:
+    """The records of several results.json files (runs split across processes), checked and ordered.
+
+    A (dataset, attack, method) present twice is an error: which run counts must be explicit.
+    """
+    import json
+
+    seen: dict[tuple[str, str, str], Path] = {}
+    records: list[dict[str, Any]] = []
+    for f in files:
+        try:
+            data = json.loads(Path(f).read_text())
+        except FileNotFoundError:
+            raise SystemExit(f"muscle-fast: {f} does not exist") from None
+        except json.JSONDecodeError as e:
+            raise SystemExit(f"muscle-fast: {f} is not valid JSON: {e}") from None
+        if not isinstance(data, list):
+            raise SystemExit(f"muscle-fast: {f}: expected a JSON list of records (defend's results.json)")
+        for i, r in enumerate(data):
+            missing = [k for k in RECORD_KEYS if not isinstance(r, dict) or k not in r]
+            if missing:
+                raise SystemExit(f"muscle-fast: {f}: record {i} lacks {missing}")
+            key = (r["dataset"], r["attack"], r["method"])
+            if key in seen:
+                raise SystemExit(f"muscle-fast: {'/'.join(key)} is in both {seen[key]} and {f}")
+            seen[key] = Path(f)
+            records.append(r)
+    order = {m: i for i, m in enumerate(METHODS)}
+    records.sort(key=lambda r: (r["dataset"], r["attack"], order.get(r["method"], len(order))))
+    return records

@@ -117,6 +117,26 @@ def test_defend_writes_results(smoke, capsys):
 
 
 @needs_shared
+def test_report_merges_split_runs(smoke, tmp_path, capsys):
+    """Runs split across processes (one results.json each) merge into the table defend would write."""
+    records = json.loads((smoke / "results.json").read_text())
+    parts = []
+    for i, recs in enumerate((records[2:], records[:2])):  # out of order on purpose
+        parts.append(tmp_path / f"part{i}.json")
+        parts[-1].write_text(json.dumps(recs))
+    assert main(["report", *map(str, parts), "--out", str(tmp_path / "merged")]) == 0
+    merged = json.loads((tmp_path / "merged" / "results.json").read_text())
+    assert merged == records  # method order restored
+    assert (tmp_path / "merged" / "results.md").read_text() == (smoke / "results.md").read_text()
+    assert "3 runs" in capsys.readouterr().out
+    assert "is in both" in _exit_message(["report", str(parts[0]), str(parts[0]), "--out", str(tmp_path)])
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps([{"attack": "badnets"}]))
+    assert "record 0 lacks" in _exit_message(["report", str(bad), "--out", str(tmp_path)])
+    assert "does not exist" in _exit_message(["report", str(tmp_path / "no.json"), "--out", str(tmp_path)])
+
+
+@needs_shared
 @pytest.mark.parametrize("method", ["muscle", "vanilla"])
 def test_eval_reproduces_recorded_scores(smoke, capsys, method):
     rec = next(r for r in json.loads((smoke / "results.json").read_text()) if r["method"] == method)
