@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import importlib.util
+import sys
 from pathlib import Path
 
 spec = importlib.util.spec_from_file_location(
     "defense_sweep", Path(__file__).resolve().parents[1] / "benchmarks" / "defense_sweep.py"
 )
 sweep = importlib.util.module_from_spec(spec)
+sys.modules[spec.name] = sweep  # dataclasses resolve annotations through sys.modules
 spec.loader.exec_module(sweep)
 
 
