@@ -55,8 +55,8 @@ def dev_rank(rec: dict[str, Any], max_dev_asr: float) -> tuple:
 
 
 def select_top(jobs: list[Job], k: int, max_dev_asr: float) -> list[Job]:
-    """The k best finished stage-1 defense runs by the dev criterion (baselines excluded)."""
-    done = [j for j in jobs if j.stage == 1 and j.status == "ok" and j.method not in ("vanilla", "lora")]
+    """The k best finished stage-1 MuScleLoRA runs by the dev criterion (baselines, ablations excluded)."""
+    done = [j for j in jobs if j.stage == 1 and j.status == "ok" and j.method == "muscle"]
     return sorted(done, key=lambda j: dev_rank(j.records[0], max_dev_asr))[:k]
 
 
@@ -72,8 +72,8 @@ def _start(args: argparse.Namespace, job: Job, root: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "preset.json", job.preset)
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONUNBUFFERED": "1"}
-    log = open(out / "log.txt", "w")  # noqa: SIM115 - closed with the process
-    job.proc = subprocess.Popen(_command(args, job, out), stdout=log, stderr=subprocess.STDOUT, env=env)
+    with open(out / "log.txt", "w") as log:  # the child keeps its own copy of the descriptor
+        job.proc = subprocess.Popen(_command(args, job, out), stdout=log, stderr=subprocess.STDOUT, env=env)
     job.started, job.status = time.time(), "running"
 
 
@@ -152,11 +152,13 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
                     j.status, j.seconds = "killed at the deadline", time.time() - j.started
         stage1_open = any(j.stage == 1 and j.status in ("queued", "running") for j in jobs)
         if not stage2_added and not stage1_open:
-            for top in select_top(jobs, s2.get("top", 2), s2.get("max_dev_asr", 0.1)):
-                for a in s2.get("attacks", []):
-                    nj = Job(top.name, a, top.method, top.preset, 2)
-                    jobs.append(nj)
-                    queue.insert(0, nj)  # the chosen settings go before the remaining baselines
+            chosen = [
+                Job(top.name, a, top.method, top.preset, 2)
+                for top in select_top(jobs, s2.get("top", 2), s2.get("max_dev_asr", 0.1))
+                for a in s2.get("attacks", [])
+            ]
+            jobs += chosen
+            queue[:0] = chosen  # best first, and before the remaining baselines
             stage2_added = True
         running = sum(j.status == "running" for j in jobs)
         while queue and running < args.parallel and now < args.deadline - args.min_left:
@@ -165,8 +167,8 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
             running += 1
         if not queue and running == 0 and stage2_added:
             break
-        if now > args.deadline and running == 0:
-            break
+        if running == 0 and now >= args.deadline - args.min_left:
+            break  # nothing running and nothing may start any more
         time.sleep(1.0)
     for j in queue:
         j.status = "not started (deadline)"
@@ -184,7 +186,14 @@ def collect(
     rows = [r for f in sweeps for r in json.loads(Path(f).read_text()) if "dev_cacc" in r]
     records = []
     for method, name in picks.items():
-        found = {r["attack"]: r for r in rows if r["name"] == name and r["method"] == method}
+        found: dict[str, dict[str, Any]] = {}
+        for r in rows:
+            if r["name"] == name and r["method"] == method:
+                if r["attack"] in found:
+                    raise SystemExit(
+                        f"defense_sweep: {name} / {method} / {r['attack']} is in two sweep files"
+                    )
+                found[r["attack"]] = r
         if not found:
             raise SystemExit(f"defense_sweep: no finished run {name!r} with method {method!r}")
         for _, r in sorted(found.items()):

@@ -16,10 +16,11 @@ Each program owns ``BYTES`` consecutive packed bytes, viewed as a ``[ROWS, COLS]
 rows never straddle a quantization block, so the (possibly double-quantized) absmax is decoded
 once per row rather than per element. The 16-entry code table is read one of two ways
 (``LOOKUP``): ``"gather"``, a per-element load from the tiny (64 B) global table, which stays in
-L1; or ``"select"``, the 16 values loaded once per program and picked by a 4-level ``tl.where``
-tree on the nibble's bits (what bitsandbytes' CUDA kernel does with branches): no memory traffic
-per element, 15 selects instead. Which is faster is the GPU's to say (``benchmarks/bench_nf4.py``
-times both); both are exact. The two nibbles are interleaved with ``tl.interleave`` so the output
+L1; or ``"select"``, the 16 values loaded as scalars (per program, not per element; the same
+16 addresses for both nibbles) and picked by a 4-level ``tl.where`` tree on the nibble's bits (what
+bitsandbytes' CUDA kernel does with branches): no memory access per element, 15 selects
+instead. Which is faster is the GPU's to say (``benchmarks/bench_nf4.py`` times both); both are
+exact. The two nibbles are interleaved with ``tl.interleave`` so the output
 store is one contiguous, vectorizable run per program.
 """
 

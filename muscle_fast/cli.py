@@ -116,7 +116,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     records = merge_records([Path(f) for f in args.results])
     models = {str((r.get("config") or {}).get("model", "")) for r in records} - {""}
-    model_name = args.model or (models.pop() if len(models) == 1 else "several models")
+    model_name = args.model or (models.pop() if len(models) == 1 else "several models" if models else "model")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     write_results(out, records, model_name)
@@ -204,7 +204,7 @@ def cmd_fourier(args: argparse.Namespace) -> int:
     for flag, v, least in (("--every", args.every, 1), ("--samples", args.samples, 2)):
         if v < least:
             raise SystemExit(f"muscle-fast: {flag} must be >= {least}, got {v}")
-    preset = _preset_for(args)
+    preset = load_preset(args.config)
     seed = args.seed if args.seed is not None else preset.get("seed", 42)
     device = _device(args.device)
     sets = _load_sets(args, args.attacks, seed)  # data errors before the (slow) model loads

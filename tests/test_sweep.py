@@ -29,5 +29,6 @@ def test_select_top_uses_dev_only() -> None:
         _job("baseline", 0.99, 0.0, cacc=0.99, asr=0.0, method="vanilla"),
     ]
     jobs.append(sweep.Job("failed", "badnets", "muscle", {}, 1, status="failed rc=1"))
+    jobs.append(_job("ablation", 0.99, 0.0, cacc=0.99, asr=0.0, method="lora+ga"))
     names = [j.name for j in sweep.select_top(jobs, 3, max_dev_asr=0.10)]
     assert names == ["feasible-best", "feasible-lower-cacc", "infeasible-low-asr"]

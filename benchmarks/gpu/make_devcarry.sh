@@ -6,12 +6,14 @@ set -euo pipefail
 DATA=${1:-../shared/data/poison_data/sst-2/1}
 PY=${PYTHON:-python3}
 grep -qx "/.devcarry/" .git/info/exclude 2>/dev/null || echo "/.devcarry/" >>.git/info/exclude
-rm -rf .devcarry && mkdir -p .devcarry/site .devcarry/minilm .devcarry/data /tmp/devcarry-whl
+WHL=$(mktemp -d)
+trap 'rm -rf "$WHL"' EXIT
+rm -rf .devcarry && mkdir -p .devcarry/site .devcarry/minilm .devcarry/data
 $PY -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
   --platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 \
-  --platform manylinux2014_x86_64 -d /tmp/devcarry-whl \
+  --platform manylinux2014_x86_64 -d "$WHL" \
   bitsandbytes==0.50.2 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19
-for w in /tmp/devcarry-whl/*.whl; do
+for w in "$WHL"/*.whl; do
   # bitsandbytes: keep the CUDA 13.0 library (the image's torch) and the CPU one
   unzip -q -o "$w" -d .devcarry/site -x 'bitsandbytes/libbitsandbytes_cuda1[12]*' \
     'bitsandbytes/libbitsandbytes_cuda132*' 'bitsandbytes/libbitsandbytes_rocm*' 'bitsandbytes/libbitsandbytes_xpu*'

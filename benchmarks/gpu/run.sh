@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# One command for a lent GPU machine (device tool, from the repo root), about 9 minutes on an H100:
+# One command for a lent GPU machine (device tool, from the repo root), about 8 minutes on an H100:
 #   phase A, side by side: the CUDA test suite (MUSCLE_FAST_AUTOTUNE=0: one config per kernel, so
 #     hundreds of odd shapes do not each autotune) and, when .devcarry/ holds a model and data, the
 #     MiniLM defense sweep (benchmarks/defense_sweep.py: many small runs share the GPU);
 #   phase B, alone on the GPU: the benchmarks, each with its own time limit (SIGINT, so that
 #     pytest-benchmark still writes its JSON), each checking the autotuned kernels at its shapes.
-# Results: $OUT/{machine.txt,tests.log,summary.txt,sweep.json,bench.tar.gz,run.log} (<= 8 files).
+# Results: $OUT/{machine.txt,tests.log,summary.txt,sweep.json,bench.tar.gz,run.log} (6 files; the tool takes <= 8).
 # Carry .devcarry (see benchmarks/gpu/README.md): site/ (bitsandbytes, datasets: unpacked wheels),
 # minilm/ (the demo model), data/ (the attack folders).
 set -uo pipefail
