@@ -119,6 +119,19 @@ def test_muscle_fast_dequant(
 
 @pytest.mark.parametrize("nested", [False, True], ids=["fp32absmax", "nested"])
 @pytest.mark.parametrize("shape", SHAPES, ids=_id)
+def test_muscle_fast_dequant_prepared(benchmark, shape: tuple[int, int], nested: bool) -> None:
+    """The training path's call: arguments checked once per weight (PreparedDequant4bit)."""
+    from muscle_fast.nf4 import PreparedDequant4bit
+
+    packed, qs = _state(shape, nested)
+    out = torch.empty(shape, dtype=DTYPE, device="cuda")
+    prep = PreparedDequant4bit(packed, qs, DTYPE, out)
+    benchmark.extra_info["lookup"] = "gather"
+    _run(benchmark, prep, _traffic(shape, nested), "muscle_fast prepared")
+
+
+@pytest.mark.parametrize("nested", [False, True], ids=["fp32absmax", "nested"])
+@pytest.mark.parametrize("shape", SHAPES, ids=_id)
 def test_bitsandbytes_dequant(benchmark, shape: tuple[int, int], nested: bool) -> None:
     F = pytest.importorskip("bitsandbytes.functional", reason="no bitsandbytes: nothing to compare")
     packed, qs = _state(shape, nested)

@@ -270,6 +270,35 @@ def dequantize_4bit_packed(
     if numel == 0:
         return out
 
+    launch_dequant_4bit(
+        packed, absmax, code, code2, absmax2, offset, out, blocksize, blocksize2, nested, lookup
+    )
+    return out
+
+
+def launch_dequant_4bit(
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    code: torch.Tensor,
+    code2: torch.Tensor,
+    absmax2: torch.Tensor,
+    offset: torch.Tensor,
+    out: torch.Tensor,
+    blocksize: int,
+    blocksize2: int,
+    nested: bool,
+    lookup: str | None = None,
+) -> None:
+    """The launch alone, for arguments ``dequantize_4bit_packed`` has already checked.
+
+    A training step dequantizes every frozen 4-bit weight twice; callers that hold the same
+    weight and buffer across steps validate once and call this (the checks cost as much host
+    time as a small layer's kernel)."""
+    numel = out.numel()
+    if numel == 0:
+        return
+    n_bytes = (numel + 1) // 2
+    lookup = LOOKUP if lookup is None else lookup
     grid = lambda meta: (triton.cdiv(n_bytes, meta["BYTES"]),)  # noqa: E731
     with torch.cuda.device(out.device) if out.is_cuda else contextlib.nullcontext():
         _dequant_4bit_kernel[grid](
@@ -292,4 +321,3 @@ def dequantize_4bit_packed(
             # bitsandbytes rounds code2*absmax2 before adding offset: forbid the FMA contraction.
             enable_fp_fusion=False,
         )
-    return out

@@ -276,3 +276,31 @@ def test_lookup_argument_checked(device: str) -> None:
     absmax = torch.ones(1, device=device)
     with pytest.raises(ValueError, match="lookup must be one of"):
         dequantize_4bit_packed(packed, absmax, NF4.to(device), out, 64, lookup="table")
+
+
+def test_prepared_dequant_matches_and_tracks_identity(device: str, lookup: str) -> None:
+    """The training path's checked-once dequantization: same bits, and a stale cache is detectable."""
+    from muscle_fast.nf4 import PreparedDequant4bit
+
+    for nested in (False, True):
+        packed, qs = _state((33, 128), 64, nested=nested, dtype=torch.bfloat16, device=device)
+        want = dequantize_4bit_ref(packed, qs)
+        out = torch.full_like(want, float("nan"))
+        prep = PreparedDequant4bit(packed, qs, torch.bfloat16, out)
+        assert torch.equal(out, want)  # construction fills the buffer once
+        out.fill_(float("nan"))
+        assert prep() is out and torch.equal(out, want)
+        assert prep.matches(packed, qs, out)
+        assert not prep.matches(packed, qs, torch.empty_like(out))  # another buffer
+        assert not prep.matches(packed.clone(), qs, out)  # another weight storage
+        other = SimpleNamespace(**vars(qs))
+        assert not prep.matches(packed, other, out)  # another state object
+
+
+def test_prepared_dequant_refuses_the_torch_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    import muscle_fast.nf4 as mnf4
+
+    monkeypatch.setattr(mnf4, "kernels_run_on", lambda device: False)
+    packed, qs = _state((4, 64), 64)
+    with pytest.raises(ValueError, match="needs the Triton kernels"):
+        mnf4.PreparedDequant4bit(packed, qs, torch.float32, torch.empty(4, 64))

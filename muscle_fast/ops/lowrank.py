@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import weakref
 from collections.abc import Callable, Iterator
 from types import ModuleType
 from typing import Any
@@ -118,6 +119,8 @@ def base_weight(module: nn.Module, kind: str, dtype: torch.dtype) -> torch.Tenso
 
 
 _workspace: dict[tuple, torch.Tensor] = {}
+# per 4-bit module: its dequantization with the arguments checked once (host time per call)
+_prepared: weakref.WeakKeyDictionary[nn.Module, Any] = weakref.WeakKeyDictionary()
 
 
 def _dequantize_4bit(module: nn.Module, dtype: torch.dtype) -> torch.Tensor:
@@ -126,7 +129,7 @@ def _dequantize_4bit(module: nn.Module, dtype: torch.dtype) -> torch.Tensor:
     Forward and backward use the weight at once and drop it, so one buffer per (shape, dtype,
     device) serves all layers; nothing of size N x K stays alive between forward and backward.
     """
-    from muscle_fast.nf4 import dequantize_4bit  # Triton on CUDA, an exact torch path on the CPU
+    from muscle_fast.nf4 import PreparedDequant4bit, dequantize_4bit  # Triton on CUDA, exact torch on CPU
 
     w = module.weight
     if getattr(w.quant_state, "packing_format_for_cpu", False):
@@ -136,13 +139,19 @@ def _dequantize_4bit(module: nn.Module, dtype: torch.dtype) -> torch.Tensor:
 
         w.data, w.quant_state = _convert_weight_packed_for_cpu_inverse(w.data, w.quant_state)
     qs = w.quant_state
-    if w.device.type != "cuda":
-        return dequantize_4bit(w.data, qs, dtype=dtype)
+    from muscle_fast.kernels._common import kernels_run_on
+
+    if not kernels_run_on(w.device):
+        return dequantize_4bit(w.data, qs, dtype=dtype)  # the exact torch path
     key = (tuple(qs.shape), dtype, w.device)
     buf = _workspace.get(key)
     if buf is None:
         buf = _workspace[key] = torch.empty(tuple(qs.shape), dtype=dtype, device=w.device)
-    return dequantize_4bit(w.data, qs, dtype=dtype, out=buf)
+    prepared = _prepared.get(module)
+    if prepared is None or not prepared.matches(w.data, qs, buf):
+        prepared = _prepared[module] = PreparedDequant4bit(w.data, qs, dtype, buf)  # fills buf
+        return buf
+    return prepared()
 
 
 # --------------------------------------------------------------------------------------------------
