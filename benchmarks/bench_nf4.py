@@ -74,13 +74,31 @@ def _state(shape: tuple[int, int], nested: bool) -> tuple[torch.Tensor, object]:
     return packed, qs
 
 
-def _run(benchmark, fn: Callable[[], object], traffic: int, label: str) -> None:
+def _run(benchmark, fn: Callable[[], object], traffic: int, label: str, graph: bool = False) -> None:
+    """Time INNER back-to-back calls per round. ``graph``: replay them from a CUDA graph instead,
+    which removes the host (Python + launcher) time and leaves the kernels' device time."""
     fn()  # compile + autotune outside the timing
     torch.cuda.synchronize()
+    if graph:
+        g = torch.cuda.CUDAGraph()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up on a side stream, as capture wants
+            fn()
+        torch.cuda.current_stream().wait_stream(side)
+        try:
+            with torch.cuda.graph(g):
+                for _ in range(INNER):
+                    fn()
+        except RuntimeError as e:
+            pytest.skip(f"{label}: not capturable in a CUDA graph: {e}")
 
     def rounds() -> None:
-        for _ in range(INNER):
-            fn()
+        if graph:
+            g.replay()
+        else:
+            for _ in range(INNER):
+                fn()
         torch.cuda.synchronize()
 
     benchmark.pedantic(rounds, rounds=30, warmup_rounds=3)
@@ -88,7 +106,9 @@ def _run(benchmark, fn: Callable[[], object], traffic: int, label: str) -> None:
         return
     per_call = benchmark.stats.stats.min / INNER
     gbs = traffic / per_call / 1e9
-    benchmark.extra_info.update({"us_per_call": per_call * 1e6, "GB/s": gbs, "bytes": traffic})
+    benchmark.extra_info.update(
+        {"us_per_call": per_call * 1e6, "GB/s": gbs, "bytes": traffic, "cuda_graph": graph}
+    )
     print(f"\n{label}: {per_call * 1e6:8.1f} us  {gbs:7.1f} GB/s  ({traffic / 2**20:.1f} MiB moved)")
 
 
@@ -137,6 +157,27 @@ def test_bitsandbytes_dequant(benchmark, shape: tuple[int, int], nested: bool) -
     packed, qs = _state(shape, nested)
     out = torch.empty(shape, dtype=DTYPE, device="cuda")
     _run(benchmark, lambda: F.dequantize_4bit(packed, qs, out=out), _traffic(shape, nested), "bitsandbytes")
+
+
+@pytest.mark.parametrize("impl", ["ours-gather", "ours-select", "bitsandbytes"])
+@pytest.mark.parametrize("nested", [False, True], ids=["fp32absmax", "nested"])
+@pytest.mark.parametrize("shape", SHAPES, ids=_id)
+def test_device_time_graph(benchmark, shape: tuple[int, int], nested: bool, impl: str, monkeypatch) -> None:
+    """Kernel time alone (CUDA-graph replay): tells a slow kernel from a slow host path, since the
+    eager figures above include the Python wrapper and launcher of every call."""
+    packed, qs = _state(shape, nested)
+    out = torch.empty(shape, dtype=DTYPE, device="cuda")
+    if impl == "bitsandbytes":
+        F = pytest.importorskip("bitsandbytes.functional", reason="no bitsandbytes: nothing to compare")
+        fn = lambda: F.dequantize_4bit(packed, qs, out=out)  # noqa: E731
+    else:
+        from muscle_fast.kernels import nf4 as knf4
+        from muscle_fast.nf4 import PreparedDequant4bit
+
+        monkeypatch.setattr(knf4, "LOOKUP", impl.split("-")[1])
+        fn = PreparedDequant4bit(packed, qs, DTYPE, out)
+    benchmark.extra_info["impl"] = impl
+    _run(benchmark, fn, _traffic(shape, nested), f"{impl} (graph)", graph=True)
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=_id)
