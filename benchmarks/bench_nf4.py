@@ -204,20 +204,24 @@ def test_dequant_matches_bitsandbytes(shape: tuple[int, int], monkeypatch) -> No
             assert torch.equal(dequantize_4bit(packed, qs), want), (nested, lookup)
 
 
-# Small-M inference: is a fused dequant+GEMM kernel worth writing? Compare our dequant + cuBLAS
-# against bitsandbytes' matmul_4bit (its fused 4-bit GEMV at M=1) and the dense bf16 GEMM floor.
+# Small-M inference: is the fused dequant+matmul kernel (muscle_fast.nf4.matmul_4bit) worth using?
+# Against our dequant + cuBLAS, bitsandbytes' matmul_4bit (its fused 4-bit GEMV at M=1) and the
+# dense bf16 GEMM floor; eager (host path included) and CUDA-graph replay (device time only).
 SMALL_M = [1, 16, 128]
 
 
-@pytest.mark.parametrize("impl", ["ours-dequant+cublas", "bnb-matmul_4bit", "dense-bf16"])
+@pytest.mark.parametrize("graph", [False, True], ids=["eager", "graph"])
+@pytest.mark.parametrize("impl", ["ours-fused", "ours-dequant+cublas", "bnb-matmul_4bit", "dense-bf16"])
 @pytest.mark.parametrize("m", SMALL_M, ids=lambda m: f"M{m}")
 @pytest.mark.parametrize("shape", SHAPES, ids=_id)
-def test_small_m_matmul(benchmark, shape: tuple[int, int], m: int, impl: str) -> None:
-    from muscle_fast.nf4 import dequantize_4bit
+def test_small_m_matmul(benchmark, shape: tuple[int, int], m: int, impl: str, graph: bool) -> None:
+    from muscle_fast.nf4 import dequantize_4bit, matmul_4bit
 
     packed, qs = _state(shape, nested=True)
     x = torch.randn(m, shape[1], device="cuda", dtype=DTYPE)
-    if impl == "ours-dequant+cublas":
+    if impl == "ours-fused":
+        fn = lambda: matmul_4bit(x, packed, qs)  # noqa: E731
+    elif impl == "ours-dequant+cublas":
         w = torch.empty(shape, dtype=DTYPE, device="cuda")
         fn = lambda: torch.nn.functional.linear(x, dequantize_4bit(packed, qs, out=w))  # noqa: E731
     elif impl == "bnb-matmul_4bit":
@@ -227,4 +231,19 @@ def test_small_m_matmul(benchmark, shape: tuple[int, int], m: int, impl: str) ->
         w = torch.randn(shape, dtype=DTYPE, device="cuda")
         fn = lambda: torch.nn.functional.linear(x, w)  # noqa: E731
     benchmark.extra_info.update({"M": m, "N": shape[0], "K": shape[1], "impl": impl})
-    _run(benchmark, fn, _traffic(shape, nested=True), f"{impl} M={m}")
+    _run(benchmark, fn, _traffic(shape, nested=True), f"{impl} M={m}", graph=graph)
+
+
+@pytest.mark.parametrize("m", SMALL_M, ids=lambda m: f"M{m}")
+@pytest.mark.parametrize("shape", SHAPES, ids=_id)
+def test_fused_matmul_matches_dequant_cublas(shape: tuple[int, int], m: int) -> None:
+    """At the benchmark shapes: the fused kernel against dequantize + float64 matmul, within the
+    output's rounding plus fp32 accumulation (K * 2^-24 of the sum of |terms|)."""
+    from muscle_fast.nf4 import dequantize_4bit, matmul_4bit
+
+    packed, qs = _state(shape, nested=True)
+    x = torch.randn(m, shape[1], device="cuda", dtype=DTYPE)
+    w = dequantize_4bit(packed, qs).double()
+    want = x.double() @ w.T
+    tol = 2.0**-7 * want.abs() + 2 * shape[1] * 2.0**-24 * (x.double().abs() @ w.abs().T)
+    assert bool(((matmul_4bit(x, packed, qs).double() - want).abs() <= tol).all())

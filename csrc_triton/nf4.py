@@ -86,6 +86,17 @@ def _code_select(code_ptr, idx):
 
 
 @triton.jit
+def round_bf16_rne(vals):
+    """fp32 -> bf16 round-to-nearest-even on the bits (NaN stays a quiet NaN): the interpreter's own
+    cast truncates, the GPU's (cvt.rn) already rounds like this."""
+    bits = vals.to(tl.uint32, bitcast=True)
+    bits = bits + 0x7FFF + ((bits >> 16) & 1)
+    half = (bits >> 16).to(tl.uint16)
+    half = tl.where(vals != vals, 0x7FC0, half).to(tl.uint16)
+    return half.to(tl.bfloat16, bitcast=True)
+
+
+@triton.jit
 def _dequant_tile(
     a_ptr,
     absmax_ptr,
@@ -144,12 +155,7 @@ def _dequant_tile(
     vals = tl.interleave(v_hi, v_lo)  # [ROWS, 2*COLS]: hi0, lo0, hi1, lo1, ...
 
     if BF16_RNE:
-        # fp32 -> bf16 round-to-nearest-even on the bits; NaN stays a quiet NaN.
-        bits = vals.to(tl.uint32, bitcast=True)
-        bits = bits + 0x7FFF + ((bits >> 16) & 1)
-        half = (bits >> 16).to(tl.uint16)
-        half = tl.where(vals != vals, 0x7FC0, half).to(tl.uint16)
-        vals = half.to(tl.bfloat16, bitcast=True)
+        vals = round_bf16_rne(vals)
     else:
         vals = vals.to(out_ptr.dtype.element_ty)
 
@@ -197,6 +203,43 @@ def _dequant_4bit_kernel(
         )  # fmt: skip
 
 
+def check_scale_args(
+    absmax: torch.Tensor,
+    code: torch.Tensor,
+    code2: torch.Tensor | None,
+    absmax2: torch.Tensor | None,
+    offset: torch.Tensor | None,
+    n_blocks: int,
+    blocksize2: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Check the scale arguments the 4-bit kernels share; returns (code2, absmax2, offset), with any
+    valid tensor standing in for the unused pointers when there is no double quantization."""
+    nested = code2 is not None
+    want_absmax = torch.uint8 if nested else torch.float32
+    if absmax.dtype != want_absmax or absmax.numel() < n_blocks:
+        raise ValueError(
+            f"absmax must be {want_absmax} with >= {n_blocks} entries, got {absmax.dtype} "
+            f"with {absmax.numel()}"
+        )
+    if code.dtype != torch.float32 or code.numel() != 16:
+        raise ValueError(f"code must be 16 fp32 values, got {code.numel()} {code.dtype}")
+    if not nested:
+        return code, code, code
+    if absmax2 is None or offset is None:
+        raise ValueError("double quantization needs absmax2 and offset together with code2")
+    if code2.dtype != torch.float32 or code2.numel() != 256:
+        raise ValueError(f"code2 must be 256 fp32 values, got {code2.numel()} {code2.dtype}")
+    n_blocks2 = -(-n_blocks // blocksize2)
+    if absmax2.dtype != torch.float32 or absmax2.numel() < n_blocks2:
+        raise ValueError(
+            f"absmax2 must be fp32 with >= {n_blocks2} entries, got {absmax2.dtype} "
+            f"with {absmax2.numel()}"
+        )
+    if offset.dtype != torch.float32 or offset.numel() != 1:
+        raise ValueError(f"offset must be one fp32 value, got {offset.numel()} {offset.dtype}")
+    return code2, absmax2, offset
+
+
 def dequantize_4bit_packed(
     packed: torch.Tensor,
     absmax: torch.Tensor,
@@ -236,33 +279,10 @@ def dequantize_4bit_packed(
             f"packed must be uint8 with {n_bytes} bytes for {numel} values, got {packed.dtype} "
             f"with {packed.numel()} elements"
         )
-    n_blocks = -(-numel // blocksize)
-    want_absmax = torch.uint8 if nested else torch.float32
-    if absmax.dtype != want_absmax or absmax.numel() < n_blocks:
-        raise ValueError(
-            f"absmax must be {want_absmax} with >= {n_blocks} entries, got {absmax.dtype} "
-            f"with {absmax.numel()}"
-        )
-    if code.dtype != torch.float32 or code.numel() != 16:
-        raise ValueError(f"code must be 16 fp32 values, got {code.numel()} {code.dtype}")
-    tensors = [packed, absmax, code, out]
-    if nested:
-        if absmax2 is None or offset is None:
-            raise ValueError("double quantization needs absmax2 and offset together with code2")
-        if code2.dtype != torch.float32 or code2.numel() != 256:
-            raise ValueError(f"code2 must be 256 fp32 values, got {code2.numel()} {code2.dtype}")
-        n_blocks2 = -(-n_blocks // blocksize2)
-        if absmax2.dtype != torch.float32 or absmax2.numel() < n_blocks2:
-            raise ValueError(
-                f"absmax2 must be fp32 with >= {n_blocks2} entries, got {absmax2.dtype} "
-                f"with {absmax2.numel()}"
-            )
-        if offset.dtype != torch.float32 or offset.numel() != 1:
-            raise ValueError(f"offset must be one fp32 value, got {offset.numel()} {offset.dtype}")
-        tensors += [code2, absmax2, offset]
-    else:
-        # Unused pointers in the non-nested specialization; any valid tensor will do.
-        code2 = absmax2 = offset = code
+    code2, absmax2, offset = check_scale_args(
+        absmax, code, code2, absmax2, offset, -(-numel // blocksize), blocksize2
+    )
+    tensors = [packed, absmax, code, out, code2, absmax2, offset]
     check_device(*tensors)
     devices = {t.device for t in tensors}
     if len(devices) != 1:

@@ -12,7 +12,7 @@ from .align import AlignStats, GradientAligner, align_loop_reference
 from .config import FAMILIES, MuScleConfig, family_defaults
 from .dual import dual_gradients
 from .layers import MuScleLinear
-from .nf4 import dequantize_4bit
+from .nf4 import dequantize_4bit, matmul_4bit
 from .patch import DecoderScoreHead, patch_model
 from .train import TrainConfig, TrainResult, train_muscle
 
@@ -34,6 +34,7 @@ __all__ = [
     "export_peft",
     "family_defaults",
     "load_adapter",
+    "matmul_4bit",
     "merge_and_unload",
     "patch_model",
     "save_adapter",

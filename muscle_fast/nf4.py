@@ -20,7 +20,15 @@ import torch
 
 from muscle_fast.kernels._common import kernels_run_on
 
-__all__ = ["SUPPORTED_BLOCKSIZES", "dequantize_4bit", "dequantize_4bit_ref", "get_4bit_code"]
+__all__ = [
+    "SUPPORTED_BLOCKSIZES",
+    "PreparedDequant4bit",
+    "dequantize_4bit",
+    "dequantize_4bit_ref",
+    "get_4bit_code",
+    "matmul_4bit",
+    "matmul_4bit_ref",
+]
 
 #: Block sizes bitsandbytes accepts for ``quantize_4bit``/``dequantize_4bit``.
 SUPPORTED_BLOCKSIZES: tuple[int, ...] = (32, 64, 128, 256, 512, 1024, 2048, 4096)
@@ -104,6 +112,23 @@ def _decode_absmax(qs: QuantStateLike, n_blocks: int, device: torch.device) -> t
     a = (code2[q.long()] * absmax2[blk]).to(s2.dtype or torch.float32)
     a += qs.offset if not isinstance(qs.offset, torch.Tensor) else qs.offset.to(device)
     return a.float()
+
+
+def _kernel_scale_args(qs: QuantStateLike, n_blocks: int, device: torch.device) -> dict[str, Any]:
+    """The kernels' absmax arguments: the raw uint8 codes plus code2/absmax2/offset/blocksize2 when
+    the kernel decodes the double-quantized absmax itself (bitsandbytes' default state); else the
+    fp32 absmax decoded here first (plain states, and unusual nested ones: non-fp32 state2, triple
+    nesting), exactly as bitsandbytes does."""
+    if qs.state2 is not None and _nested_inline(qs):
+        s2 = qs.state2
+        return dict(
+            absmax=qs.absmax.reshape(-1).to(device),
+            code2=s2.code.reshape(-1).to(device=device, dtype=torch.float32),
+            absmax2=s2.absmax.reshape(-1).to(device),
+            offset=_as_fp32_on(qs.offset, device, "quant_state.offset").reshape(1),
+            blocksize2=s2.blocksize,
+        )
+    return dict(absmax=_decode_absmax(qs, n_blocks, device))
 
 
 def _validate(
@@ -240,17 +265,7 @@ class PreparedDequant4bit:
         self._key = self._identity(A, qs, out)
         self.A, self.out = A, out
         code = _code_for(qs, dev)
-        if qs.state2 is not None and _nested_inline(qs):
-            s2 = qs.state2
-            args = dict(
-                absmax=qs.absmax.reshape(-1).to(dev),
-                code2=s2.code.reshape(-1).to(device=dev, dtype=torch.float32),
-                absmax2=s2.absmax.reshape(-1).to(dev),
-                offset=_as_fp32_on(qs.offset, dev, "quant_state.offset").reshape(1),
-                blocksize2=s2.blocksize,
-            )
-        else:
-            args = dict(absmax=_decode_absmax(qs, n_blocks, dev))
+        args = _kernel_scale_args(qs, n_blocks, dev)
         from muscle_fast.kernels.nf4 import dequantize_4bit_packed
 
         # one full check of the launch arguments, which also fills ``out`` once
@@ -298,23 +313,70 @@ def dequantize_4bit(
     if out is None:
         out = torch.empty(shape, dtype=dtype, device=dev)
     code = _code_for(quant_state, dev)
-    qs = quant_state
-    if qs.state2 is not None and _nested_inline(qs):
-        s2 = qs.state2
-        dequantize_4bit_packed(
-            packed,
-            qs.absmax.reshape(-1).to(dev),
-            code,
-            out,
-            qs.blocksize,
-            code2=s2.code.reshape(-1).to(device=dev, dtype=torch.float32),
-            absmax2=s2.absmax.reshape(-1).to(dev),
-            offset=_as_fp32_on(qs.offset, dev, "quant_state.offset").reshape(1),
-            blocksize2=s2.blocksize,
-        )
-    else:
-        # Plain fp32 absmax, or an unusual nested state (non-fp32 state2, triple nesting) whose
-        # absmax is decoded in torch first, exactly as bitsandbytes does.
-        absmax = _decode_absmax(qs, n_blocks, dev)
-        dequantize_4bit_packed(packed, absmax, code, out, qs.blocksize)
+    args = _kernel_scale_args(quant_state, n_blocks, dev)
+    dequantize_4bit_packed(packed, code=code, out=out, blocksize=quant_state.blocksize, **args)
     return _finish(A, out)
+
+
+def _check_matmul(x: torch.Tensor, quant_state: QuantStateLike, bias: torch.Tensor | None) -> tuple[int, int]:
+    if not isinstance(x, torch.Tensor) or x.dtype not in _OUT_DTYPES:
+        got = x.dtype if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"matmul_4bit: x must be an fp16, bf16 or fp32 tensor, got {got}")
+    shape = None if quant_state is None or quant_state.shape is None else tuple(quant_state.shape)
+    if shape is None or len(shape) != 2:
+        raise ValueError(f"matmul_4bit: quant_state.shape must be a 2-D weight shape (out, in), got {shape}")
+    n, k = (int(d) for d in shape)
+    if x.dim() == 0 or x.shape[-1] != k:
+        raise ValueError(
+            f"matmul_4bit: x.shape {tuple(x.shape)} does not end in in_features {k} of weight {shape}"
+        )
+    if bias is not None and tuple(bias.shape) != (n,):
+        raise ValueError(f"matmul_4bit: bias.shape {tuple(bias.shape)} != ({n},)")
+    return n, k
+
+
+def matmul_4bit_ref(
+    x: torch.Tensor, A: torch.Tensor, quant_state: QuantStateLike, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``x @ dequantize_4bit(W).T (+ bias)`` in torch: the CPU path and the fused kernel's meaning."""
+    _check_matmul(x, quant_state, bias)
+    w = dequantize_4bit_ref(A, quant_state, dtype=x.dtype)
+    return torch.nn.functional.linear(x, w.reshape(quant_state.shape), bias)
+
+
+def matmul_4bit(
+    x: torch.Tensor,
+    A: torch.Tensor,
+    quant_state: QuantStateLike,
+    bias: torch.Tensor | None = None,
+    *,
+    split_k: int | None = None,
+) -> torch.Tensor:
+    """``x @ W.T (+ bias)`` for a bitsandbytes 4-bit weight, dequantized in registers (small M).
+
+    For decode-sized batches, where dequantize + cuBLAS spends its time writing and re-reading the
+    16-bit weight. Same numerics as ``linear(x, dequantize_4bit(A, qs, dtype=x.dtype), bias)`` up to
+    the accumulation order (fp32); the bias is added after rounding to x's dtype. ``x``: ``[..., K]``;
+    ``A``/``quant_state`` as for ``dequantize_4bit`` with ``quant_state.shape == (N, K)``, K even.
+    On tensors the kernels cannot run on, ``matmul_4bit_ref``. Not used by ``MuScleLinear`` until a
+    GPU benchmark shows it beating dequantize + cuBLAS (``benchmarks/bench_nf4.py``).
+    """
+    n, k = _check_matmul(x, quant_state, bias)
+    if not kernels_run_on(x.device):
+        return matmul_4bit_ref(x, A, quant_state, bias)
+    from muscle_fast.kernels.nf4_matmul import matmul_4bit_packed
+
+    if A.device != x.device:
+        raise ValueError(f"matmul_4bit: A is on {A.device} but x is on {x.device}")
+    packed, _, _, _, n_blocks = _validate(A, quant_state, x.dtype, None)
+    args = _kernel_scale_args(quant_state, n_blocks, x.device)
+    x2 = x.reshape(-1, k)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    y = matmul_4bit_packed(
+        x2, packed, code=_code_for(quant_state, x.device), n=n, blocksize=quant_state.blocksize,
+        split_k=split_k, **args,
+    )  # fmt: skip
+    if bias is not None:
+        y = y + bias.to(y.dtype)
+    return y.reshape(*x.shape[:-1], n)

@@ -6,6 +6,9 @@ Without CUDA the kernel runs in Triton's interpreter (tests/conftest.py), so ten
 from __future__ import annotations
 
 import contextlib
+import os
+import subprocess
+import sys
 from types import SimpleNamespace
 
 import pytest
@@ -304,3 +307,107 @@ def test_prepared_dequant_refuses_the_torch_path(monkeypatch: pytest.MonkeyPatch
     packed, qs = _state((4, 64), 64)
     with pytest.raises(ValueError, match="needs the Triton kernels"):
         mnf4.PreparedDequant4bit(packed, qs, torch.float32, torch.empty(4, 64))
+
+
+# --------------------------------------------------------------------------- fused small-M matmul
+
+#: Final rounding of the output per dtype (one unit in the last place, relative).
+OUT_EPS = {torch.float32: 2.0**-23, torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}
+
+
+def _check_matmul(got: torch.Tensor, x: torch.Tensor, packed: torch.Tensor, qs, bias=None) -> None:
+    """Against float64 on the weights dequantize_4bit gives in x's dtype: the output's own rounding
+    plus fp32 accumulation, bounded by K * 2^-24 * (|x| @ |W|^T), the sum of |terms|."""
+    w = dequantize_4bit_ref(packed, qs, dtype=x.dtype).double()
+    want = x.double() @ w.T
+    if bias is not None:
+        want = (want.to(x.dtype) + bias.to(x.dtype)).double()  # bias added after rounding
+    bound = x.double().abs() @ w.abs().T
+    k = x.shape[-1]
+    tol = OUT_EPS[x.dtype] * want.abs() + 2 * k * 2.0**-24 * bound + 1e-30
+    err = (got.double() - want).abs()
+    assert got.dtype == x.dtype and got.shape == want.shape
+    worst = (err / tol).max().item()
+    assert bool((err <= tol).all()), f"max err {err.max().item():.3g}, worst err/tol {worst:.3g}"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("nested", [False, True], ids=["fp32absmax", "nested"])
+@pytest.mark.parametrize(
+    "m,n,k,blocksize,split_k",
+    [
+        (1, 37, 130, 64, 1),  # decode row; 130 % 64 != 0: quantization blocks straddle rows
+        (1, 37, 130, 64, 3),  # K split in three (uneven), partial sums added
+        (3, 1, 64, 32, 2),  # one output feature
+        (17, 33, 96, 128, 1),  # two M tiles; block larger than a row
+        (5, 16, 2, 32, 1),  # K = 2: one byte per row
+    ],
+    ids=lambda v: str(v),
+)
+def test_matmul_4bit_matches_float64(
+    device: str, dtype: torch.dtype, nested: bool, m: int, n: int, k: int, blocksize: int, split_k: int
+) -> None:
+    from muscle_fast.nf4 import matmul_4bit
+
+    packed, qs = _state((n, k), blocksize, nested=nested, device=device, seed=m * 1000 + n + k)
+    x = torch.randn(m, k, device=device).to(dtype)
+    _check_matmul(matmul_4bit(x, packed, qs, split_k=split_k), x, packed, qs)
+
+
+def test_matmul_4bit_leading_dims_bias_and_strides(device: str) -> None:
+    from muscle_fast.nf4 import matmul_4bit, matmul_4bit_ref
+
+    packed, qs = _state((24, 70), 64, nested=True, device=device)
+    x = torch.randn(2, 3, 140, device=device, dtype=torch.float16)[..., ::2]  # non-unit column stride
+    bias = torch.randn(24, device=device, dtype=torch.float16)
+    got = matmul_4bit(x, packed, qs, bias)
+    assert got.shape == (2, 3, 24)
+    _check_matmul(got.reshape(6, 24), x.reshape(6, 70), packed, qs, bias)
+    ref = matmul_4bit_ref(x, packed, qs, bias)  # the torch path computes the same thing
+    _check_matmul(ref.reshape(6, 24), x.reshape(6, 70), packed, qs, bias)
+
+
+def test_matmul_4bit_cpu_without_interpreter_is_reference(monkeypatch: pytest.MonkeyPatch) -> None:
+    from muscle_fast.kernels import _common
+    from muscle_fast.nf4 import matmul_4bit, matmul_4bit_ref
+
+    monkeypatch.setattr(_common, "INTERPRET", False)
+    packed, qs = _state((9, 34), 32, nested=True)
+    x = torch.randn(2, 34)
+    assert torch.equal(matmul_4bit(x, packed, qs), matmul_4bit_ref(x, packed, qs))
+
+
+def test_matmul_4bit_errors(device: str) -> None:
+    from muscle_fast.nf4 import matmul_4bit
+
+    packed, qs = _state((8, 64), 64, device=device)
+    x = torch.randn(2, 64, device=device)
+    with pytest.raises(ValueError, match=r"x.shape \(2, 63\) does not end in in_features 64"):
+        matmul_4bit(x[:, :63], packed, qs)
+    with pytest.raises(ValueError, match=r"bias.shape \(7,\) != \(8,\)"):
+        matmul_4bit(x, packed, qs, torch.zeros(7, device=device))
+    with pytest.raises(ValueError, match="x must be an fp16, bf16 or fp32 tensor"):
+        matmul_4bit(x.double(), packed, qs)
+    p1, q1 = _state((512,), 64, device=device)
+    with pytest.raises(ValueError, match="2-D weight shape"):
+        matmul_4bit(x, p1, q1)
+    if device == "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
+        p_odd, q_odd = _state((4, 65), 64, device=device)
+        with pytest.raises(ValueError, match="even K"):
+            matmul_4bit(torch.randn(1, 65, device=device), p_odd, q_odd)
+        with pytest.raises(ValueError, match="split_k must be >= 1"):
+            matmul_4bit(x, packed, qs, split_k=0)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the kernels are compiled and run for real")
+def test_kernels_compile_for_sm90_within_shared_memory() -> None:
+    """The interpreter type-checks nothing GPU-specific: compile both 4-bit kernels for sm_90 offline,
+    every GPU autotune config of the matmul on both paths (GEMV and tl.dot), and check each fits the
+    H100's 227 KiB of shared memory per block (a config that does not is skipped by the autotuner,
+    and fails outright with MUSCLE_FAST_AUTOTUNE=0)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    script = os.path.join(os.path.dirname(__file__), "compile_nf4_sm90.py")
+    r = subprocess.run([sys.executable, script], env=env, capture_output=True, text=True, timeout=600)
+    if "ptxas" in r.stderr and "not found" in r.stderr:
+        pytest.skip(r.stderr[-500:])
+    assert r.returncode == 0 and "OK" in r.stdout, r.stderr[-3000:]

@@ -48,7 +48,7 @@ bench() {  # topic, seconds
   tar -C /tmp/bench -czf "$OUT/bench.tar.gz" .  # after every topic: a killed run still returns the rest
 }
 # limits from the 2026-11-26 H100 run (step and fourier did not finish in 40 / 20 s there)
-bench nf4 65  # +18 CUDA-graph (device-time) cases
+bench nf4 110  # + CUDA-graph (device-time) cases and the fused small-M matmul
 bench qlora 60
 bench lowrank 100
 bench step 80
