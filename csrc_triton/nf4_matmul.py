@@ -23,6 +23,7 @@ block may straddle rows (its absmax is looked up per byte).
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import torch
 import triton
@@ -141,11 +142,16 @@ def _matmul_4bit_kernel(
     tl.store(p, acc, mask=m_mask[:, None] & n_mask[None, :])
 
 
+@functools.cache
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count  # once per device
+
+
 def default_split_k(m: int, n: int, k: int) -> int:
     """K splits that give the GPU about two programs per SM at decode sizes (1 on the interpreter)."""
     if INTERPRET:
         return 1
-    sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+    sms = _sm_count(torch.cuda.current_device())
     tiles = triton.cdiv(n, 64) * triton.cdiv(m, 1 if m <= GEMV_MAX_M else DOT_BLOCK_M)
     return max(1, min(16, triton.cdiv(2 * sms, tiles), k // 256))
 

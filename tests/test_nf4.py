@@ -411,3 +411,28 @@ def test_kernels_compile_for_sm90_within_shared_memory() -> None:
     if "ptxas" in r.stderr and "not found" in r.stderr:
         pytest.skip(r.stderr[-500:])
     assert r.returncode == 0 and "OK" in r.stdout, r.stderr[-3000:]
+
+
+def test_matmul_4bit_launcher_errors(device: str) -> None:
+    """The low-level launcher names the argument at fault (muscle_fast.nf4 checks QuantStates first)."""
+    if device != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("the launcher needs CUDA or the interpreter")
+    from muscle_fast.kernels.nf4_matmul import matmul_4bit_packed
+
+    code = get_4bit_code("nf4", device)
+    packed = torch.zeros(8 * 32, dtype=torch.uint8, device=device)
+    absmax = torch.ones(8, device=device)
+    x = torch.randn(2, 64, device=device)
+    with pytest.raises(ValueError, match="x must be 2-D with unit column stride"):
+        matmul_4bit_packed(x[None], packed, absmax, code, 8, 64)
+    with pytest.raises(ValueError, match="x dtype must be fp16, bf16 or fp32"):
+        matmul_4bit_packed(x.double(), packed, absmax, code, 8, 64)
+    with pytest.raises(ValueError, match=r"packed must be uint8 with 256 bytes for \[8, 64\]"):
+        matmul_4bit_packed(x, packed[:-1], absmax, code, 8, 64)
+    with pytest.raises(ValueError, match="blocksize must be one of"):
+        matmul_4bit_packed(x, packed, absmax, code, 8, 48)
+    with pytest.raises(ValueError, match="absmax must be torch.float32 with >= 8 entries"):
+        matmul_4bit_packed(x, packed, absmax[:7], code, 8, 64)
+    with pytest.raises(ValueError, match="double quantization needs absmax2 and offset"):
+        code2 = torch.zeros(256, device=device)
+        matmul_4bit_packed(x, packed, absmax.to(torch.uint8), code, 8, 64, code2=code2)
