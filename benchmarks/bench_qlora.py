@@ -4,13 +4,20 @@ Forward + backward (with the input gradient, as inside a model), time and peak m
 tokens, adapters on q_proj/v_proj (SPEC §3) and on all seven projections. On the CPU a tiny
 layer runs once per case as a smoke check of the code path (no timing claims).
 
+``test_qlora_layer_profile`` (CUDA) splits the GPU time of one step by kernel kind (frozen GEMMs,
+4-bit dequantization, our low-rank kernels, attention, the rest) and compares the kernels' sum with
+the step's wall time: it says where a speed-up over peft could still come from.
+
     pytest benchmarks/bench_qlora.py --benchmark-json=qlora.json
 """
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
+from _models import quantize_linears_4bit
 from torch import nn
 
 bnb = pytest.importorskip("bitsandbytes")
@@ -37,16 +44,7 @@ def _layer() -> tuple[nn.Module, nn.Module]:
     cfg = LlamaConfig(**DIMS, num_hidden_layers=1, max_position_embeddings=SEQ)
     torch.manual_seed(0)
     layer = LlamaDecoderLayer(cfg, layer_idx=0).to(DTYPE)
-    for name, lin in list(layer.named_modules()):
-        if type(lin) is nn.Linear:
-            q = bnb.nn.Linear4bit(
-                lin.in_features, lin.out_features, bias=False, compute_dtype=DTYPE, quant_type="nf4"
-            )
-            q.weight = bnb.nn.Params4bit(lin.weight.data.float(), requires_grad=False, quant_type="nf4")
-            q = q.to(DEVICE)
-            parent, _, child = name.rpartition(".")
-            setattr(layer.get_submodule(parent), child, q)
-    layer = layer.to(DEVICE).requires_grad_(False)
+    layer = quantize_linears_4bit(layer, DTYPE, DEVICE).to(DEVICE).requires_grad_(False)
     return layer, LlamaRotaryEmbedding(cfg).to(DEVICE)
 
 
@@ -62,17 +60,13 @@ def _adapt(layer: nn.Module, impl: str, targets: list[str]) -> nn.Module:
     return patch_model(layer, cfg)
 
 
-@pytest.mark.parametrize("impl", ["peft", "ours"])
-@pytest.mark.parametrize("targets", list(TARGETS))
-def test_qlora_layer(benchmark, targets, impl):
+def _step_fn(targets: str, impl: str):
+    """(model, one forward+backward step) for a fresh 4-bit layer with ``impl``'s adapters."""
     layer, rope = _layer()
     model = _adapt(layer, impl, TARGETS[targets])
     x = torch.randn(BATCH, SEQ, DIMS["hidden_size"], device=DEVICE, dtype=DTYPE, requires_grad=True)
     pos = torch.arange(SEQ, device=DEVICE)[None].expand(BATCH, -1)
     cos_sin = rope(x, pos)
-    benchmark.extra_info.update(
-        dict(impl=impl, targets=targets, batch=BATCH, seq=SEQ, rank=RANK, device=DEVICE, **DIMS)
-    )
 
     def step() -> None:
         out = model(x, position_embeddings=cos_sin)
@@ -82,6 +76,16 @@ def test_qlora_layer(benchmark, targets, impl):
         if CUDA:
             torch.cuda.synchronize()
 
+    return model, step
+
+
+@pytest.mark.parametrize("impl", ["peft", "ours"])
+@pytest.mark.parametrize("targets", list(TARGETS))
+def test_qlora_layer(benchmark, targets, impl):
+    model, step = _step_fn(targets, impl)
+    benchmark.extra_info.update(
+        dict(impl=impl, targets=targets, batch=BATCH, seq=SEQ, rank=RANK, device=DEVICE, **DIMS)
+    )
     step()
     if CUDA:
         torch.cuda.reset_peak_memory_stats()
@@ -92,3 +96,65 @@ def test_qlora_layer(benchmark, targets, impl):
         benchmark.extra_info["gpu"] = torch.cuda.get_device_name()
     trainable = [p for p in model.parameters() if p.requires_grad]
     assert trainable and all(p.grad is not None for p in trainable)
+
+
+# Kernel kinds by name (lower case). Frozen GEMMs are cuBLAS/CUTLASS (peft's LoRA GEMMs too: they
+# are small and counted there); ours are Triton kernels named after their functions.
+KINDS = {
+    "dequant": ("dequant",),
+    "lowrank_triton": (
+        "_shrink_kernel",
+        "_expand_kernel",
+        "_fused_linear_kernel",
+        "_bwd_ds_db_kernel",
+        "_grad_a_kernel",
+        "_dropout_mask_kernel",
+    ),  # fmt: skip
+    "attention": ("flash", "fmha", "attention", "softmax", "efficient"),
+    "gemm": ("gemm", "cutlass", "xmma", "nvjet", "cublas", "wgmma", "sm90_", "sm80_"),
+}
+
+
+def kernel_kind(name: str) -> str:
+    low = name.lower()
+    for kind, keys in KINDS.items():
+        if any(k in low for k in keys):
+            return kind
+    return "other"
+
+
+@pytest.mark.skipif(not CUDA, reason="splits GPU kernel time: needs CUDA")
+@pytest.mark.parametrize("impl", ["peft", "ours"])
+@pytest.mark.parametrize("targets", list(TARGETS))
+def test_qlora_layer_profile(benchmark, targets, impl):
+    from torch.profiler import ProfilerActivity, profile
+
+    model, step = _step_fn(targets, impl)
+    for _ in range(2):
+        step()
+    n = 3
+    t0 = time.perf_counter()
+    for _ in range(n):
+        step()
+    wall_ms = (time.perf_counter() - t0) / n * 1e3
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(n):
+            step()
+    by_kind: dict[str, float] = {}
+    by_name: dict[str, float] = {}
+    for evt in prof.events():
+        if evt.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        us = evt.time_range.elapsed_us()
+        by_kind[kernel_kind(evt.name)] = by_kind.get(kernel_kind(evt.name), 0.0) + us / n / 1e3
+        by_name[evt.name] = by_name.get(evt.name, 0.0) + us / n / 1e3
+    top = sorted(by_name.items(), key=lambda kv: -kv[1])[:15]
+    gpu_ms = sum(by_kind.values())
+    benchmark.extra_info.update(
+        dict(impl=impl, targets=targets, batch=BATCH, seq=SEQ, rank=RANK, wall_ms=wall_ms, kernel_ms=gpu_ms,
+             by_kind_ms=by_kind, top_kernels_ms=dict(top), gpu=torch.cuda.get_device_name(), **DIMS)
+    )  # fmt: skip
+    print(f"\n{targets}-{impl}: wall {wall_ms:.2f} ms, kernels {gpu_ms:.2f} ms: "
+          + ", ".join(f"{k} {v:.2f}" for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1])))  # fmt: skip
+    benchmark.pedantic(step, rounds=1, iterations=1)
+    assert gpu_ms > 0

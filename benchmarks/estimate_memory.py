@@ -1,11 +1,14 @@
 """Estimated peak GPU memory of MuScleLoRA training of Llama-2-7B in 4-bit (NF4), by component.
 
-    python benchmarks/estimate_memory.py [--batch 1] [--seqs 512 2048]
+    python benchmarks/estimate_memory.py [--batch 1] [--ref-batch N] [--seqs 512 2048]
 
 An analytic count, not a measurement: 4-bit linear weights with double-quantized absmax, bf16
 embeddings and norms, fp32 adapters with their gradient and two AdamW moments, and the
 activations autograd keeps for backward (bf16, SDPA attention, no gradient checkpointing, and
-with checkpointing per decoder layer). Measured peaks come from benchmarks/bench_qlora.py on a GPU.
+with checkpointing per decoder layer). A MuScleLoRA step runs the training batch and a reference
+batch of the same size through one forward and backward (single-pass gradient alignment), so its
+activations are those of ``batch + ref_batch`` sequences; ``--ref-batch 0`` is a LoRA-only step.
+Measured peaks: benchmarks/bench_memory.py on a GPU (it records this estimate beside them).
 """
 
 from __future__ import annotations
@@ -45,7 +48,20 @@ def workspace_bytes() -> float:
     return H * INTER * 2  # the largest dequantized weight (bf16), one reused buffer
 
 
-def table(batch: int, seqs: list[int]) -> str:
+def components(batch: int, seq: int, checkpointing: bool, ref_batch: int | None = None) -> dict[str, float]:
+    """Bytes per component of one training step; ``ref_batch`` defaults to ``batch`` (MuScleLoRA)."""
+    rows = batch + (batch if ref_batch is None else ref_batch)
+    parts = {
+        "weights": weights_bytes(),
+        "adapters": adapter_bytes(),
+        "activations": activation_bytes(rows, seq, checkpointing),
+        "dequant_buffer": workspace_bytes(),
+    }
+    parts["total"] = sum(parts.values())
+    return parts
+
+
+def table(batch: int, seqs: list[int], ref_batch: int | None = None) -> str:
     rows = [
         "| sequence | checkpointing | weights (NF4) | adapters + AdamW | activations | dequant buffer "
         "| total |",
@@ -53,11 +69,11 @@ def table(batch: int, seqs: list[int]) -> str:
     ]
     for s in seqs:
         for ck in (False, True):
-            parts = [weights_bytes(), adapter_bytes(), activation_bytes(batch, s, ck), workspace_bytes()]
+            parts = components(batch, s, ck, ref_batch)
             rows.append(
                 f"| {s} | {'yes' if ck else 'no'} | "
-                + " | ".join(f"{p / GiB:.2f} GiB" for p in parts)
-                + f" | {sum(parts) / GiB:.2f} GiB |"
+                + " | ".join(f"{p / GiB:.2f} GiB" for p in parts.values())
+                + " |"
             )
     return "\n".join(rows)
 
@@ -65,13 +81,17 @@ def table(batch: int, seqs: list[int]) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--batch", type=int, default=1)
+    p.add_argument(
+        "--ref-batch", type=int, default=None, help="reference rows per step (default: --batch; 0: LoRA only)"
+    )
     p.add_argument("--seqs", type=int, nargs="+", default=[512, 2048])
     args = p.parse_args()
+    ref = args.batch if args.ref_batch is None else args.ref_batch
     print(
-        f"Llama-2-7B, 4-bit NF4 (double quant), batch {args.batch}, MuScleLoRA r=2 on q_proj/v_proj "
-        f"(estimate, not measured)"
+        f"Llama-2-7B, 4-bit NF4 (double quant), batch {args.batch} + reference batch {ref}, "
+        f"r=2 on q_proj/v_proj (estimate, not measured)"
     )
-    print(table(args.batch, args.seqs))
+    print(table(args.batch, args.seqs, ref))
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from reference import randomize_adapters
-from tiny_models import FAMILIES, tiny_batch, tiny_model
+from tiny_models import FAMILIES, LLAMA_4BIT, quantize_linears_4bit, tiny_batch, tiny_model
 
 from muscle_fast import patch_model
 from muscle_fast.dual import dual_gradients, trainable_params
@@ -19,8 +19,10 @@ def _batches(family: str):
     return b, r
 
 
-def _model(family: str):
-    model = tiny_model(family)
+def _model(family: str, four_bit: bool = False):
+    model = tiny_model(family, **(LLAMA_4BIT if four_bit else {}))
+    if four_bit:
+        quantize_linears_4bit(model)
     patch_model(model)
     randomize_adapters(model)
     return model
@@ -103,3 +105,40 @@ def test_empty_reference_batch():
     r = {k: v[:0] for k, v in r.items()}
     with pytest.raises(ValueError, match="reference batch is empty"):
         dual_gradients(model, b, r)
+
+
+CKPT_CASES = [(f, False) for f in FAMILIES] + [("llama", True)]
+
+
+CKPT_IDS = [f + ("-4bit" if q else "") for f, q in CKPT_CASES]
+
+
+@pytest.mark.parametrize("reentrant", [False, True], ids=["non-reentrant", "reentrant"])
+@pytest.mark.parametrize("family,four_bit", CKPT_CASES, ids=CKPT_IDS)
+def test_gradient_checkpointing_single_pass(family, four_bit, reentrant):
+    """HF gradient checkpointing (how a 7B model fits) recomputes the adapted layers in backward; the
+    single pass must still route training and reference rows apart: same losses and gradients,
+    bit for bit, as without checkpointing."""
+    from muscle_fast.layers import MuScleLinear
+
+    b, r = _batches(family)
+    got = []
+    for ckpt in (False, True):
+        model = _model(family, four_bit).train()
+        if ckpt:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+        calls: list[int] = []
+        hook = lambda *_, sink=calls: sink.append(1)  # noqa: E731
+        for m in model.modules():
+            if isinstance(m, MuScleLinear):
+                m.register_forward_hook(hook)
+        loss, ref_loss, refs = dual_gradients(model, b, r, single_pass=True)
+        grads = [p.grad for p in trainable_params(model)]
+        got.append((loss, ref_loss, grads, refs, len(calls)))
+    (l0, rl0, g0, c0, n0), (l1, rl1, g1, c1, n1) = got
+    assert n1 > n0  # the decoder layers' adapters really ran again in backward
+    assert torch.equal(l0, l1) and torch.equal(rl0, rl1)
+    for a0, a1, r0, r1 in zip(g0, g1, c0, c1, strict=True):
+        assert torch.equal(a0, a1)
+        assert (r0 is None and r1 is None) or torch.equal(r0, r1)
+        assert float(a0.abs().sum()) > 0
