@@ -358,8 +358,9 @@ def matmul_4bit(
     16-bit weight. Same numerics as ``linear(x, dequantize_4bit(A, qs, dtype=x.dtype), bias)`` up to
     the accumulation order (fp32); the bias is added after rounding to x's dtype. ``x``: ``[..., K]``;
     ``A``/``quant_state`` as for ``dequantize_4bit`` with ``quant_state.shape == (N, K)``, K even.
-    On tensors the kernels cannot run on, ``matmul_4bit_ref``. Not used by ``MuScleLinear`` until a
-    GPU benchmark shows it beating dequantize + cuBLAS (``benchmarks/bench_nf4.py``).
+    On tensors the kernels cannot run on, ``matmul_4bit_ref``. ``MuScleLinear`` uses it only for
+    forwards of up to ``MUSCLE_FAST_FUSED_4BIT_MAX_M`` rows (default 0: off until a GPU benchmark
+    shows it beating dequantize + cuBLAS, ``benchmarks/bench_nf4.py``).
     """
     n, k = _check_matmul(x, quant_state, bias)
     if not kernels_run_on(x.device):

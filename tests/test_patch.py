@@ -181,6 +181,40 @@ class TestFourBit:
         assert torch.equal(q.base.weight.data, packed)  # the quantized weight is untouched
         assert q.lora_A.grad is not None and float(q.lora_A.grad.abs().sum()) > 0
 
+    def test_fused_small_m_forward(self, model, monkeypatch):
+        """With MUSCLE_FAST_FUSED_4BIT_MAX_M set, inputs of up to that many rows go through the fused
+        dequantize + matmul kernel (interpreter on the CPU) and larger ones through dequantize + GEMM;
+        both match the float64 reference, and the backward (the same code either way) trains."""
+        import muscle_fast.nf4 as nf4
+        from muscle_fast.ops import lowrank
+
+        calls = []
+        real = nf4.matmul_4bit
+        monkeypatch.setattr(nf4, "matmul_4bit", lambda *a, **k: calls.append(a[0].shape[0]) or real(*a, **k))
+        monkeypatch.setattr(lowrank, "FUSED_4BIT_MAX_M", 14)
+        ref = reference_model(model)
+        small, large = tiny_batch("llama", batch=2), tiny_batch("llama", batch=3)  # 14 and 21 rows
+        for batch, fused in ((small, True), (large, False)):
+            calls.clear()
+            got = _logits(model, batch).double()
+            torch.testing.assert_close(got, _logits(ref, batch), rtol=1e-5, atol=1e-5)
+            n_4bit = sum(isinstance(m, MuScleLinear) and m.kind == "4bit" for m in model.modules())
+            assert n_4bit > 0 and calls == ([14] * n_4bit if fused else [])
+        model.train()
+        model(**small, labels=LABELS[:2]).loss.backward()
+        q = model.model.layers[0].self_attn.q_proj
+        assert q.lora_A.grad is not None and float(q.lora_A.grad.abs().sum()) > 0
+
+    def test_fused_threshold_env_is_checked(self, monkeypatch):
+        from muscle_fast.ops import lowrank
+
+        monkeypatch.setenv("MUSCLE_FAST_FUSED_4BIT_MAX_M", "16")
+        assert lowrank._fused_4bit_max_m() == 16
+        for bad in ("-1", "x"):
+            monkeypatch.setenv("MUSCLE_FAST_FUSED_4BIT_MAX_M", bad)
+            with pytest.raises(ValueError, match="MUSCLE_FAST_FUSED_4BIT_MAX_M must be an integer >= 0"):
+                lowrank._fused_4bit_max_m()
+
     def test_report_counts_4bit_params(self, model):
         assert model.muscle_report.total_params > model.muscle_report.trainable_params > 0
 

@@ -13,6 +13,7 @@ launchers (``muscle_fast.kernels.lowrank``): they share signatures.
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 import weakref
 from collections.abc import Callable, Iterator
@@ -25,6 +26,24 @@ from torch import nn
 from . import lowrank_torch
 
 _state = threading.local()
+
+
+def _fused_4bit_max_m() -> int:
+    raw = os.environ.get("MUSCLE_FAST_FUSED_4BIT_MAX_M", "0")
+    try:
+        value = int(raw)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise ValueError(f"MUSCLE_FAST_FUSED_4BIT_MAX_M must be an integer >= 0, got {raw!r}")
+    return value
+
+
+#: Input rows up to which a 4-bit base's forward runs the fused dequantize + matmul kernel
+#: (``muscle_fast.nf4.matmul_4bit``: the 16-bit weight is never written) instead of dequantize +
+#: cuBLAS. 0, i.e. off, until a GPU benchmark shows it faster (bench_nf4.py::test_small_m_matmul);
+#: ``MUSCLE_FAST_FUSED_4BIT_MAX_M`` sets it at import. The backward is the same either way.
+FUSED_4BIT_MAX_M: int = _fused_4bit_max_m()
 
 
 def get_ops(backend: str, device: torch.device) -> ModuleType:
@@ -131,13 +150,7 @@ def _dequantize_4bit(module: nn.Module, dtype: torch.dtype) -> torch.Tensor:
     """
     from muscle_fast.nf4 import PreparedDequant4bit, dequantize_4bit  # Triton on CUDA, exact torch on CPU
 
-    w = module.weight
-    if getattr(w.quant_state, "packing_format_for_cpu", False):
-        # bitsandbytes' CPU inference path repacked this weight; restore the standard layout, as its
-        # own state_dict saving does
-        from bitsandbytes.nn.modules import _convert_weight_packed_for_cpu_inverse
-
-        w.data, w.quant_state = _convert_weight_packed_for_cpu_inverse(w.data, w.quant_state)
+    w = _standard_4bit_weight(module)
     qs = w.quant_state
     from muscle_fast.kernels._common import kernels_run_on
 
@@ -152,6 +165,26 @@ def _dequantize_4bit(module: nn.Module, dtype: torch.dtype) -> torch.Tensor:
         prepared = _prepared[module] = PreparedDequant4bit(w.data, qs, dtype, buf)  # fills buf
         return buf
     return prepared()
+
+
+def _standard_4bit_weight(module: nn.Module) -> nn.Parameter:
+    """The Linear4bit's weight in bitsandbytes' standard packed layout."""
+    w = module.weight
+    if getattr(w.quant_state, "packing_format_for_cpu", False):
+        # bitsandbytes' CPU inference path repacked this weight; restore the standard layout, as its
+        # own state_dict saving does
+        from bitsandbytes.nn.modules import _convert_weight_packed_for_cpu_inverse
+
+        w.data, w.quant_state = _convert_weight_packed_for_cpu_inverse(w.data, w.quant_state)
+    return w
+
+
+def _fused_4bit_forward(base: nn.Module, kind: str, x2: torch.Tensor) -> bool:
+    if kind != "4bit" or x2.shape[0] > FUSED_4BIT_MAX_M or x2.shape[-1] % 2:
+        return False
+    from muscle_fast.kernels._common import kernels_run_on
+
+    return kernels_run_on(x2.device)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -180,13 +213,19 @@ class MuScleLinearFunction(torch.autograd.Function):
         lead = x.shape[:-1]
         x2 = x.reshape(-1, x.shape[-1])
         dtype = x.dtype
-        W = base_weight(base, kind, dtype)
         bias = base.bias
         if bias is not None and bias.dtype != dtype:
             bias = bias.to(dtype)
         Ac, Bc = A.to(dtype), B.to(dtype)
         S = ops.lowrank_shrink(x2, Ac, scale, dropout_p=dropout_p, seed=seed)
-        y = x2 @ W.t() if bias is None else torch.addmm(bias, x2, W.t())
+        if _fused_4bit_forward(base, kind, x2):  # small M: no 16-bit copy of the weight at all
+            from muscle_fast.nf4 import matmul_4bit
+
+            w = _standard_4bit_weight(base)
+            y = matmul_4bit(x2, w.data, w.quant_state, bias)
+        else:
+            W = base_weight(base, kind, dtype)
+            y = x2 @ W.t() if bias is None else torch.addmm(bias, x2, W.t())
         ops.lowrank_expand_(y, S, Bc)
         row_split = None if split is None else _row_split(x, x2.shape[0], split, module)
         ctx.save_for_backward(x2, Ac, Bc, scale, S)
