@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 import os
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import torch
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 #: True when Triton runs kernels on the CPU through its interpreter.
 INTERPRET: bool = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -43,3 +49,37 @@ def check_device(*tensors: torch.Tensor) -> None:
 
 
 TL_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+def launch_guard(param: str) -> Callable[[F], F]:
+    """Run the decorated launcher with the CUDA device of argument ``param`` current.
+
+    Triton launches on the *current* CUDA device and stream. A model spread over GPUs
+    (``device_map="auto"``) runs its layers with another device current, so without this a kernel
+    for a layer on cuda:1 would launch on cuda:0. ``param`` names a tensor, a ``torch.device``
+    (or device string) or an object with a ``.device``. Costs one comparison when the device is
+    already current (the single-GPU case) and nothing off CUDA.
+    """
+
+    def deco(fn: F) -> F:
+        names = list(inspect.signature(fn).parameters)
+        if param not in names:
+            raise TypeError(f"launch_guard: {fn.__name__} has no parameter {param!r}")
+        pos = names.index(param)
+
+        @functools.wraps(fn)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            obj = args[pos] if pos < len(args) else kwargs[param]
+            if isinstance(obj, torch.device):
+                dev = obj
+            else:
+                dev = torch.device(obj) if isinstance(obj, str) else obj.device
+            if dev.type == "cuda" and dev.index is not None and dev.index != torch.cuda.current_device():
+                with torch.cuda.device(dev):
+                    return fn(*args, **kwargs)
+            return fn(*args, **kwargs)
+
+        wrapper.launch_guard = param  # type: ignore[attr-defined]  # read by the tests
+        return wrapper  # type: ignore[return-value]
+
+    return deco

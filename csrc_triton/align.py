@@ -52,7 +52,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET, check_device
+from ._common import INTERPRET, check_device, launch_guard
 
 #: Element-type codes used in the pointer table.
 DTYPE_CODES: dict[torch.dtype, int] = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
@@ -448,6 +448,7 @@ def _upload_table(plan: AlignPlan, key: tuple, rows: list[int]) -> torch.Tensor:
     return dyn
 
 
+@launch_guard("plan")
 def align_fused(
     plan: AlignPlan,
     grads: Sequence[torch.Tensor | None],

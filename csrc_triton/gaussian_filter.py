@@ -52,7 +52,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import check_device, upcast_dot
+from ._common import check_device, launch_guard, upcast_dot
 
 __all__ = ["MAX_COLS", "MAX_DELTAS", "gaussian_filter_triton"]
 
@@ -243,6 +243,7 @@ def _prepare_x(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+@launch_guard("x")
 def gaussian_filter_triton(
     x: torch.Tensor,
     f: torch.Tensor,

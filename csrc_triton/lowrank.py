@@ -45,7 +45,7 @@ import triton
 import triton.language as tl
 
 from . import _common
-from ._common import check_device, upcast_dot
+from ._common import check_device, launch_guard, upcast_dot
 
 __all__ = [
     "dropout_mask",
@@ -554,6 +554,7 @@ def _dropout_mask_kernel(out_ptr, M, K, seed, p_drop, BLOCK_M: tl.constexpr, BLO
 # ---------------------------------------------------------------------------------------------------
 
 
+@launch_guard("x")
 def lowrank_shrink(x: torch.Tensor, A: torch.Tensor, scale: torch.Tensor, *, dropout_p: float = 0.0,
                    seed: int = 0) -> torch.Tensor:
     """S = (drop(x) @ A.T) * scale, shape (M, R) float32, in one pass over x (any 2-D strides)."""
@@ -583,6 +584,7 @@ def lowrank_shrink(x: torch.Tensor, A: torch.Tensor, scale: torch.Tensor, *, dro
     return S
 
 
+@launch_guard("y")
 def _expand_launch(y: torch.Tensor, S: torch.Tensor, bt: torch.Tensor, dropout_p: float, seed: int) -> None:
     """y (M, N) += drop'(S (M, R) @ bt (R, N)) in place."""
     M, N = y.shape
@@ -614,6 +616,7 @@ def lowrank_expand_(y: torch.Tensor, S: torch.Tensor, B: torch.Tensor) -> torch.
     return y
 
 
+@launch_guard("x")
 def fused_linear_lowrank(x: torch.Tensor, W: torch.Tensor, bias: torch.Tensor | None,
                          S: torch.Tensor | None, B: torch.Tensor | None) -> torch.Tensor:
     """y = x @ W.T + bias + S @ B.T in one GEMM (low-rank term in the epilogue); y has x's dtype.
@@ -656,6 +659,7 @@ def fused_linear_lowrank(x: torch.Tensor, W: torch.Tensor, bias: torch.Tensor | 
     return y
 
 
+@launch_guard("dY")
 def lowrank_backward_dS_dB(dY: torch.Tensor, B: torch.Tensor, S: torch.Tensor, scale: torch.Tensor, *,
                            row_split: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """One pass over dY (M, N): dS = (dY @ B) * scale (M, R) fp32 and dB = dY.T @ S as (G, N, R) fp32.
@@ -692,6 +696,7 @@ def lowrank_backward_dS_dB(dY: torch.Tensor, B: torch.Tensor, S: torch.Tensor, s
     return dS, dB
 
 
+@launch_guard("dS")
 def lowrank_grad_A(dS: torch.Tensor, x: torch.Tensor, *, row_split: int | None = None,
                    dropout_p: float = 0.0, seed: int = 0) -> torch.Tensor:
     """dA = dS.T @ drop(x) as (G, R, K) fp32, grouped by ``row_split`` like ``lowrank_backward_dS_dB``.
@@ -744,6 +749,7 @@ def lowrank_forward(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: to
     return y0, S
 
 
+@launch_guard("device")
 def dropout_mask(M: int, K: int, p: float, seed: int, device: torch.device | str) -> torch.Tensor:
     """The (M, K) bool keep-mask the kernels use for ``dropout_p=p`` and ``seed`` (for tests)."""
     out = torch.zeros((M, K), dtype=torch.int8, device=device)

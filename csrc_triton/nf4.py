@@ -26,13 +26,11 @@ store is one contiguous, vectorizable run per program.
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import triton
 import triton.language as tl
 
-from ._common import AUTOTUNE, INTERPRET, check_device
+from ._common import AUTOTUNE, INTERPRET, check_device, launch_guard
 
 #: Block sizes bitsandbytes accepts for 4-bit quantization (``quantize_4bit``/``dequantize_4bit``).
 SUPPORTED_BLOCKSIZES: tuple[int, ...] = (32, 64, 128, 256, 512, 1024, 2048, 4096)
@@ -296,6 +294,7 @@ def dequantize_4bit_packed(
     return out
 
 
+@launch_guard("out")
 def launch_dequant_4bit(
     packed: torch.Tensor,
     absmax: torch.Tensor,
@@ -320,24 +319,23 @@ def launch_dequant_4bit(
     n_bytes = (numel + 1) // 2
     lookup = LOOKUP if lookup is None else lookup
     grid = lambda meta: (triton.cdiv(n_bytes, meta["BYTES"]),)  # noqa: E731
-    with torch.cuda.device(out.device) if out.is_cuda else contextlib.nullcontext():
-        _dequant_4bit_kernel[grid](
-            packed,
-            absmax,
-            code,
-            code2,
-            absmax2,
-            offset,
-            out,
-            numel,
-            n_bytes,
-            blocksize2,
-            HALF_BS=blocksize // 2,
-            NESTED=nested,
-            # The interpreter truncates fp32 -> bf16 casts; round by hand there. On the GPU the
-            # native cast (cvt.rn) is already round-to-nearest-even.
-            BF16_RNE=INTERPRET and out.dtype == torch.bfloat16,
-            SELECT=lookup == "select",
-            # bitsandbytes rounds code2*absmax2 before adding offset: forbid the FMA contraction.
-            enable_fp_fusion=False,
-        )
+    _dequant_4bit_kernel[grid](
+        packed,
+        absmax,
+        code,
+        code2,
+        absmax2,
+        offset,
+        out,
+        numel,
+        n_bytes,
+        blocksize2,
+        HALF_BS=blocksize // 2,
+        NESTED=nested,
+        # The interpreter truncates fp32 -> bf16 casts; round by hand there. On the GPU the
+        # native cast (cvt.rn) is already round-to-nearest-even.
+        BF16_RNE=INTERPRET and out.dtype == torch.bfloat16,
+        SELECT=lookup == "select",
+        # bitsandbytes rounds code2*absmax2 before adding offset: forbid the FMA contraction.
+        enable_fp_fusion=False,
+    )

@@ -22,14 +22,13 @@ block may straddle rows (its absmax is looked up per byte).
 
 from __future__ import annotations
 
-import contextlib
 import functools
 
 import torch
 import triton
 import triton.language as tl
 
-from ._common import AUTOTUNE, INTERPRET, check_device, upcast_dot
+from ._common import AUTOTUNE, INTERPRET, check_device, launch_guard, upcast_dot
 from .nf4 import SUPPORTED_BLOCKSIZES, check_scale_args, round_bf16_rne
 
 #: GPU autotune space (decode shapes are memory-bound: wide N tiles, 64-256 packed bytes per row).
@@ -156,6 +155,7 @@ def default_split_k(m: int, n: int, k: int) -> int:
     return max(1, min(16, triton.cdiv(2 * sms, tiles), k // 256))
 
 
+@launch_guard("x")
 def matmul_4bit_packed(
     x: torch.Tensor,
     packed: torch.Tensor,
@@ -209,13 +209,12 @@ def matmul_4bit_packed(
     part = torch.empty(split_k, m, n, dtype=torch.float32, device=x.device)
     block_m = 1 if m <= GEMV_MAX_M else DOT_BLOCK_M
     grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), split_k, triton.cdiv(m, block_m))  # noqa: E731
-    with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
-        _matmul_4bit_kernel[grid](
-            x, packed, absmax, code, code2, absmax2, offset, part,
-            m, n, k, k // 2, x.stride(0), blocksize2,
-            BS=blocksize, NESTED=nested, SPLIT_K=split_k, UPCAST=upcast_dot(x.dtype),
-            IEEE=x.dtype == torch.float32, BLOCK_M=block_m,
-            enable_fp_fusion=False,  # bitsandbytes rounds code2*absmax2 before adding offset
-        )  # fmt: skip
+    _matmul_4bit_kernel[grid](
+        x, packed, absmax, code, code2, absmax2, offset, part,
+        m, n, k, k // 2, x.stride(0), blocksize2,
+        BS=blocksize, NESTED=nested, SPLIT_K=split_k, UPCAST=upcast_dot(x.dtype),
+        IEEE=x.dtype == torch.float32, BLOCK_M=block_m,
+        enable_fp_fusion=False,  # bitsandbytes rounds code2*absmax2 before adding offset
+    )  # fmt: skip
     out = part[0] if split_k == 1 else part.sum(0)  # fixed order: deterministic
     return out.to(x.dtype)
