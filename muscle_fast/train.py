@@ -114,6 +114,29 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
+def set_activation_checkpointing(model: nn.Module, enabled: bool, reentrant: bool = False) -> None:
+    """Per-layer activation (gradient) checkpointing on or off (non-reentrant unless asked).
+
+    How a 7B model's activations fit: each decoder layer keeps only its input and is recomputed in
+    backward (MuScleLinear and the single-pass reference split are recompute-safe; tested bit for
+    bit). Uses transformers' ``activation_checkpointing_*`` where it exists, else the older
+    ``gradient_checkpointing_*`` names; a model without support is a ValueError naming it.
+    """
+    core = _unwrap(model)
+    if enabled and not getattr(core, "supports_gradient_checkpointing", False):
+        name = getattr(getattr(core, "config", None), "_name_or_path", "") or type(core).__name__
+        raise ValueError(f"{name} does not support activation (gradient) checkpointing")
+    if hasattr(core, "activation_checkpointing_enable"):
+        if enabled:
+            core.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": reentrant})
+        else:
+            core.activation_checkpointing_disable()
+    elif enabled:
+        core.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    else:
+        core.gradient_checkpointing_disable()
+
+
 @torch.no_grad()
 def predict(
     model: nn.Module, tokenizer: Any, rows: Sequence[Row], batch_size: int = 64, max_length: int = 128

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -149,6 +150,50 @@ def test_eval_reproduces_recorded_scores(smoke, capsys, method):
     got = json.loads(out[-1])
     assert "CACC" in out[-2] and "ASR" in out[-2]
     assert (got["cacc"], got["asr"]) == (rec["cacc"], rec["asr"])
+
+
+@needs_shared
+def test_defend_4bit_with_checkpointing(tmp_path, capsys):
+    """QLoRA from the command line: NF4 base (heads and MSLR modules kept full precision), activation
+    checkpointing, adapters saved and reloaded in 4-bit by eval with the recorded scores."""
+    pytest.importorskip("bitsandbytes")
+    import bitsandbytes as bnb
+    import torch
+
+    from muscle_fast.experiment import load_classifier
+
+    model = _minilm()
+    base, _ = load_classifier(model, 2, load_in_4bit=True, device="cpu")
+    linear = (torch.nn.Linear, bnb.nn.Linear4bit)
+    kinds = {n: type(m) for n, m in base.named_modules() if isinstance(m, linear)}
+    assert kinds["bert.encoder.layer.0.attention.self.query"] is bnb.nn.Linear4bit
+    assert kinds["bert.pooler.dense"] is torch.nn.Linear and kinds["classifier"] is torch.nn.Linear
+    out = tmp_path / "q4"
+    flags = SMOKE_FLAGS.replace("vanilla,lora,muscle", "lora,muscle").split()
+    argv = ["defend", "--data-dir", str(BADNETS), "--model", model, "--out", str(out), *flags]
+    assert main(argv + ["--load-in-4bit", "--gradient-checkpointing", "--no-progress"]) == 0
+    records = json.loads((out / "results.json").read_text())
+    assert [r["method"] for r in records] == ["lora", "muscle"]
+    for r in records:
+        assert r["config"]["load_in_4bit"] is True and r["config"]["gradient_checkpointing"] is True
+        assert 0.0 <= r["cacc"] <= 1.0 and 0.0 <= r["asr"] <= 1.0
+    capsys.readouterr()
+    assert main(["eval", "--adapter", str(out / "badnets" / "muscle")]) == 0
+    got = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert (got["cacc"], got["asr"]) == (records[1]["cacc"], records[1]["asr"])
+
+
+def test_4bit_full_fine_tune_and_missing_bitsandbytes_exit(tmp_path, monkeypatch):
+    d = str(_ob_folder(tmp_path))
+    out = str(tmp_path / "o")
+    msg = _exit_message(["defend", "--data-dir", d, "--out", out, "--load-in-4bit"])
+    assert "vanilla fine-tunes every weight" in msg and "--methods lora,muscle" in msg
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # as if not installed
+    from muscle_fast.experiment import load_classifier
+
+    want = r"--load-in-4bit needs bitsandbytes: pip install 'muscle-fast\[qlora\]'"
+    with pytest.raises(SystemExit, match=want):
+        load_classifier(str(tmp_path), 2, load_in_4bit=True)
 
 
 # ---------------------------------------------------------------------------------------------- bad input

@@ -9,6 +9,7 @@ from tiny_models import FAMILIES, LLAMA_4BIT, quantize_linears_4bit, tiny_batch,
 
 from muscle_fast import patch_model
 from muscle_fast.dual import dual_gradients, trainable_params
+from muscle_fast.train import set_activation_checkpointing
 
 
 def _batches(family: str):
@@ -126,7 +127,7 @@ def test_gradient_checkpointing_single_pass(family, four_bit, reentrant):
     for ckpt in (False, True):
         model = _model(family, four_bit).train()
         if ckpt:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+            set_activation_checkpointing(model, True, reentrant=reentrant)
         calls: list[int] = []
         hook = lambda *_, sink=calls: sink.append(1)  # noqa: E731
         for m in model.modules():

@@ -161,13 +161,26 @@ def test_bf16_close_to_fp32():
 
 
 class TestFourBit:
-    @pytest.fixture
-    def model(self):
+    # the backend covers the dequantization too: torch = the exact torch path; triton = the kernel
+    # (interpreter on the CPU) through the prepared call and the shared workspace
+    @pytest.fixture(params=["torch", "triton"])
+    def model(self, request):
         pytest.importorskip("bitsandbytes")
         model = quantize_linears_4bit(tiny_model("llama", **LLAMA_4BIT))
-        patch_model(model)
+        patch_model(model, MuScleConfig.for_model(model, backend=request.param))
         randomize_adapters(model)
         return model
+
+    def test_backend_picks_the_dequantizer(self, model, monkeypatch):
+        import muscle_fast.nf4 as nf4
+
+        seen = []
+        for name in ("dequantize_4bit_ref", "PreparedDequant4bit"):
+            real = getattr(nf4, name)
+            monkeypatch.setattr(nf4, name, lambda *a, _r=real, _n=name, **k: seen.append(_n) or _r(*a, **k))
+        _logits(model, tiny_batch("llama"))
+        backend = model.model.layers[0].self_attn.q_proj.backend
+        assert seen and set(seen) == {"dequantize_4bit_ref" if backend == "torch" else "PreparedDequant4bit"}
 
     def test_forward_matches_reference_and_trains(self, model):
         q = model.model.layers[0].self_attn.q_proj
@@ -188,6 +201,8 @@ class TestFourBit:
         import muscle_fast.nf4 as nf4
         from muscle_fast.ops import lowrank
 
+        if model.model.layers[0].self_attn.q_proj.backend == "torch":
+            pytest.skip("the fused kernel belongs to the triton backend")
         calls = []
         real = nf4.matmul_4bit
         monkeypatch.setattr(nf4, "matmul_4bit", lambda *a, **k: calls.append(a[0].shape[0]) or real(*a, **k))

@@ -124,14 +124,18 @@ def base_kind(module: nn.Module) -> str | None:
     return None
 
 
-def base_weight(module: nn.Module, kind: str, dtype: torch.dtype) -> torch.Tensor:
-    """The base layer's weight as an (N, K) matrix in ``dtype`` (a view where possible)."""
+def base_weight(module: nn.Module, kind: str, dtype: torch.dtype, kernels: bool = True) -> torch.Tensor:
+    """The base layer's weight as an (N, K) matrix in ``dtype`` (a view where possible).
+
+    ``kernels``: a 4-bit weight is dequantized by the Triton kernel where it can run; False (the
+    layer's torch backend) takes the exact torch path, so a backend choice covers the whole layer.
+    """
     if kind == "linear":
         w = module.weight
     elif kind == "conv1d":
         w = module.weight.t()
     elif kind == "4bit":
-        return _dequantize_4bit(module, dtype)
+        return _dequantize_4bit(module, dtype, kernels)
     else:  # pragma: no cover - guarded by MuScleLinear
         raise TypeError(kind)
     return w if w.dtype == dtype else w.to(dtype)
@@ -142,20 +146,20 @@ _workspace: dict[tuple, torch.Tensor] = {}
 _prepared: weakref.WeakKeyDictionary[nn.Module, Any] = weakref.WeakKeyDictionary()
 
 
-def _dequantize_4bit(module: nn.Module, dtype: torch.dtype) -> torch.Tensor:
+def _dequantize_4bit(module: nn.Module, dtype: torch.dtype, kernels: bool = True) -> torch.Tensor:
     """The dequantized weight, written into a workspace reused by every 4-bit layer of that shape.
 
     Forward and backward use the weight at once and drop it, so one buffer per (shape, dtype,
     device) serves all layers; nothing of size N x K stays alive between forward and backward.
     """
-    from muscle_fast.nf4 import PreparedDequant4bit, dequantize_4bit  # Triton on CUDA, exact torch on CPU
+    from muscle_fast.nf4 import PreparedDequant4bit, dequantize_4bit_ref
 
     w = _standard_4bit_weight(module)
     qs = w.quant_state
     from muscle_fast.kernels._common import kernels_run_on
 
-    if not kernels_run_on(w.device):
-        return dequantize_4bit(w.data, qs, dtype=dtype)  # the exact torch path
+    if not (kernels and kernels_run_on(w.device)):
+        return dequantize_4bit_ref(w.data, qs, dtype=dtype)  # the exact torch path
     key = (tuple(qs.shape), dtype, w.device)
     buf = _workspace.get(key)
     if buf is None:
@@ -179,8 +183,8 @@ def _standard_4bit_weight(module: nn.Module) -> nn.Parameter:
     return w
 
 
-def _fused_4bit_forward(base: nn.Module, kind: str, x2: torch.Tensor) -> bool:
-    if kind != "4bit" or x2.shape[0] > FUSED_4BIT_MAX_M or x2.shape[-1] % 2:
+def _fused_4bit_forward(base: nn.Module, kind: str, x2: torch.Tensor, kernels: bool) -> bool:
+    if not kernels or kind != "4bit" or x2.shape[0] > FUSED_4BIT_MAX_M or x2.shape[-1] % 2:
         return False
     from muscle_fast.kernels._common import kernels_run_on
 
@@ -218,13 +222,14 @@ class MuScleLinearFunction(torch.autograd.Function):
             bias = bias.to(dtype)
         Ac, Bc = A.to(dtype), B.to(dtype)
         S = ops.lowrank_shrink(x2, Ac, scale, dropout_p=dropout_p, seed=seed)
-        if _fused_4bit_forward(base, kind, x2):  # small M: no 16-bit copy of the weight at all
+        kernels = ops is not lowrank_torch
+        if _fused_4bit_forward(base, kind, x2, kernels):  # small M: no 16-bit copy of the weight at all
             from muscle_fast.nf4 import matmul_4bit
 
             w = _standard_4bit_weight(base)
             y = matmul_4bit(x2, w.data, w.quant_state, bias)
         else:
-            W = base_weight(base, kind, dtype)
+            W = base_weight(base, kind, dtype, kernels)
             y = x2 @ W.t() if bias is None else torch.addmm(bias, x2, W.t())
         ops.lowrank_expand_(y, S, Bc)
         row_split = None if split is None else _row_split(x, x2.shape[0], split, module)
@@ -256,7 +261,7 @@ class MuScleLinearFunction(torch.autograd.Function):
             dA = ops.lowrank_grad_A(dS, x2, row_split=row_split, dropout_p=dropout_p, seed=seed)
         dX = None
         if ctx.needs_input_grad[0]:
-            W = base_weight(base, kind, x2.dtype)
+            W = base_weight(base, kind, x2.dtype, ops is not lowrank_torch)
             dX = dY2 @ W
             ops.lowrank_dx_(dX, dS, Ac, dropout_p=dropout_p, seed=seed)
             dX = dX.reshape(*dY.shape[:-1], dX.shape[-1])
