@@ -59,6 +59,8 @@ def _quantized_kwargs(device: Any) -> dict[str, Any]:
             "muscle-fast: --load-in-4bit needs bitsandbytes: pip install 'muscle-fast[qlora]'"
         ) from None
     dev = torch.device(device) if device is not None else torch.device("cpu")
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device())  # device_map wants an explicit GPU
     cd = torch.bfloat16 if dev.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
     q = BitsAndBytesConfig(
         load_in_4bit=True,
