@@ -69,7 +69,11 @@ def _quantized_kwargs(device: Any) -> dict[str, Any]:
         bnb_4bit_compute_dtype=cd,
         llm_int8_skip_modules=_UNQUANTIZED,
     )
-    return dict(quantization_config=q, dtype=cd, device_map={"": str(dev)})
+    import transformers
+
+    major, minor = (int(v) for v in transformers.__version__.split(".")[:2])
+    dtype_key = "dtype" if (major, minor) >= (4, 56) else "torch_dtype"  # renamed in 4.56
+    return {"quantization_config": q, dtype_key: cd, "device_map": {"": str(dev)}}
 
 
 def load_classifier(name_or_path: str, num_labels: int = 2, load_in_4bit: bool = False, device: Any = None):
