@@ -92,6 +92,9 @@ def built(request):
     model = _build(request.param)
     yield request.param, model
     del model
+    from muscle_fast.ops import lowrank
+
+    lowrank._workspace.clear()  # the shared dequantization buffers must not count against the next impl
     gc.collect()
     if CUDA:
         torch.cuda.empty_cache()
@@ -115,6 +118,8 @@ def test_train_step_memory(benchmark, built, seq: int, checkpointing: bool) -> N
 
     impl, model = built
     set_activation_checkpointing(model, checkpointing)
+    if not checkpointing and hasattr(model, "disable_input_require_grads"):
+        model.disable_input_require_grads()  # a hook a checkpointed case may have left (no-op if none)
     params = trainable_params(model)
     opt = torch.optim.AdamW(params, lr=1e-5, weight_decay=0.0)
     aligner = GradientAligner(params, min_ref_loss=0.0) if impl == "muscle" else None

@@ -152,7 +152,7 @@ def default_split_k(m: int, n: int, k: int) -> int:
         return 1
     sms = _sm_count(torch.cuda.current_device())
     tiles = triton.cdiv(n, 64) * triton.cdiv(m, 1 if m <= GEMV_MAX_M else DOT_BLOCK_M)
-    return max(1, min(16, triton.cdiv(2 * sms, tiles), k // 256))
+    return max(1, min(16, triton.cdiv(2 * sms, max(tiles, 1)), k // 256))
 
 
 @launch_guard("x")

@@ -161,6 +161,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         attacks = run["attack"]
     sets = _load_sets(args, attacks, seed)
     if full:
+        if args.load_in_4bit:
+            raise SystemExit(f"muscle-fast: {d} is a fully fine-tuned model; --load-in-4bit is for adapters")
         model, tok = load_classifier(str(d), sets[0].num_labels)
     else:
         read_adapter_config(d)  # a wrong format version fails here, before the model loads

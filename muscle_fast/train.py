@@ -126,6 +126,10 @@ def set_activation_checkpointing(model: nn.Module, enabled: bool, reentrant: boo
     if enabled and not getattr(core, "supports_gradient_checkpointing", False):
         name = getattr(getattr(core, "config", None), "_name_or_path", "") or type(core).__name__
         raise ValueError(f"{name} does not support activation (gradient) checkpointing")
+    if enabled and reentrant and hasattr(core, "enable_input_require_grads"):
+        # reentrant checkpoints only backpropagate into layers whose input requires grad; the
+        # frozen embeddings' output does not (newer transformers do this themselves)
+        core.enable_input_require_grads()
     if hasattr(core, "activation_checkpointing_enable"):
         if enabled:
             core.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": reentrant})
@@ -133,8 +137,8 @@ def set_activation_checkpointing(model: nn.Module, enabled: bool, reentrant: boo
             core.activation_checkpointing_disable()
     elif enabled:
         core.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
-    else:
-        core.gradient_checkpointing_disable()
+    elif hasattr(core, "gradient_checkpointing_disable"):
+        core.gradient_checkpointing_disable()  # (a model without either name has nothing to turn off)
 
 
 @torch.no_grad()

@@ -188,6 +188,11 @@ def test_4bit_full_fine_tune_and_missing_bitsandbytes_exit(tmp_path, monkeypatch
     out = str(tmp_path / "o")
     msg = _exit_message(["defend", "--data-dir", d, "--out", out, "--load-in-4bit"])
     assert "vanilla fine-tunes every weight" in msg and "--methods lora,muscle" in msg
+    full = tmp_path / "full"
+    full.mkdir()
+    (full / "config.json").write_text("{}")
+    msg = _exit_message(["eval", "--adapter", str(full), "--data-dir", d, "--load-in-4bit"])
+    assert "is a fully fine-tuned model; --load-in-4bit is for adapters" in msg
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # as if not installed
     from muscle_fast.experiment import load_classifier
 

@@ -114,13 +114,47 @@ CKPT_CASES = [(f, False) for f in FAMILIES] + [("llama", True)]
 CKPT_IDS = [f + ("-4bit" if q else "") for f, q in CKPT_CASES]
 
 
-@pytest.mark.parametrize("reentrant", [False, True], ids=["non-reentrant", "reentrant"])
+def _backward_in_another_thread(monkeypatch):
+    """Run reentrant checkpoints' backward (the layers' recompute) on another OS thread, as CUDA's
+    autograd does on its device thread."""
+    import threading
+
+    import torch.utils.checkpoint as cp
+
+    orig = cp.CheckpointFunction.backward
+
+    def in_thread(ctx, *grads):
+        out = {}
+
+        def run():
+            try:
+                out["r"] = orig(ctx, *grads)
+            except BaseException as e:  # noqa: BLE001 - re-raised on the calling thread
+                out["e"] = e
+
+        t = threading.Thread(target=run)
+        t.start()
+        t.join()
+        if "e" in out:
+            raise out["e"]
+        return out["r"]
+
+    monkeypatch.setattr(cp.CheckpointFunction, "backward", staticmethod(in_thread))
+
+
+@pytest.mark.parametrize(
+    "reentrant,threaded", [(False, False), (True, False), (True, True)],
+    ids=["non-reentrant", "reentrant", "reentrant-other-thread"],
+)  # fmt: skip
 @pytest.mark.parametrize("family,four_bit", CKPT_CASES, ids=CKPT_IDS)
-def test_gradient_checkpointing_single_pass(family, four_bit, reentrant):
+def test_gradient_checkpointing_single_pass(family, four_bit, reentrant, threaded, monkeypatch):
     """HF gradient checkpointing (how a 7B model fits) recomputes the adapted layers in backward; the
     single pass must still route training and reference rows apart: same losses and gradients,
-    bit for bit, as without checkpointing."""
+    bit for bit, as without checkpointing; also when the recompute runs on autograd's own thread."""
     from muscle_fast.layers import MuScleLinear
+
+    if threaded:
+        _backward_in_another_thread(monkeypatch)
 
     b, r = _batches(family)
     got = []

@@ -166,6 +166,10 @@ class TestFourBit:
     @pytest.fixture(params=["torch", "triton"])
     def model(self, request):
         pytest.importorskip("bitsandbytes")
+        from muscle_fast.kernels._common import kernels_run_on
+
+        if request.param == "triton" and not kernels_run_on(torch.device("cpu")):
+            pytest.skip("a CPU model: the kernels run on it only under the interpreter")
         model = quantize_linears_4bit(tiny_model("llama", **LLAMA_4BIT))
         patch_model(model, MuScleConfig.for_model(model, backend=request.param))
         randomize_adapters(model)
@@ -215,6 +219,11 @@ class TestFourBit:
             torch.testing.assert_close(got, _logits(ref, batch), rtol=1e-5, atol=1e-5)
             n_4bit = sum(isinstance(m, MuScleLinear) and m.kind == "4bit" for m in model.modules())
             assert n_4bit > 0 and calls == ([14] * n_4bit if fused else [])
+        calls.clear()
+        q = model.model.layers[0].self_attn.q_proj
+        with torch.no_grad():
+            assert q(torch.zeros(0, q.in_features)).shape == (0, q.out_features)
+        assert calls == []  # no rows: the plain path, whatever the threshold
         model.train()
         model(**small, labels=LABELS[:2]).loss.backward()
         q = model.model.layers[0].self_attn.q_proj

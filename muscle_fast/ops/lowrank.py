@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import threading
 import weakref
 from collections.abc import Callable, Iterator
 from types import ModuleType
@@ -25,7 +24,16 @@ from torch import nn
 
 from . import lowrank_torch
 
-_state = threading.local()
+
+class _SplitState:
+    """The active row split. Process-wide, not thread-local: on CUDA, autograd runs backward on its
+    own device thread, and reentrant activation checkpointing re-runs the layers' forward there; a
+    thread-local split would be invisible to that recompute (reference gradients silently lost)."""
+
+    split: tuple[int, Callable[..., None], int | None] | None = None
+
+
+_state = _SplitState()
 
 
 def _fused_4bit_max_m() -> int:
@@ -72,7 +80,7 @@ def split_rows(row_split: int, sink: RefSink, total: int | None = None) -> Itera
     must be batch-first; with ``total`` (the concatenated batch size) a module whose
     input does not lead with it is an error rather than a silently wrong split.
     """
-    prev = getattr(_state, "split", None)
+    prev = _state.split
     _state.split = (int(row_split), sink, total)
     try:
         yield
@@ -81,7 +89,7 @@ def split_rows(row_split: int, sink: RefSink, total: int | None = None) -> Itera
 
 
 def current_split() -> tuple[int, RefSink, int | None] | None:
-    return getattr(_state, "split", None)
+    return _state.split
 
 
 def _row_split(x: torch.Tensor, rows: int, split: tuple[int, RefSink, int | None], module: nn.Module) -> int:
@@ -184,7 +192,8 @@ def _standard_4bit_weight(module: nn.Module) -> nn.Parameter:
 
 
 def _fused_4bit_forward(base: nn.Module, kind: str, x2: torch.Tensor, kernels: bool) -> bool:
-    if not kernels or kind != "4bit" or x2.shape[0] > FUSED_4BIT_MAX_M or x2.shape[-1] % 2:
+    m = x2.shape[0]
+    if not kernels or kind != "4bit" or m == 0 or m > FUSED_4BIT_MAX_M or x2.shape[-1] % 2:
         return False
     from muscle_fast.kernels._common import kernels_run_on
 
