@@ -183,6 +183,23 @@ def test_defend_4bit_with_checkpointing(tmp_path, capsys):
     assert (got["cacc"], got["asr"]) == (records[1]["cacc"], records[1]["asr"])
 
 
+def test_gradient_checkpointing_unsupported_model_exits(tmp_path, monkeypatch):
+    from tiny_models import tiny_model
+
+    from muscle_fast import experiment
+
+    def no_checkpointing(self, num_labels):
+        model = tiny_model("bert", num_labels=num_labels)
+        model.supports_gradient_checkpointing = False
+        return model, None
+
+    monkeypatch.setattr(experiment.BaseModels, "get", no_checkpointing)
+    d = str(_ob_folder(tmp_path))
+    argv = ["defend", "--data-dir", d, "--model", "m", "--methods", "lora", "--out", str(tmp_path / "o")]
+    msg = _exit_message(argv + ["--gradient-checkpointing"])
+    assert msg == "muscle-fast: m does not support --gradient-checkpointing"
+
+
 def test_4bit_full_fine_tune_and_missing_bitsandbytes_exit(tmp_path, monkeypatch):
     d = str(_ob_folder(tmp_path))
     out = str(tmp_path / "o")

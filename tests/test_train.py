@@ -120,3 +120,17 @@ def test_bad_input(kw, match):
         train_muscle(
             _model(), WordTokenizer(), args["train_rows"], args["ref_rows"], args["dev_rows"], _cfg()
         )
+
+
+def test_activation_checkpointing_switch():
+    from muscle_fast.train import set_activation_checkpointing
+
+    model = tiny_model("llama")
+    set_activation_checkpointing(model, True)
+    assert any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
+    set_activation_checkpointing(model, False)
+    assert not any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
+    plain = torch.nn.Sequential(torch.nn.Linear(2, 2))
+    set_activation_checkpointing(plain, False)  # nothing to turn off: no error
+    with pytest.raises(ValueError, match="Sequential does not support activation"):
+        set_activation_checkpointing(plain, True)
