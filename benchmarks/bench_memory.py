@@ -22,9 +22,8 @@ two-layer model runs one step per case as a smoke check of the code path (no mem
 from __future__ import annotations
 
 import gc
-import importlib.util
-from pathlib import Path
 
+import estimate_memory  # benchmarks/, on sys.path under pytest like _models
 import pytest
 import torch
 from _models import quantize_linears_4bit
@@ -43,14 +42,6 @@ else:
     SEQS, DTYPE = [16], torch.float32
 BATCH = 1
 GiB = 1024**3
-
-
-def _estimate(seq: int, checkpointing: bool, ref_batch: int) -> dict[str, float]:
-    path = Path(__file__).with_name("estimate_memory.py")
-    spec = importlib.util.spec_from_file_location("estimate_memory", path)
-    est = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(est)
-    return est.components(BATCH, seq, checkpointing, ref_batch)
 
 
 def _build(impl: str):
@@ -152,7 +143,7 @@ def test_train_step_memory(benchmark, built, seq: int, checkpointing: bool) -> N
         info["peak_gib"] = torch.cuda.max_memory_allocated() / GiB
         info["peak_reserved_gib"] = torch.cuda.max_memory_reserved() / GiB
         info["gpu"] = torch.cuda.get_device_name()
-        est = _estimate(seq, checkpointing, info["ref_batch"])
+        est = estimate_memory.components(BATCH, seq, checkpointing, info["ref_batch"])
         info["estimate_gib"] = {k: v / GiB for k, v in est.items()}
     benchmark.extra_info.update(info)
     set_activation_checkpointing(model, False)

@@ -98,9 +98,11 @@ def cmd_defend(args: argparse.Namespace) -> int:
     models = BaseModels(model_name, seed, args.load_in_4bit, device)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    from .train import supports_checkpointing
+
     for num_labels in sorted({ds.num_labels for ds in sets}):  # config errors now, not after hours
         base, _ = models.get(num_labels)
-        if args.gradient_checkpointing and not getattr(base, "supports_gradient_checkpointing", False):
+        if args.gradient_checkpointing and not supports_checkpointing(base):
             raise SystemExit(f"muscle-fast: {model_name} does not support --gradient-checkpointing")
         for method in methods:
             try:
@@ -160,6 +162,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if attacks is None and run.get("attack") and not (args.data_dir and is_attack_dir(args.data_dir)):
         attacks = run["attack"]
     sets = _load_sets(args, attacks, seed)
+    device = _device(args.device)
     if full:
         if args.load_in_4bit:
             raise SystemExit(f"muscle-fast: {d} is a fully fine-tuned model; --load-in-4bit is for adapters")
@@ -170,11 +173,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
         base = args.model or run.get("model") or meta.get("base_model_name_or_path")
         if not base:
             raise SystemExit(f"muscle-fast: {d} does not record its base model; pass --model")
-        device = _device(args.device)
         four_bit = args.load_in_4bit or bool(run.get("load_in_4bit"))
         model, tok = load_classifier(base, sets[0].num_labels, four_bit, device)
         load_adapter(model, d)
-    model.to(_device(args.device))
+    model.to(device)
     batch = args.batch_size or run.get("eval_batch_size", 64)
     max_length = args.max_length or run.get("max_length", 128)
     for ds in sets:

