@@ -85,8 +85,10 @@ def _run(
         t = benchmark.stats.stats.min
         info["us_per_step"] = t * 1e6
         info["floor_GBps"] = floor_bytes / t / 1e9
-        print(f"\n{label}: {t * 1e6:10.1f} us/step  {info['floor_GBps']:8.1f} GB/s of floor traffic "
-              f"({len(params)} tensors, {n_params / 1e6:.1f}M params)")
+        print(
+            f"\n{label}: {t * 1e6:10.1f} us/step  {info['floor_GBps']:8.1f} GB/s of floor traffic "
+            f"({len(params)} tensors, {n_params / 1e6:.1f}M params)"
+        )
     benchmark.extra_info.update(info)
 
 
@@ -113,8 +115,13 @@ def test_torch_foreach(benchmark, mode: str) -> None:
 def test_paper_loop(benchmark) -> None:
     """The original per-tensor loop: .item() per tensor and a CPU round trip of every reference gradient."""
     params, refs = make_set()
-    _run(benchmark, lambda: align_loop_reference(params, refs, 1.0, 3, **GA), params, "loop[aligned]",
-         rounds=5 if CUDA else 3)
+    _run(
+        benchmark,
+        lambda: align_loop_reference(params, refs, 1.0, 3, **GA),
+        params,
+        "loop[aligned]",
+        rounds=5 if CUDA else 3,
+    )
 
 
 @pytest.mark.skipif(not CUDA, reason="memory-bandwidth ceiling is only meaningful on the GPU")

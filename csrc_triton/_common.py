@@ -48,6 +48,16 @@ def check_device(*tensors: torch.Tensor) -> None:
         )
 
 
+def resolve_device(device: torch.device | str) -> torch.device:
+    """``device`` with the current CUDA index filled in: ``"cuda"`` alone means whatever device is
+    current *now*; objects that outlive the call (plans, workspaces) must pin the index, or their
+    device comparisons fail against tensors reporting ``cuda:N`` and later launches go elsewhere."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
 TL_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 

@@ -52,7 +52,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET, check_device, launch_guard
+from ._common import INTERPRET, check_device, launch_guard, resolve_device
 
 #: Element-type codes used in the pointer table.
 DTYPE_CODES: dict[torch.dtype, int] = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
@@ -381,7 +381,7 @@ def build_plan(
             raise ValueError(f"{name} must be a power of two, got {v}")
     if iters < 1:
         raise ValueError(f"iters must be >= 1, got {iters}")
-    device = torch.device(device)
+    device = resolve_device(device)
     chunk = block * iters
     tids: list[int] = []
     starts: list[int] = []

@@ -107,9 +107,13 @@ class AlignStats:
         """Host copy of the stats (one sync); warns once per aligner if any tensor was non-finite."""
         v = self.raw.tolist()
         d = {
-            "mode": int(v[_MODE]), "mean_ref_norm": v[_MEAN_REF_NORM], "rho": v[_RHO],
-            "n_nonfinite": int(v[_N_NONFINITE]), "n_nonfinite_grad": int(v[_N_NONFINITE_GRAD]),
-            "n_updated": int(v[_N_UPDATED]), "ref_loss": v[_REF_LOSS],
+            "mode": int(v[_MODE]),
+            "mean_ref_norm": v[_MEAN_REF_NORM],
+            "rho": v[_RHO],
+            "n_nonfinite": int(v[_N_NONFINITE]),
+            "n_nonfinite_grad": int(v[_N_NONFINITE_GRAD]),
+            "n_updated": int(v[_N_UPDATED]),
+            "ref_loss": v[_REF_LOSS],
         }
         if d["n_nonfinite"] and self._owner is not None:
             self._owner._warn_nonfinite(d["n_nonfinite"], d["n_nonfinite_grad"])
@@ -174,8 +178,16 @@ class GradientAligner:
         if raw is None:
             self._check_refs(refs)
             with torch.no_grad():
-                raw = _align_torch(grads, refs, ref_loss, self.min_ref_grad_norm, self.min_ref_loss, rho,
-                                   mixed, self.params[0].device)
+                raw = _align_torch(
+                    grads,
+                    refs,
+                    ref_loss,
+                    self.min_ref_grad_norm,
+                    self.min_ref_loss,
+                    rho,
+                    mixed,
+                    self.params[0].device,
+                )
         return AlignStats(raw, self)
 
     # -- internals ------------------------------------------------------------------------------------------
@@ -193,14 +205,19 @@ class GradientAligner:
         for i, (p, c) in enumerate(zip(self.params, refs, strict=True)):
             if c is not None:
                 if c.shape != p.shape:
-                    raise ValueError(f"ref_grads[{i}] has shape {tuple(c.shape)} but param {i} has shape "
-                                     f"{tuple(p.shape)}")
+                    raise ValueError(
+                        f"ref_grads[{i}] has shape {tuple(c.shape)} but param {i} has shape {tuple(p.shape)}"
+                    )
                 if c.get_device() != dev:
                     raise ValueError(f"ref_grads[{i}] is on {c.device} but param {i} is on {p.device}")
 
     def _align_fused(
-        self, grads: list[torch.Tensor | None], refs: list[torch.Tensor | None],
-        ref_loss: torch.Tensor | float, rho: float, mixed: bool,
+        self,
+        grads: list[torch.Tensor | None],
+        refs: list[torch.Tensor | None],
+        ref_loss: torch.Tensor | float,
+        rho: float,
+        mixed: bool,
     ) -> torch.Tensor | None:
         """Two-launch Triton path; None when ``auto`` must fall back (a dtype the kernels lack)."""
         _common.check_device(self.params[0])  # clear error for CPU tensors without the interpreter
@@ -209,8 +226,14 @@ class GradientAligner:
 
         plan = self._plan
         if plan is None:
-            plan = self._plan = kalign.build_plan(self._shapes, self.params[0].device, self.fused_block,
-                                                  self.fused_iters, self.fused_num_warps, self.fused_rblock)
+            plan = self._plan = kalign.build_plan(
+                self._shapes,
+                self.params[0].device,
+                self.fused_block,
+                self.fused_iters,
+                self.fused_num_warps,
+                self.fused_rblock,
+            )
         if not all([g is None or g.is_contiguous() for g in grads]):
             for i, g in enumerate(grads):
                 if g is not None and not g.is_contiguous():
@@ -221,8 +244,16 @@ class GradientAligner:
         if isinstance(ref_loss, torch.Tensor) and ref_loss.device.type == "cpu" and self._device_index >= 0:
             ref_loss = float(ref_loss)  # host memory: reading it does not sync the device
         try:
-            return kalign.align_fused(plan, grads, refs, ref_loss, min_ref_grad_norm=self.min_ref_grad_norm,
-                                      min_ref_loss=self.min_ref_loss, rho=rho, mixed_ok=mixed)
+            return kalign.align_fused(
+                plan,
+                grads,
+                refs,
+                ref_loss,
+                min_ref_grad_norm=self.min_ref_grad_norm,
+                min_ref_loss=self.min_ref_loss,
+                rho=rho,
+                mixed_ok=mixed,
+            )
         except kalign.UnsupportedDtypeError:
             if self.backend == "auto":
                 return None  # e.g. float64 grads: the torch path handles them
@@ -236,14 +267,21 @@ class GradientAligner:
             f"gradient alignment: {n_nonfinite} tensor(s) had a non-finite gradient or reference gradient "
             f"({n_nonfinite_grad} with non-finite g); they kept their raw gradient. Skip the optimizer step "
             f"when stats.nonfinite_grad is true. (warned once per aligner)",
-            RuntimeWarning, stacklevel=3,
+            RuntimeWarning,
+            stacklevel=3,
         )
 
 
 # -- torch path ---------------------------------------------------------------------------------------------
 def _align_torch(
-    grads: list[torch.Tensor | None], refs: list[torch.Tensor | None], ref_loss: torch.Tensor | float,
-    min_ref_grad_norm: float, min_ref_loss: float, rho: float, mixed: bool, device: torch.device,
+    grads: list[torch.Tensor | None],
+    refs: list[torch.Tensor | None],
+    ref_loss: torch.Tensor | float,
+    min_ref_grad_norm: float,
+    min_ref_loss: float,
+    rho: float,
+    mixed: bool,
+    device: torch.device,
 ) -> torch.Tensor:
     """Torch implementation, no host sync: the readable fast-enough path for CPU and for checking.
 
@@ -365,5 +403,12 @@ def align_loop_reference(
         new = (1.0 - w_raw) * coef * c + w_raw * g
         p.grad.copy_(new.reshape(p.grad.shape).to(p.grad.dtype))
         n_upd += 1
-    return {"mode": mode, "mean_ref_norm": mean_norm, "rho": w_raw if mode == 2 else 0.0, "n_nonfinite": n_nf,
-            "n_nonfinite_grad": n_nf_g, "n_updated": n_upd, "ref_loss": loss}
+    return {
+        "mode": mode,
+        "mean_ref_norm": mean_norm,
+        "rho": w_raw if mode == 2 else 0.0,
+        "n_nonfinite": n_nf,
+        "n_nonfinite_grad": n_nf_g,
+        "n_updated": n_upd,
+        "ref_loss": loss,
+    }

@@ -250,9 +250,9 @@ def test_fused_views_at_odd_offsets(device):
     off = 1
     for k, p in enumerate(params):
         n = p.numel()
-        gbuf[off:off + n] = p.grad.reshape(-1)
-        cbuf[off:off + n] = refs[k].reshape(-1)
-        p.grad, refs[k] = gbuf[off:off + n].view_as(p), cbuf[off:off + n].view_as(p)
+        gbuf[off : off + n] = p.grad.reshape(-1)
+        cbuf[off : off + n] = refs[k].reshape(-1)
+        p.grad, refs[k] = gbuf[off : off + n].view_as(p), cbuf[off : off + n].view_as(p)
         off += n
     oracle = clone_params(params)
     ostats = align_loop_reference(oracle, refs, 1.0, 3, **DEFAULTS)

@@ -8,5 +8,6 @@ search path at ``csrc_triton/`` so that the same kernels load.
 
 import os
 
-__path__ = [os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
-                         "csrc_triton")]
+__path__ = [
+    os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "csrc_triton")
+]

@@ -9,7 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from muscle_fast.kernels._common import launch_guard
+from muscle_fast.kernels._common import launch_guard, resolve_device
 
 KERNEL_DIR = Path(__file__).resolve().parents[2] / "csrc_triton"
 
@@ -91,3 +91,22 @@ def test_guard_names_a_missing_parameter():
         @launch_guard("z")
         def launcher(x, y):
             return x
+
+
+def test_resolve_device_pins_the_current_cuda_index(monkeypatch):
+    """A plan built for bare "cuda" records the device current at build time, not "cuda" (which would
+    compare unequal to every cuda:N tensor and follow whatever device is current at launch)."""
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    assert resolve_device("cuda") == torch.device("cuda", 3)
+    assert resolve_device(torch.device("cuda")) == torch.device("cuda", 3)
+    assert resolve_device("cuda:1") == torch.device("cuda", 1)
+    assert resolve_device("cpu") == torch.device("cpu")
+
+
+def test_build_plan_resolves_its_device(monkeypatch):
+    from muscle_fast.kernels import align as kalign
+
+    seen = []
+    monkeypatch.setattr(kalign, "resolve_device", lambda d: seen.append(d) or torch.device("cpu"))
+    plan = kalign.build_plan([(3, 2)], "cuda")
+    assert seen == ["cuda"] and plan.device == torch.device("cpu")
