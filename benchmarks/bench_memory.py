@@ -83,9 +83,9 @@ def built(request):
     model = _build(request.param)
     yield request.param, model
     del model
-    from muscle_fast.ops import lowrank
+    from muscle_fast import free_4bit_workspaces
 
-    lowrank._workspace.clear()  # the shared dequantization buffers must not count against the next impl
+    free_4bit_workspaces()  # the shared dequantization buffers must not count against the next impl
     gc.collect()
     if CUDA:
         torch.cuda.empty_cache()

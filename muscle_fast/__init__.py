@@ -13,6 +13,7 @@ from .config import FAMILIES, MuScleConfig, family_defaults
 from .dual import dual_gradients
 from .layers import MuScleLinear
 from .nf4 import dequantize_4bit, matmul_4bit
+from .ops.lowrank import free_4bit_workspaces
 from .patch import DecoderScoreHead, patch_model
 from .train import TrainConfig, TrainResult, train_muscle
 
@@ -33,6 +34,7 @@ __all__ = [
     "dual_gradients",
     "export_peft",
     "family_defaults",
+    "free_4bit_workspaces",
     "load_adapter",
     "matmul_4bit",
     "merge_and_unload",

@@ -247,6 +247,11 @@ def dequantize_4bit_ref(
     return _finish(A, out)
 
 
+def _ptr(t: Any) -> Any:
+    """A tensor's address (identity within a cache key), or the value itself (None, a float offset)."""
+    return t.data_ptr() if isinstance(t, torch.Tensor) else t
+
+
 class PreparedDequant4bit:
     """``dequantize_4bit(A, quant_state, dtype, out)`` for one frozen weight and one buffer, checked once.
 
@@ -278,7 +283,14 @@ class PreparedDequant4bit:
 
     @staticmethod
     def _identity(A: torch.Tensor, qs: QuantStateLike, out: torch.Tensor) -> tuple:
-        return (A.data_ptr(), A.shape, id(qs), qs.absmax.data_ptr(), out.data_ptr(), out.dtype, out.shape)
+        # every field the launch arguments come from: a state whose fields were reassigned in place
+        # (another quantization's absmax/state2/offset) must not replay the old arguments
+        s2 = qs.state2
+        nested = () if s2 is None else (id(s2), _ptr(s2.absmax), _ptr(s2.code), s2.blocksize, _ptr(qs.offset))
+        return (
+            A.data_ptr(), A.shape, id(qs), _ptr(qs.absmax), _ptr(qs.code), qs.blocksize, qs.quant_type,
+            nested, out.data_ptr(), out.dtype, out.shape,
+        )  # fmt: skip
 
     def matches(self, A: torch.Tensor, quant_state: QuantStateLike, out: torch.Tensor) -> bool:
         return self._key == self._identity(A, quant_state, out)
@@ -340,8 +352,12 @@ def matmul_4bit_ref(
 ) -> torch.Tensor:
     """``x @ dequantize_4bit(W).T (+ bias)`` in torch: the CPU path and the fused kernel's meaning."""
     _check_matmul(x, quant_state, bias)
-    w = dequantize_4bit_ref(A, quant_state, dtype=x.dtype)
-    return torch.nn.functional.linear(x, w.reshape(quant_state.shape), bias)
+    # into an ``out`` of quant_state.shape: A given as bitsandbytes' [1, n/2] (``W.t()``, as its own
+    # matmul_4bit takes it) gets the back-compat transpose on the *return* value only
+    w = torch.empty(tuple(quant_state.shape), dtype=x.dtype, device=A.device)
+    dequantize_4bit_ref(A, quant_state, dtype=x.dtype, out=w)
+    y = torch.nn.functional.linear(x, w)
+    return y if bias is None else y + bias.to(y.dtype)  # after rounding, as the kernel path does
 
 
 def matmul_4bit(
@@ -357,13 +373,15 @@ def matmul_4bit(
     For decode-sized batches, where dequantize + cuBLAS spends its time writing and re-reading the
     16-bit weight. Same numerics as ``linear(x, dequantize_4bit(A, qs, dtype=x.dtype), bias)`` up to
     the accumulation order (fp32); the bias is added after rounding to x's dtype. ``x``: ``[..., K]``;
-    ``A``/``quant_state`` as for ``dequantize_4bit`` with ``quant_state.shape == (N, K)``, K even.
-    On tensors the kernels cannot run on, ``matmul_4bit_ref``. ``MuScleLinear`` uses it only for
+    ``A``/``quant_state`` as for ``dequantize_4bit`` with ``quant_state.shape == (N, K)``. On
+    tensors the kernels cannot run on, and for odd K, ``matmul_4bit_ref``. ``MuScleLinear`` uses it only for
     forwards of up to ``MUSCLE_FAST_FUSED_4BIT_MAX_M`` rows (default 0: off until a GPU benchmark
     shows it beating dequantize + cuBLAS, ``benchmarks/bench_nf4.py``).
     """
     n, k = _check_matmul(x, quant_state, bias)
-    if not kernels_run_on(x.device):
+    if not kernels_run_on(x.device) or k % 2:
+        # odd K: a packed byte straddles two weight rows, which the kernel's even/odd column split
+        # cannot read; the torch path computes the same products (fp32 accumulation as well)
         return matmul_4bit_ref(x, A, quant_state, bias)
     from muscle_fast.kernels.nf4_matmul import matmul_4bit_packed
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -81,10 +82,14 @@ def head_module_names(model: nn.Module, cfg: MuScleConfig) -> list[str]:
 def _param_count(module: nn.Module) -> int:
     total = 0
     for p in module.parameters():
-        n = p.numel()
-        if type(p).__name__ == "Params4bit":  # two 4-bit values per stored byte
-            n *= 2
-        total += n
+        if type(p).__name__ != "Params4bit":
+            total += p.numel()
+            continue
+        # a 4-bit weight counts its unpacked values: from its state (any storage dtype, odd counts),
+        # else two per stored byte
+        qs = getattr(p, "quant_state", None)
+        shape = getattr(qs, "shape", None)
+        total += math.prod(shape) if shape is not None else 2 * p.numel() * p.element_size()
     return total
 
 
@@ -95,13 +100,17 @@ def _replace_decoder_head(model: nn.Module, cfg: MuScleConfig) -> None:
             f"patch_model: decoder_head=True needs a `score` nn.Linear on "
             f"{type(model).__name__}, found {type(old).__name__}"
         )
+    dtype = old.weight.dtype
+    if not dtype.is_floating_point or type(old.weight).__name__ == "Params4bit":
+        # a quantized score layer (bitsandbytes): build the new head in its compute dtype, not storage
+        dtype = getattr(old, "compute_dtype", None) or torch.float32
     model.score = DecoderScoreHead(
         old.in_features,
         old.out_features,
         cfg.head_hidden,
         cfg.head_dropout,
         device=old.weight.device,
-        dtype=old.weight.dtype,
+        dtype=dtype,
     )
     model.score.requires_grad_(False)  # the paper freezes the random output layer
 

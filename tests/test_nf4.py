@@ -377,6 +377,52 @@ def test_matmul_4bit_cpu_without_interpreter_is_reference(monkeypatch: pytest.Mo
     assert torch.equal(matmul_4bit(x, packed, qs), matmul_4bit_ref(x, packed, qs))
 
 
+@pytest.mark.parametrize("path", ["kernel", "torch"])
+def test_matmul_4bit_paths_agree_on_odd_k_transposed_a_and_bias_dtype(
+    device: str, path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Both paths of matmul_4bit take the same inputs and mean the same thing: odd K (the kernel
+    cannot split a byte across rows: the torch path runs), A as bitsandbytes' [1, n/2] ``W.t()``
+    (the back-compat transpose must not scramble the weight), an fp32 bias with a bf16 x."""
+    import muscle_fast.nf4 as mnf4
+
+    if path == "torch":
+        monkeypatch.setattr(mnf4, "kernels_run_on", lambda device: False)
+    elif device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("the kernel path on the CPU needs the interpreter")
+    packed, qs = _state((6, 65), 64, nested=True, device=device, seed=5)  # odd K: 390 values
+    x = torch.randn(3, 65, device=device)
+    _check_matmul(mnf4.matmul_4bit(x, packed, qs), x, packed, qs)
+    packed, qs = _state((8, 64), 64, device=device, seed=6)
+    x = torch.randn(2, 64, device=device)
+    assert packed.shape == (256, 1)
+    _check_matmul(mnf4.matmul_4bit(x, packed.t(), qs), x, packed, qs)
+    xb, bias = x.bfloat16(), torch.randn(8, device=device)
+    _check_matmul(mnf4.matmul_4bit(xb, packed, qs, bias), xb, packed, qs, bias)
+
+
+def test_prepared_dequant_tracks_state_fields_replaced_in_place(device: str) -> None:
+    """A QuantState whose fields were reassigned (another quantization's absmax, state2, offset,
+    code) is not the state the prepared launch was built from: ``matches`` must say so."""
+    from muscle_fast.nf4 import PreparedDequant4bit
+
+    if device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("PreparedDequant4bit needs the kernels")
+    packed, qs = _state((16, 64), 64, nested=True, device=device, seed=1)
+    _, other = _state((16, 64), 64, nested=True, device=device, seed=2)
+    out = torch.empty(16, 64, device=device)
+    prep = PreparedDequant4bit(packed, qs, torch.float32, out)
+    for field in ("absmax", "state2", "offset", "code", "blocksize"):
+        saved = getattr(qs, field)
+        replacement = {"blocksize": 32, "code": qs.code.clone()}.get(field, getattr(other, field, None))
+        setattr(qs, field, replacement)
+        assert not prep.matches(packed, qs, out), field
+        setattr(qs, field, saved)
+        assert prep.matches(packed, qs, out), field
+    qs.state2.absmax = other.state2.absmax  # the nested absmax swapped inside state2
+    assert not prep.matches(packed, qs, out)
+
+
 def test_matmul_4bit_errors(device: str) -> None:
     from muscle_fast.nf4 import matmul_4bit
 
@@ -392,9 +438,6 @@ def test_matmul_4bit_errors(device: str) -> None:
     with pytest.raises(ValueError, match="2-D weight shape"):
         matmul_4bit(x, p1, q1)
     if device == "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
-        p_odd, q_odd = _state((4, 65), 64, device=device)
-        with pytest.raises(ValueError, match="even K"):
-            matmul_4bit(torch.randn(1, 65, device=device), p_odd, q_odd)
         with pytest.raises(ValueError, match="split_k must be >= 1"):
             matmul_4bit(x, packed, qs, split_k=0)
 

@@ -256,6 +256,91 @@ class TestFourBit:
         assert isinstance(model.model.layers[0].self_attn.q_proj, MuScleLinear)  # nothing half-merged
 
 
+class TestFourBitLayer:
+    """One bitsandbytes Linear4bit under MuScleLinear, where bitsandbytes' own forward is the oracle
+    (zero-initialized B: the adapter adds nothing)."""
+
+    @staticmethod
+    def _linear4bit(i: int, o: int, storage: torch.dtype = torch.uint8, seed: int = 0):
+        bnb = pytest.importorskip("bitsandbytes")
+        torch.manual_seed(seed)
+        lin = nn.Linear(i, o)
+        q = bnb.nn.Linear4bit(i, o, compute_dtype=torch.float32, quant_type="nf4", quant_storage=storage)
+        q.weight = bnb.nn.Params4bit(
+            lin.weight.data.clone(), requires_grad=False, quant_type="nf4", quant_storage=storage, module=q
+        )
+        q.bias = nn.Parameter(lin.bias.data.clone(), requires_grad=False)
+        return exact_cpu_4bit(q.to("cpu"))
+
+    @pytest.fixture(params=["torch", "triton"])
+    def backend(self, request):
+        from muscle_fast.kernels._common import kernels_run_on
+
+        if request.param == "triton" and not kernels_run_on(torch.device("cpu")):
+            pytest.skip("a CPU layer: the kernels run on it only under the interpreter")
+        return request.param
+
+    def test_lost_quant_state_is_recovered_like_bitsandbytes(self, backend):
+        """FSDP re-wraps Parameters and drops ``weight.quant_state``; bitsandbytes restores it from the
+        module, and so must we (it failed with an AttributeError)."""
+        x = torch.randn(3, 64)
+        for lose in ("rewrap", "none"):
+            q = self._linear4bit(64, 32)
+            want = q(x)
+            if lose == "rewrap":
+                q.weight = nn.Parameter(q.weight.data, requires_grad=False)
+            else:
+                q.weight.quant_state = None
+            m = MuScleLinear(q, r=2, backend=backend)
+            torch.testing.assert_close(m(x), want, rtol=1e-6, atol=1e-6)
+            assert q.weight.quant_state is q.quant_state
+        q = self._linear4bit(64, 32)
+        q.weight.quant_state = q.quant_state = None
+        with pytest.raises(RuntimeError, match=r"Linear4bit\(64, 32\): the 4-bit weight has no quant_state"):
+            MuScleLinear(q, r=2, backend=backend)(x)
+
+    @pytest.mark.parametrize("shape", [(2, 1), (1, 2), (1, 1)], ids=lambda s: f"in{s[0]}-out{s[1]}")
+    def test_one_or_two_element_weights(self, backend, shape):
+        """A 2-value weight packs into one byte stored as [1, 1], which bitsandbytes' back-compat
+        transpose rule (packed.shape[0] == 1) would turn around: the layer must not use it."""
+        q = self._linear4bit(*shape)
+        x = torch.randn(3, shape[0])
+        m = MuScleLinear(q, r=1, backend=backend)
+        for _ in range(2):  # the first call builds the prepared launch, the second replays it
+            torch.testing.assert_close(m(x), q(x), rtol=1e-6, atol=1e-6)
+
+    def test_workspace_is_freed_on_request(self, backend):
+        import muscle_fast
+        from muscle_fast.ops import lowrank
+
+        muscle_fast.free_4bit_workspaces()  # what other tests left
+        m = MuScleLinear(self._linear4bit(64, 32), r=2, backend=backend)
+        m(torch.randn(2, 64))
+        assert bool(lowrank._workspace) == (backend == "triton")
+        muscle_fast.free_4bit_workspaces()
+        assert not lowrank._workspace and not len(lowrank._prepared)
+        m(torch.randn(2, 64))  # allocates again
+
+    def test_param_count_any_storage_and_odd_sizes(self):
+        from muscle_fast.patch import _param_count
+
+        for storage in (torch.uint8, torch.bfloat16, torch.float32):
+            assert _param_count(self._linear4bit(64, 32, storage)) == 64 * 32 + 32, storage
+        assert _param_count(self._linear4bit(9, 7)) == 63 + 7  # 63 values in 32 bytes
+
+    def test_quantized_score_head_is_replaced_in_compute_dtype(self):
+        from types import SimpleNamespace
+
+        from muscle_fast.patch import _replace_decoder_head
+
+        model = nn.Module()
+        model.score = self._linear4bit(64, 2)
+        _replace_decoder_head(model, SimpleNamespace(head_hidden=16, head_dropout=0.0))
+        assert isinstance(model.score, DecoderScoreHead)
+        assert {p.dtype for p in model.score.parameters()} == {torch.float32}
+        assert model.score(torch.randn(3, 64)).shape == (3, 2)
+
+
 # ---------------------------------------------------------------------------------------------- bad input
 
 

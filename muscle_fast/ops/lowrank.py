@@ -154,11 +154,24 @@ _workspace: dict[tuple, torch.Tensor] = {}
 _prepared: weakref.WeakKeyDictionary[nn.Module, Any] = weakref.WeakKeyDictionary()
 
 
+def free_4bit_workspaces() -> None:
+    """Release the shared dequantization buffers and per-layer prepared launches of 4-bit layers.
+
+    They outlive the model (one buffer per weight shape, dtype and device: ~90 MB per shape for a
+    7B model in bf16); call this after ``del model`` to hand the memory back. The next forward of a
+    4-bit layer allocates again."""
+    _workspace.clear()
+    _prepared.clear()
+
+
 def _dequantize_4bit(module: nn.Module, dtype: torch.dtype, kernels: bool = True) -> torch.Tensor:
     """The dequantized weight, written into a workspace reused by every 4-bit layer of that shape.
 
     Forward and backward use the weight at once and drop it, so one buffer per (shape, dtype,
     device) serves all layers; nothing of size N x K stays alive between forward and backward.
+    The buffer makes the 4-bit path single-threaded per device: layers of one shape must not run
+    their forwards/backwards concurrently from several threads (or streams) on the same device.
+    ``free_4bit_workspaces()`` releases the buffers (e.g. after ``del model``).
     """
     from muscle_fast.nf4 import PreparedDequant4bit, dequantize_4bit_ref
 
@@ -166,22 +179,44 @@ def _dequantize_4bit(module: nn.Module, dtype: torch.dtype, kernels: bool = True
     qs = w.quant_state
     from muscle_fast.kernels._common import kernels_run_on
 
+    # Results are read from the ``out`` buffer, never from the return value: a packed weight stored
+    # as [1, 1] (a 2-element layer) would get bitsandbytes' back-compat transpose there.
     if not (kernels and kernels_run_on(w.device)):
-        return dequantize_4bit_ref(w.data, qs, dtype=dtype)  # the exact torch path
+        out = torch.empty(tuple(qs.shape), dtype=dtype, device=w.device)
+        dequantize_4bit_ref(w.data, qs, dtype=dtype, out=out)  # the exact torch path
+        return out
     key = (tuple(qs.shape), dtype, w.device)
     buf = _workspace.get(key)
     if buf is None:
         buf = _workspace[key] = torch.empty(tuple(qs.shape), dtype=dtype, device=w.device)
     prepared = _prepared.get(module)
     if prepared is None or not prepared.matches(w.data, qs, buf):
-        prepared = _prepared[module] = PreparedDequant4bit(w.data, qs, dtype, buf)  # fills buf
-        return buf
-    return prepared()
+        _prepared[module] = PreparedDequant4bit(w.data, qs, dtype, buf)  # fills buf
+    else:
+        prepared()
+    return buf
 
 
 def _standard_4bit_weight(module: nn.Module) -> nn.Parameter:
-    """The Linear4bit's weight in bitsandbytes' standard packed layout."""
+    """The Linear4bit's weight in bitsandbytes' standard packed layout, with its quant_state."""
     w = module.weight
+    if getattr(w, "quant_state", None) is None:
+        # FSDP (and anything else that re-wraps the Parameter) drops the state; bitsandbytes' own
+        # forward restores it from the module, so do the same rather than fail where it works
+        qs = getattr(module, "quant_state", None)
+        if qs is None:
+            raise RuntimeError(
+                f"{type(module).__name__}({module.in_features}, {module.out_features}): the 4-bit weight has "
+                "no quant_state (neither weight.quant_state nor module.quant_state); was it quantized "
+                "(moved to its device)?"
+            )
+        if type(w).__name__ != "Params4bit":
+            from bitsandbytes.nn import Params4bit
+
+            w = module.weight = Params4bit(
+                w.data, requires_grad=False, quant_storage=w.dtype, bnb_quantized=True, module=module
+            )
+        w.quant_state = qs
     if getattr(w.quant_state, "packing_format_for_cpu", False):
         # bitsandbytes' CPU inference path repacked this weight; restore the standard layout, as its
         # own state_dict saving does
