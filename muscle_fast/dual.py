@@ -85,15 +85,19 @@ def dual_gradients(
     params: Sequence[nn.Parameter] | None = None,
     single_pass: bool | None = None,
     accumulate: bool = False,
+    loss_scale: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor | None]]:
     """Training loss, reference loss and reference gradients; ``p.grad`` becomes the training gradient.
 
     ``batch`` and ``ref_batch`` are tokenizer outputs plus ``labels``. The losses are
     returned detached (as device tensors: no host sync). Single pass is used when every
     trainable parameter lives in a MuScleLinear; otherwise (or with single_pass=False) two
-    passes, with the reference gradients from ``torch.autograd.grad``. ``accumulate`` adds
-    to ``p.grad`` instead of overwriting it (gradient accumulation). The model's train/eval
-    mode is left as it is.
+    passes, the second a plain backward whose ``p.grad`` is taken as the reference gradient
+    (``torch.autograd.grad`` would miss, and pollute ``p.grad`` with, the gradients of
+    parameters inside reentrant activation checkpoints). ``accumulate`` adds to ``p.grad``
+    instead of overwriting it (gradient accumulation). ``loss_scale`` multiplies both losses
+    before backward (both gradients scale with it; the returned losses do not): a data-parallel
+    rank's share of an unevenly split global batch. The model's train/eval mode is left as it is.
     """
     loss_fn = loss_fn or default_loss
     params = list(params) if params is not None else trainable_params(model)
@@ -122,19 +126,27 @@ def dual_gradients(
         for p in params:
             p.grad = None
     if single_pass:
-        return _single_pass(model, core, batch, ref_batch, loss_fn, params)
-    return _two_pass(model, batch, ref_batch, loss_fn, params)
+        return _single_pass(model, core, batch, ref_batch, loss_fn, params, loss_scale)
+    return _two_pass(model, batch, ref_batch, loss_fn, params, loss_scale)
 
 
-def _two_pass(model, batch, ref_batch, loss_fn, params):
+def _two_pass(model, batch, ref_batch, loss_fn, params, scale):
     loss = loss_fn(_forward_logits(model, batch), batch["labels"])
-    loss.backward()
-    ref_loss = loss_fn(_forward_logits(model, ref_batch), ref_batch["labels"])
-    ref_grads = torch.autograd.grad(ref_loss, params, allow_unused=True)
-    return loss.detach(), ref_loss.detach(), list(ref_grads)
+    (loss * scale).backward()
+    train_grads = [p.grad for p in params]
+    for p in params:
+        p.grad = None
+    try:
+        ref_loss = loss_fn(_forward_logits(model, ref_batch), ref_batch["labels"])
+        (ref_loss * scale).backward()  # under DDP this also averages c over ranks, as g was
+        ref_grads = [p.grad for p in params]
+    finally:
+        for p, g in zip(params, train_grads, strict=True):
+            p.grad = g
+    return loss.detach(), ref_loss.detach(), ref_grads
 
 
-def _single_pass(model, core, batch, ref_batch, loss_fn, params):
+def _single_pass(model, core, batch, ref_batch, loss_fn, params, scale):
     pad_id = getattr(getattr(core, "config", None), "pad_token_id", None)
     pad_id = 0 if pad_id is None else int(pad_id)
     both = pad_cat(batch, ref_batch, pad_id)
@@ -153,7 +165,7 @@ def _single_pass(model, core, batch, ref_batch, loss_fn, params):
         logits = _forward_logits(model, both)
         loss = loss_fn(logits[:n_train], both["labels"][:n_train])
         ref_loss = loss_fn(logits[n_train:], both["labels"][n_train:])
-        (loss + ref_loss).backward()
+        ((loss + ref_loss) * scale).backward()
     by_param: dict[int, torch.Tensor] = {}
     for m in model.modules():
         if isinstance(m, MuScleLinear) and id(m) in sink:

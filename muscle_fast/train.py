@@ -186,6 +186,23 @@ def world() -> tuple[int, int]:
     return 0, 1
 
 
+def rank_share(idx: Sequence[int], rank: int, nranks: int) -> tuple[list[int], float]:
+    """This rank's rows of a global batch and the factor its mean loss is scaled by.
+
+    Rows are dealt round-robin. DDP (and ``average_across_ranks``) take the plain mean of the
+    ranks' gradients, which is the mean over the global batch only if every rank has as many
+    rows; the last batch of an epoch need not split evenly, so each rank's loss is scaled by
+    ``nranks * (its rows / all rows)``. A rank left with no row still has to take part in the
+    collectives: it runs the batch's first row with scale 0.
+    """
+    if nranks == 1:
+        return list(idx), 1.0
+    mine = list(idx[rank::nranks])
+    if not mine:
+        return [idx[0]], 0.0
+    return mine, nranks * len(mine) / len(idx)
+
+
 def average_across_ranks(tensors: Sequence[torch.Tensor | None]) -> list[torch.Tensor | None]:
     """Mean of each tensor over ranks, in one all-reduce of a flat buffer (no-op on one process)."""
     _, n = world()
@@ -363,23 +380,23 @@ def train_muscle(
         )
         for step in bar:
             idx = perm[step * global_bs : (step + 1) * global_bs]
-            mine = idx[rank::nranks] if nranks > 1 else idx
+            mine, share = rank_share(idx, rank, nranks)
             batch = encode(tokenizer, [train[i] for i in mine], cfg.max_length, device)
             if aligner is not None:
                 ridx = torch.randint(len(ref), (len(idx),), generator=ref_gen).tolist()
-                rmine = ridx[rank::nranks] if nranks > 1 else ridx
+                rmine, _ = rank_share(ridx, rank, nranks)
                 ref_batch = encode(tokenizer, [ref[i] for i in rmine], cfg.max_length, device)
                 loss, ref_loss, ref_grads = dual_gradients(
-                    model, batch, ref_batch, params=params, single_pass=cfg.single_pass
+                    model, batch, ref_batch, params=params, single_pass=cfg.single_pass, loss_scale=share
                 )
-                *ref_grads, ref_loss = average_across_ranks([*ref_grads, ref_loss])
+                *ref_grads, ref_loss = average_across_ranks([*ref_grads, ref_loss * share])
                 stats = aligner.align(ref_grads, ref_loss, epoch)
                 bad_step = bool(stats.nonfinite_grad > 0)
             else:
                 opt.zero_grad(set_to_none=True)
                 inputs = {k: v for k, v in batch.items() if k != "labels"}
                 loss = default_loss(model(**inputs).logits, batch["labels"])
-                loss.backward()
+                (loss * share).backward()
                 bad_step = False
             norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
             if bad_step or not torch.isfinite(norm):

@@ -52,7 +52,9 @@ class MuScleTrainer(Trainer):
         ds = self.ref_dataset
         if self.args.remove_unused_columns and hasattr(ds, "column_names"):
             ds = self._remove_unused_columns(ds, description="reference")
-        gen = torch.Generator().manual_seed(self.args.seed + 1)
+        # one stream per rank: with the same seed everywhere, every rank would draw the same reference
+        # rows and the cross-rank average would be one batch's gradient, not world_size batches'
+        gen = torch.Generator().manual_seed(self.args.seed + 1 + 7919 * self.args.process_index)
         loader = DataLoader(
             ds,
             batch_size=self.args.per_device_train_batch_size,
@@ -69,7 +71,10 @@ class MuScleTrainer(Trainer):
         fam = model_family(core)
         kw: dict[str, Any] = fam.align_kwargs() if fam is not None else {}
         kw.update(self.align_kwargs)
-        self._aligner = GradientAligner(self._params, epochs=math.ceil(self.args.num_train_epochs), **kw)
+        # the run's real length: with max_steps set, args.num_train_epochs is not it (the raw-gradient
+        # ratio schedule of SPEC §4 ramps over these epochs)
+        epochs = self.state.num_train_epochs or self.args.num_train_epochs
+        self._aligner = GradientAligner(self._params, epochs=math.ceil(epochs), **kw)
 
     def training_step(
         self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: torch.Tensor | int | None = None

@@ -16,13 +16,15 @@ from muscle_fast import patch_model  # noqa: E402
 from muscle_fast.train import TrainConfig, train_muscle  # noqa: E402
 
 
-def main(out: str, batch_size: int) -> None:
+def main(out: str, batch_size: int, n_rows: int, two_pass: bool) -> None:
     distributed = "RANK" in os.environ
     if distributed:
         dist.init_process_group("gloo")
     torch.set_num_threads(1)
     model = tiny_model("bert", num_labels=2)
     patch_model(model)
+    if two_pass:  # a trainable parameter outside the adapters: dual_gradients takes two passes
+        model.classifier.requires_grad_(True)
     params = [p for p in model.parameters() if p.requires_grad]
     wrapped = torch.nn.parallel.DistributedDataParallel(model) if distributed else model
     cfg = TrainConfig(
@@ -37,7 +39,7 @@ def main(out: str, batch_size: int) -> None:
         ga_epoch=1,
         progress=False,
     )
-    train_muscle(wrapped, WordTokenizer(), make_rows(48, 0), make_rows(16, 1), make_rows(16, 2), cfg)
+    train_muscle(wrapped, WordTokenizer(), make_rows(n_rows, 0), make_rows(16, 1), make_rows(16, 2), cfg)
     if not distributed or dist.get_rank() == 0:
         torch.save([p.detach().clone() for p in params], out)
     if distributed:
@@ -45,4 +47,4 @@ def main(out: str, batch_size: int) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], int(sys.argv[2]))
+    main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4] == "two-pass")

@@ -1,4 +1,5 @@
-"""Two DDP ranks (gloo, CPU) with batch B equal one process with batch 2B, alignment included."""
+"""Two DDP ranks (gloo, CPU) with batch B equal one process with batch 2B, alignment included, also
+when the last global batch of an epoch does not split evenly (or leaves a rank with no row)."""
 
 from __future__ import annotations
 
@@ -7,17 +8,28 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 WORKER = Path(__file__).with_name("ddp_train.py")
 
 
-def test_two_ranks_equal_one_process_on_the_union(tmp_path):
+@pytest.mark.parametrize(
+    "n_rows,passes",
+    [(48, "single-pass"), (51, "single-pass"), (49, "two-pass")],
+    ids=["even", "last-batch-3-rows", "last-batch-1-row-two-pass"],
+)
+def test_two_ranks_equal_one_process_on_the_union(tmp_path, n_rows, passes):
+    """48 rows: 6 global batches of 8. 51: the last has 3 rows (2 + 1 per rank: the rank losses
+    are weighted by their share). 49: the last has 1 row, rank 1 none (it must still join the
+    collectives, with weight 0), on the two-pass path (the classifier trains too)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     single, multi = tmp_path / "single.pt", tmp_path / "ddp.pt"
+    args = [str(n_rows), passes]
     proc = subprocess.run(
-        [sys.executable, str(WORKER), str(single), "8"], env=env, capture_output=True, text=True, timeout=300
-    )
+        [sys.executable, str(WORKER), str(single), "8", *args], env=env, capture_output=True, text=True,
+        timeout=300,
+    )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     proc = subprocess.run(
         [
@@ -30,6 +42,7 @@ def test_two_ranks_equal_one_process_on_the_union(tmp_path):
             str(WORKER),
             str(multi),
             "4",
+            *args,
         ],
         env=env,
         capture_output=True,
@@ -41,6 +54,8 @@ def test_two_ranks_equal_one_process_on_the_union(tmp_path):
     assert len(a) == len(b) > 0
     moved = 0
     for x, y in zip(a, b, strict=True):
-        torch.testing.assert_close(y, x, rtol=1e-4, atol=1e-6)
+        # fp32 sums in another order, amplified for tiny-gradient entries by Adam's normalization:
+        # 1e-6 on even splits, 1.3e-6 seen on the uneven one; unweighted rank means were off 3.8e-4
+        torch.testing.assert_close(y, x, rtol=1e-4, atol=1e-6 if n_rows % 8 == 0 else 1e-5)
         moved += 1
     assert moved == len(a)

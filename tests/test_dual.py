@@ -177,3 +177,45 @@ def test_gradient_checkpointing_single_pass(family, four_bit, reentrant, threade
         assert torch.equal(a0, a1)
         assert (r0 is None and r1 is None) or torch.equal(r0, r1)
         assert float(a0.abs().sum()) > 0
+
+
+@pytest.mark.parametrize("reentrant", [False, True], ids=["non-reentrant", "reentrant"])
+@pytest.mark.parametrize("family", ["bert", "llama"])
+def test_gradient_checkpointing_two_pass(family, reentrant):
+    """The two-pass path (a trainable parameter outside the adapters) under checkpointing: the same
+    training and reference gradients as without. ``torch.autograd.grad`` returned None for every
+    adapter inside a reentrant checkpoint and added c into their ``p.grad``."""
+    b, r = _batches(family)
+    got = []
+    for ckpt in (False, True):
+        model = _model(family).train()
+        # bert's classifier is plain; llama's score head holds an MSLR module: train its final norm
+        (model.model.norm if family == "llama" else model.classifier).requires_grad_(True)
+        if ckpt:
+            set_activation_checkpointing(model, True, reentrant=reentrant)
+        loss, ref_loss, refs = dual_gradients(model, b, r)
+        got.append((loss, ref_loss, [p.grad for p in trainable_params(model)], refs))
+    (l0, rl0, g0, c0), (l1, rl1, g1, c1) = got
+    torch.testing.assert_close(l1, l0, rtol=0, atol=0)
+    torch.testing.assert_close(rl1, rl0, rtol=0, atol=0)
+    assert len(g0) == len(c0) > 4
+    for a0, a1, r0, r1 in zip(g0, g1, c0, c1, strict=True):
+        assert r0 is not None and r1 is not None and float(r0.abs().sum()) > 0
+        torch.testing.assert_close(a1, a0, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(r1, r0, rtol=1e-6, atol=1e-7)
+
+
+def test_loss_scale_scales_both_gradients():
+    """``loss_scale`` (a DDP rank's share of an uneven batch) multiplies g and c, not the losses."""
+    b, r = _batches("bert")
+    out = []
+    for scale in (1.0, 0.375):
+        model = _model("bert").train()
+        loss, ref_loss, refs = dual_gradients(model, b, r, loss_scale=scale)
+        out.append((loss, ref_loss, [p.grad for p in trainable_params(model)], refs))
+    (l0, rl0, g0, c0), (l1, rl1, g1, c1) = out
+    assert torch.equal(l0, l1) and torch.equal(rl0, rl1)
+    for a0, a1, r0, r1 in zip(g0, g1, c0, c1, strict=True):
+        # the scale enters at the loss and is rounded through every layer: relative to the tensor
+        for x1, x0 in ((a1, a0), (r1, r0)):
+            torch.testing.assert_close(x1, x0 * 0.375, rtol=1e-5, atol=1e-6 * float(x0.abs().max()))

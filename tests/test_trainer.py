@@ -70,3 +70,41 @@ def test_trainer_aligns_every_step(tmp_path):
     assert trainer.state.global_step == 3 and cb.checked > 0
     after = [p.detach() for p in model.parameters() if p.requires_grad]
     assert any(not torch.equal(a, b) for a, b in zip(before, after, strict=True))
+
+
+def _trainer(tmp_path, **overrides) -> MuScleTrainer:
+    model = tiny_model("bert", num_labels=2)
+    patch_model(model)
+    kw = dict(
+        output_dir=str(tmp_path), per_device_train_batch_size=4, learning_rate=1e-3, report_to=[],
+        save_strategy="no", use_cpu=True, seed=0, disable_tqdm=True,
+    )  # fmt: skip
+    kw.update(overrides)
+    return MuScleTrainer(
+        model=model,
+        args=TrainingArguments(**kw),
+        train_dataset=_dataset(make_rows(32, 0)),
+        ref_dataset=_dataset(make_rows(12, 1)),
+    )
+
+
+def test_raw_gradient_schedule_spans_the_real_run_with_max_steps(tmp_path):
+    """max_steps=40 at 8 steps per epoch is 5 epochs, whatever num_train_epochs says (3 by default):
+    the SPEC §4 ratio must ramp over 5, or it passes max_raw_grad_ratio (rho 0.4 seen at 0.1)."""
+    trainer = _trainer(tmp_path, max_steps=40)
+    trainer.train()
+    assert trainer.args.num_train_epochs == 3
+    assert trainer.state.num_train_epochs == 5 and trainer._aligner.epochs == 5
+
+
+def test_ranks_draw_different_reference_batches(tmp_path, monkeypatch):
+    """Under DDP each rank draws its own reference rows (the same seed on every rank made the
+    cross-rank average one batch's gradient); each rank's stream is reproducible."""
+
+    def first_ref_batch(rank: int) -> torch.Tensor:
+        monkeypatch.setattr(TrainingArguments, "process_index", property(lambda self: rank))
+        return next(_trainer(tmp_path)._ref_batches())["input_ids"]
+
+    r0, r1 = first_ref_batch(0), first_ref_batch(1)
+    assert torch.equal(r0, first_ref_batch(0))
+    assert not torch.equal(r0, r1)
