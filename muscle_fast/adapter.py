@@ -234,6 +234,8 @@ def export_peft(model: nn.Module, directory: str | os.PathLike) -> Path:
     and alpha_pattern). Adapted modules inside the task head are merged into it and the
     head goes to ``modules_to_save`` (peft wraps the whole head for sequence
     classification anyway); a decoder head is collapsed to the single ``score`` linear.
+    MSLR modules outside the head (BERT's pooler) go there too, merged: their base weight
+    is often missing from the checkpoint, and a peft adapter cannot carry it otherwise.
     """
     cfg = require_patched(model, "export_peft")
     d = Path(directory)
@@ -243,8 +245,14 @@ def export_peft(model: nn.Module, directory: str | os.PathLike) -> Path:
     tensors: dict[str, torch.Tensor] = {}
     targets, rank_pattern, alpha_pattern = [], {}, {}
     fan_in_fan_out = False
+    whole = list(heads)  # modules peft stores in full (modules_to_save), dW merged in
     for name, m in muscle_modules(model).items():
         if any(name == h or name.startswith(h + ".") for h in heads):
+            continue
+        if len(m.scales) > 1:
+            # an MSLR module's base (the pooler) is often not in the checkpoint, so a fresh load gets
+            # it randomly initialized; peft adapters carry no base weights, so store the whole layer
+            whole.append(name)
             continue
         if m.kind == "conv1d":
             fan_in_fan_out = True
@@ -255,7 +263,7 @@ def export_peft(model: nn.Module, directory: str | os.PathLike) -> Path:
         targets.append(name)
         rank_pattern[name] = m.rank
         alpha_pattern[name] = m.alpha * n
-    for h in heads:
+    for h in whole:
         for k, v in _unpatched_copy_state(model.get_submodule(h)).items():
             tensors[f"{prefix}{h}.{k}"] = v.cpu().contiguous()
     is_seq_cls = type(model).__name__.endswith("ForSequenceClassification")
@@ -270,7 +278,7 @@ def export_peft(model: nn.Module, directory: str | os.PathLike) -> Path:
         "target_modules": targets,
         "rank_pattern": rank_pattern,
         "alpha_pattern": alpha_pattern,
-        "modules_to_save": heads or None,
+        "modules_to_save": whole or None,
         "fan_in_fan_out": fan_in_fan_out,
         "bias": "none",
         "inference_mode": True,

@@ -46,7 +46,10 @@ def write_json(path: str | os.PathLike, obj: Any, sort_keys: bool = False) -> No
 
 
 def replace_dir(directory: Path, write: Callable[[Path], None]) -> None:
-    """Fill a temporary sibling folder, then swap it in: a reader never sees half a checkpoint."""
+    """Fill a temporary sibling folder, then swap it in: a reader never sees half a checkpoint.
+
+    The swap is two renames; a kill between them leaves the previous folder as ``.NAME.old-*``
+    beside a missing ``NAME`` (there is no atomic exchange of two folders in POSIX)."""
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
     try:
@@ -55,7 +58,9 @@ def replace_dir(directory: Path, write: Callable[[Path], None]) -> None:
             _public_mode(f, directory=f.is_dir())
         _public_mode(tmp, directory=True)
         if directory.exists():
-            old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
+            # a fresh empty name (rename may replace an empty folder): a leftover of a killed run with
+            # the same pid, common in containers, made os.replace fail
+            old = Path(tempfile.mkdtemp(prefix=f".{directory.name}.old-", dir=directory.parent))
             os.replace(directory, old)
             os.replace(tmp, directory)
             shutil.rmtree(old, ignore_errors=True)

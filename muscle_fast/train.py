@@ -316,6 +316,7 @@ def train_muscle(
 
     result = TrainResult(best_epoch=-1, best_dev_acc=-1.0)
     start_epoch, start_step, global_step = 0, 0, 0
+    resumed_losses: list[float] = []
     epoch_gen_state = data_gen.get_state()
     ckpt_dir = Path(cfg.checkpoint_dir) if cfg.checkpoint_dir else None
     if ckpt_dir is not None:
@@ -336,9 +337,10 @@ def train_muscle(
             result.best_epoch, result.best_dev_acc = st["best_epoch"], st["best_dev_acc"]
             result.best_state = dict(zip(names, st["best_params"], strict=True)) if st["best_params"] else {}
             result.skipped_steps = st["skipped_steps"]
+            resumed_losses = list(st.get("epoch_losses", []))
             logger.info(f"muscle_fast: resumed from {ckpt_dir} at epoch {start_epoch}, step {start_step}")
 
-    def checkpoint(epoch: int, step_in_epoch: int) -> None:
+    def checkpoint(epoch: int, step_in_epoch: int, epoch_losses: Sequence[float] = ()) -> None:
         if ckpt_dir is None or rank != 0:
             return
         best = [result.best_state[n] for n in names] if result.best_state else []
@@ -356,6 +358,7 @@ def train_muscle(
                 "step_in_epoch": step_in_epoch,
                 "global_step": global_step,
                 "history": result.history,
+                "epoch_losses": list(epoch_losses),  # so a resumed epoch reports its whole mean loss
                 "best_epoch": result.best_epoch,
                 "best_dev_acc": result.best_dev_acc,
                 "best_params": best,
@@ -370,8 +373,8 @@ def train_muscle(
         perm = torch.randperm(len(train), generator=data_gen).tolist()
         next_epoch_state = data_gen.get_state()
         model.train()
-        losses: list[float] = []
         first = start_step if epoch == start_epoch else 0
+        losses: list[float] = list(resumed_losses) if first else []
         bar = tqdm(
             range(first, steps_per_epoch),
             desc=f"epoch {epoch + 1}/{cfg.epochs}",
@@ -417,9 +420,9 @@ def train_muscle(
                 and global_step % cfg.checkpoint_every == 0
                 and step + 1 < steps_per_epoch
             ):
-                checkpoint(epoch, step + 1)
+                checkpoint(epoch, step + 1, losses)
             if stop_after_steps is not None and global_step >= stop_after_steps:
-                checkpoint(epoch, step + 1)
+                checkpoint(epoch, step + 1, losses)
                 result.steps = global_step
                 result.wall_seconds = time.perf_counter() - t0
                 core.train(was_training)

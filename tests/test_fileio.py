@@ -49,3 +49,18 @@ def test_replace_dir_swaps_whole_folder(tmp_path):
     replace_dir(tmp_path / "ck", lambda d: (d / "new.txt").write_text("2"))
     assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == ["new.txt"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]
+
+
+def test_replace_dir_ignores_leftovers_of_a_killed_run(tmp_path):
+    """A killed run may leave ``.ck.old-<pid>``; pids repeat in containers, and the swap failed
+    with 'Directory not empty' when it reused that name."""
+    import os
+
+    replace_dir(tmp_path / "ck", lambda d: (d / "a.txt").write_text("1"))
+    stale = tmp_path / f".ck.old-{os.getpid()}"
+    stale.mkdir()
+    (stale / "junk").write_text("x")
+    replace_dir(tmp_path / "ck", lambda d: (d / "b.txt").write_text("2"))
+    assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == ["b.txt"]
+    assert (stale / "junk").read_text() == "x"  # not ours to delete
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".ck.old-" + str(os.getpid()), "ck"]

@@ -143,6 +143,33 @@ def test_export_peft_loads_in_real_peft(family, tmp_path):
     torch.testing.assert_close(_logits(loaded, batch), want, rtol=1e-5, atol=1e-5)
 
 
+def test_export_peft_carries_mslr_base_weights_missing_from_the_checkpoint(tmp_path):
+    """A checkpoint without a pooler (common): a fresh load initializes pooler.dense at random, and
+    a peft adapter that only holds LoRA factors for it cannot reproduce the model (5.9e-3 off)."""
+    peft = pytest.importorskip("peft")
+    from safetensors.torch import save_file
+    from transformers import AutoModelForSequenceClassification
+
+    src = tiny_model("bert", num_labels=2)
+    src.config.save_pretrained(tmp_path / "base")
+    state = {k: v for k, v in src.state_dict().items() if not k.startswith(("bert.pooler", "classifier"))}
+    save_file(state, str(tmp_path / "base" / "model.safetensors"), metadata={"format": "pt"})
+
+    def load(seed: int):
+        torch.manual_seed(seed)
+        return AutoModelForSequenceClassification.from_pretrained(tmp_path / "base", num_labels=2).eval()
+
+    model = patch_model(load(0))
+    randomize_adapters(model)
+    batch = tiny_batch("bert")
+    want = _logits(model, batch)
+    export_peft(model, tmp_path / "peft")
+    cfg = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert "bert.pooler.dense" in cfg["modules_to_save"] and "bert.pooler.dense" not in cfg["target_modules"]
+    loaded = peft.PeftModel.from_pretrained(load(1), str(tmp_path / "peft")).eval()
+    torch.testing.assert_close(_logits(loaded, batch), want, rtol=1e-5, atol=1e-5)
+
+
 def test_bf16_close_to_fp32():
     model32 = _patched("llama")
     model16 = _patched("llama", dtype=torch.bfloat16)

@@ -90,6 +90,8 @@ def test_resume_after_kill_reaches_the_same_state(tmp_path, family):
     resumed = _model(family)
     res = train_muscle(resumed, tok, train, ref, dev, cfg_k)
     assert [h["dev_acc"] for h in res.history] == [h["dev_acc"] for h in res_full.history]
+    # the interrupted epoch's mean loss covers its steps before the kill too
+    assert [h["train_loss"] for h in res.history] == [h["train_loss"] for h in res_full.history]
     for (n, p), (_, q) in zip(resumed.named_parameters(), full.named_parameters(), strict=True):
         assert torch.equal(p, q), n
 
