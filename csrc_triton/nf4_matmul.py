@@ -137,7 +137,7 @@ def _matmul_4bit_kernel(
             acc = tl.dot(x_even, tl.trans(w_hi), acc)
             acc = tl.dot(x_odd, tl.trans(w_lo), acc)
 
-    p = part_ptr + pid_k * M * N + offs_m[:, None].to(tl.int64) * N + offs_n[None, :]
+    p = part_ptr + pid_k.to(tl.int64) * M * N + offs_m[:, None].to(tl.int64) * N + offs_n[None, :]
     tl.store(p, acc, mask=m_mask[:, None] & n_mask[None, :])
 
 

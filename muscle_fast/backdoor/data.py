@@ -384,11 +384,18 @@ def load_openbackdoor(
     paths = {"train": train_path, **{k: d / v for k, v in OB_FILES.items()}}
     loaded = {k: read_openbackdoor_file(p) for k, p in paths.items()}
     train, train_flags = loaded["train"]
-    target = (
-        int(target_label)
-        if target_label is not None
-        else _infer_target(train, train_flags, loaded["test_poison"][0], d)
-    )
+    if target_label is None:
+        target = _infer_target(train, train_flags, loaded["test_poison"][0], d)
+    else:
+        target = int(target_label)
+        # the poisoned training rows carry the attack's target (dirty- and clean-label alike); another
+        # --target-label would silently relabel the poison sets and measure a meaningless ASR
+        poisoned = {lab for (_, lab), f in zip(train, train_flags, strict=True) if f}
+        if len(poisoned) == 1 and target not in poisoned:
+            raise DataError(
+                f"{train_path}: every poisoned training row has label {poisoned.pop()}, the attack's "
+                f"target, but the target label given is {target}"
+            )
     if num_labels is None:
         seen = max(lab for k in ("train", "dev_clean", "test_clean") for _, lab in loaded[k][0])
         num_labels = max(2, seen + 1, target + 1)
