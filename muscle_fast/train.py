@@ -319,11 +319,22 @@ def train_muscle(
     resumed_losses: list[float] = []
     epoch_gen_state = data_gen.get_state()
     ckpt_dir = Path(cfg.checkpoint_dir) if cfg.checkpoint_dir else None
+    # what makes a resumed run the same run (the rest only says how it is run or reported)
+    how = {"progress", "checkpoint_dir", "checkpoint_every", "backend", "eval_batch_size"}
+    run_key = {k: v for k, v in config_dict(cfg).items() if k not in how}
+    run_key.update(world_size=nranks, train_rows=len(train), ref_rows=len(ref))
     if ckpt_dir is not None:
         st = _load_checkpoint(ckpt_dir)
         if st is not None:
             if st["names"] != names:
                 raise ValueError(f"train_muscle: checkpoint in {ckpt_dir} is for other trainable parameters")
+            saved = st.get("run", {})
+            diff = sorted(k for k in run_key if k in saved and saved[k] != run_key[k])
+            if diff:
+                raise ValueError(
+                    f"train_muscle: checkpoint in {ckpt_dir} was written by another run: "
+                    + ", ".join(f"{k} {saved[k]!r} there, {run_key[k]!r} here" for k in diff)
+                )
             with torch.no_grad():
                 for p, v in zip(params, st["params"], strict=True):
                     p.copy_(v)
@@ -348,6 +359,7 @@ def train_muscle(
             ckpt_dir,
             {
                 "names": names,
+                "run": run_key,
                 "params": [p.detach().cpu() for p in params],
                 "optimizer": opt.state_dict(),
                 "scheduler": sched.state_dict(),

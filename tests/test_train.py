@@ -96,6 +96,26 @@ def test_resume_after_kill_reaches_the_same_state(tmp_path, family):
         assert torch.equal(p, q), n
 
 
+def test_resume_refuses_a_checkpoint_of_another_run(tmp_path):
+    """Same trainable parameters but another batch size, seed or method (lora vs lora+ga share
+    names): resuming would silently mix two runs."""
+    tok = WordTokenizer()
+    train, ref, dev = make_rows(40, 0), make_rows(16, 1), make_rows(16, 2)
+    ck = str(tmp_path / "ck")
+    train_muscle(_model(), tok, train, ref, dev, _cfg(checkpoint_dir=ck), stop_after_steps=2)
+    for change, match in (
+        (dict(batch_size=4), r"batch_size 8 there, 4 here"),
+        (dict(align=False), r"align True there, False here"),
+        (dict(seed=1), r"seed 3 there, 1 here"),
+    ):
+        with pytest.raises(ValueError, match=f"written by another run: {match}"):
+            train_muscle(_model(), tok, train, ref, dev, _cfg(checkpoint_dir=ck, **change))
+    with pytest.raises(ValueError, match="train_rows 40 there, 32 here"):
+        train_muscle(_model(), tok, train[:32], ref, dev, _cfg(checkpoint_dir=ck))
+    # how it is run may change: progress bars, backend, checkpoint cadence
+    train_muscle(_model(), tok, train, ref, dev, _cfg(checkpoint_dir=ck, checkpoint_every=3, progress=True))
+
+
 def test_alignment_changes_the_update():
     tok = WordTokenizer()
     train, ref, dev = make_rows(32, 0), make_rows(16, 1), make_rows(16, 2)
