@@ -54,6 +54,13 @@ class MuScleLinear(nn.Module):
         if init_B not in INIT_CHOICES:
             raise ValueError(f"{where}: init_B must be one of {INIT_CHOICES}, got {init_B!r}")
         resolve_backend(backend)
+        if any(p.device.type == "meta" for p in base.parameters()):
+            # accelerate's CPU/disk offload keeps weights on "meta" and loads them in a hook around
+            # base.forward, which MuScleLinear does not call (it reads the weight itself)
+            raise ValueError(
+                f"{where}: the base weight is on the meta device (an offloaded layer, device_map with "
+                "'cpu'/'disk', or a model not materialized yet); load the model onto real devices"
+            )
         self.base = base
         self.kind = kind
         self.in_features, self.out_features = _features(base, kind)

@@ -259,3 +259,10 @@ def test_env_overrides_backend(monkeypatch):
     monkeypatch.setattr(_common, "INTERPRET", False)
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):  # env picked triton over the module's torch
         m(torch.randn(2, 8))
+
+
+def test_meta_base_weight_is_an_error():
+    """An offloaded (accelerate) or unmaterialized layer: the adapters would be created on meta and
+    the forward would fail far from the cause."""
+    with pytest.raises(ValueError, match=r"MuScleLinear\(q\): the base weight is on the meta device"):
+        MuScleLinear(nn.Linear(8, 4, device="meta"), name="q")
