@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Iterator
 from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, RandomSampler
+from torch.utils.data import DataLoader, RandomSampler, Sampler
 from transformers import Trainer
 
 from .config import model_family
@@ -37,6 +38,17 @@ class MuScleTrainer(Trainer):
             )
         if self.args.fp16:
             raise ValueError("MuScleTrainer: fp16 with a loss scaler is not supported; use bf16")
+        # the aligned step computes both losses itself (dual_gradients): refuse what it would ignore
+        if self.args.label_smoothing_factor:
+            raise ValueError(
+                "MuScleTrainer: label_smoothing_factor is not applied by the aligned loss; pass "
+                "align_kwargs={'loss_fn': ...} with a smoothed cross-entropy instead"
+            )
+        if getattr(self, "compute_loss_func", None) is not None:
+            raise ValueError(
+                "MuScleTrainer: compute_loss_func is not used by the aligned step; pass "
+                "align_kwargs={'loss_fn': fn(logits, labels)} instead"
+            )
         self.ref_dataset = ref_dataset
         self.align_kwargs = dict(align_kwargs or {})
         self.loss_fn = self.align_kwargs.pop("loss_fn", None) or default_loss
@@ -48,18 +60,18 @@ class MuScleTrainer(Trainer):
         self.last_align_stats: Any = None
         self.last_ref_grads: list[torch.Tensor | None] | None = None
 
-    def _ref_batches(self) -> Iterator[Any]:
+    def _ref_batches(self, skip_batches: int = 0) -> Iterator[Any]:
+        """The reference batches of this rank, from the first or (resuming) after ``skip_batches``."""
         ds = self.ref_dataset
         if self.args.remove_unused_columns and hasattr(ds, "column_names"):
             ds = self._remove_unused_columns(ds, description="reference")
         # one stream per rank: with the same seed everywhere, every rank would draw the same reference
         # rows and the cross-rank average would be one batch's gradient, not world_size batches'
         gen = torch.Generator().manual_seed(self.args.seed + 1 + 7919 * self.args.process_index)
+        bs = self.args.per_device_train_batch_size
+        sampler = RandomSampler(ds, replacement=True, num_samples=10**9, generator=gen)
         loader = DataLoader(
-            ds,
-            batch_size=self.args.per_device_train_batch_size,
-            collate_fn=self.data_collator,
-            sampler=RandomSampler(ds, replacement=True, num_samples=10**9, generator=gen),
+            ds, batch_size=bs, collate_fn=self.data_collator, sampler=_Skip(sampler, skip_batches * bs)
         )
         yield from loader
 
@@ -82,11 +94,17 @@ class MuScleTrainer(Trainer):
         if self._aligner is None:
             self._setup_aligner(model)
         if self._ref_iter is None:
-            self._ref_iter = self._ref_batches()
+            # resuming from a checkpoint: continue the reference stream where the run left it (HF
+            # resumes at optimizer-step boundaries, one reference batch per micro-batch; exact when
+            # no epoch ended inside an accumulation group)
+            done = self.state.global_step * self.args.gradient_accumulation_steps
+            self._ref_iter = self._ref_batches(skip_batches=done)
         model.train()
         inputs = self._prepare_inputs(inputs)
         ref_inputs = self._prepare_inputs(next(self._ref_iter))
-        steps = max(1, int(getattr(self, "current_gradient_accumulation_steps", 1) or 1))
+        # older transformers have no current_gradient_accumulation_steps: the configured count
+        steps = getattr(self, "current_gradient_accumulation_steps", None)
+        steps = max(1, int(steps or self.args.gradient_accumulation_steps))
 
         def scaled(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
             return self.loss_fn(logits, labels) / steps
@@ -109,3 +127,16 @@ class MuScleTrainer(Trainer):
             self.last_ref_grads = refs
             self._ref_acc, self._ref_loss_acc = None, None
         return loss.detach()
+
+
+class _Skip(Sampler):
+    """``sampler`` without its first ``n`` indices (drawn and dropped: the RNG stream is the same)."""
+
+    def __init__(self, sampler: Sampler, n: int) -> None:
+        self.sampler, self.n = sampler, n
+
+    def __iter__(self) -> Iterator[int]:
+        return itertools.islice(iter(self.sampler), self.n, None)
+
+    def __len__(self) -> int:
+        return max(0, len(self.sampler) - self.n)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from test_train import WordTokenizer, make_rows
 from tiny_models import tiny_model
@@ -108,3 +109,33 @@ def test_ranks_draw_different_reference_batches(tmp_path, monkeypatch):
     r0, r1 = first_ref_batch(0), first_ref_batch(1)
     assert torch.equal(r0, first_ref_batch(0))
     assert not torch.equal(r0, r1)
+
+
+def test_resume_continues_the_reference_stream(tmp_path, monkeypatch):
+    """resume_from_checkpoint picks the reference batches up where the killed run left them (they
+    restarted from the seed, so a resumed run re-used the first batches)."""
+    seen: list[torch.Tensor] = []
+    real = MuScleTrainer._prepare_inputs
+
+    def record(self, inputs):
+        out = real(self, inputs)
+        seen.append(out["input_ids"])
+        return out
+
+    monkeypatch.setattr(MuScleTrainer, "_prepare_inputs", record)
+    common = dict(max_steps=6, gradient_accumulation_steps=2, save_strategy="steps", save_steps=3)
+    _trainer(tmp_path / "full", **common).train()
+    full_refs = seen[1::2]  # train, reference, train, reference, ...
+    seen.clear()
+    _trainer(tmp_path / "cut", **{**common, "max_steps": 3}).train()
+    seen.clear()
+    _trainer(tmp_path / "cut", **common).train(resume_from_checkpoint=str(tmp_path / "cut" / "checkpoint-3"))
+    resumed_refs = seen[1::2]
+    assert len(full_refs) == 12 and len(resumed_refs) == 6
+    for a, b in zip(resumed_refs, full_refs[6:], strict=True):
+        assert torch.equal(a, b)
+
+
+def test_ignored_loss_options_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="label_smoothing_factor is not applied"):
+        _trainer(tmp_path, label_smoothing_factor=0.1)
