@@ -238,8 +238,8 @@ def _prepare_x(x: torch.Tensor) -> torch.Tensor:
         x = x.to(torch.float32)
     if x.shape[1] == 0:  # no coordinates: all distances 0, as with one zero coordinate
         x = x.new_zeros(x.shape[0], 1)
-    if x.stride(1) != 1 and x.shape[1] > 1:
-        x = x.contiguous()
+    if (x.stride(1) != 1 and x.shape[1] > 1) or (x.stride(0) == 0 and x.shape[0] > 1):
+        x = x.contiguous()  # an expanded row (stride 0) would be read with the launch's row stride 1
     return x
 
 

@@ -166,7 +166,13 @@ class GradientAligner:
     def align(
         self, ref_grads: Sequence[torch.Tensor | None], ref_loss: torch.Tensor | float, epoch: float
     ) -> AlignStats:
-        """Align every ``p.grad`` onto its reference gradient (same order as ``params``); returns stats."""
+        """Align every ``p.grad`` onto its reference gradient (same order as ``params``); returns stats.
+
+        ``p.grad`` is rewritten in place: no reference gradient may share memory with any ``p.grad``
+        (a later tensor's c would be read after an earlier g overwrote it). Norms and dot products
+        accumulate in fp32 per chunk: a gradient whose squared norm passes fp32's range (elements
+        ~1e19) is reported non-finite and the step skipped; one below it (~1e-23) counts as zero.
+        """
         grads, refs = self._validate(ref_grads)
         if isinstance(ref_loss, torch.Tensor) and ref_loss.numel() != 1:
             raise ValueError(f"ref_loss must be a scalar, got a tensor of shape {tuple(ref_loss.shape)}")

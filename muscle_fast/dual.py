@@ -133,7 +133,9 @@ def dual_gradients(
 def _two_pass(model, batch, ref_batch, loss_fn, params, scale):
     loss = loss_fn(_forward_logits(model, batch), batch["labels"])
     (loss * scale).backward()
-    train_grads = [p.grad for p in params]
+    # copies: under DDP with gradient_as_bucket_view=True, p.grad is a view of the reducer's bucket,
+    # into which the reference backward below writes c
+    train_grads = [None if p.grad is None else p.grad.clone() for p in params]
     for p in params:
         p.grad = None
     try:

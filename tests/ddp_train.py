@@ -26,7 +26,9 @@ def main(out: str, batch_size: int, n_rows: int, two_pass: bool) -> None:
     if two_pass:  # a trainable parameter outside the adapters: dual_gradients takes two passes
         model.classifier.requires_grad_(True)
     params = [p for p in model.parameters() if p.requires_grad]
-    wrapped = torch.nn.parallel.DistributedDataParallel(model) if distributed else model
+    # two-pass: p.grad as views of DDP's buckets, which the reference backward writes into again
+    ddp = torch.nn.parallel.DistributedDataParallel
+    wrapped = ddp(model, gradient_as_bucket_view=two_pass) if distributed else model
     cfg = TrainConfig(
         lr=5e-3,
         epochs=2,

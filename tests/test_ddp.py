@@ -22,7 +22,8 @@ WORKER = Path(__file__).with_name("ddp_train.py")
 def test_two_ranks_equal_one_process_on_the_union(tmp_path, n_rows, passes):
     """48 rows: 6 global batches of 8. 51: the last has 3 rows (2 + 1 per rank: the rank losses
     are weighted by their share). 49: the last has 1 row, rank 1 none (it must still join the
-    collectives, with weight 0), on the two-pass path (the classifier trains too)."""
+    collectives, with weight 0), on the two-pass path (the classifier trains too), with DDP's
+    gradient_as_bucket_view (the two passes' gradients share the reducer's buckets)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     single, multi = tmp_path / "single.pt", tmp_path / "ddp.pt"
     args = [str(n_rows), passes]

@@ -16,6 +16,7 @@ squared distances) moves outputs by >= 1e-2.
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
@@ -195,6 +196,21 @@ def test_layouts_and_delta_forms(backend: str, device: str) -> None:
     _check(gaussian_filter(x, f, 0.7, backend=backend), ref, x, f, [0.7])
     _check(gaussian_filter(x, f, torch.tensor([0.7]), backend=backend), ref, x, f, [0.7])
     _check(gaussian_filter(x.double(), f, (0.7,), backend=backend), ref, x, f, [0.7])
+
+
+def test_expanded_rows_read_as_the_same_point(device: str) -> None:
+    """x.expand (row stride 0): the kernel launched with row stride 1 read shifted windows past the
+    buffer (0.96 off the dense reference; out of bounds on a GPU)."""
+    from muscle_fast.kernels.gaussian_filter import gaussian_filter_triton
+
+    if device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("the kernel on the CPU needs the interpreter")
+    x = torch.randn(1, 5, device=device).expand(40, 5)
+    f = torch.randn(40, 3, device=device, dtype=torch.float64)
+    got = gaussian_filter_triton(x, f, [1.0])
+    want = gaussian_filter_triton(x.contiguous(), f, [1.0])
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    torch.testing.assert_close(got.double(), gaussian_filter_dense_ref(x, f, [1.0]), rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from reference import lowrank_ref
@@ -266,3 +268,29 @@ def test_meta_base_weight_is_an_error():
     the forward would fail far from the cause."""
     with pytest.raises(ValueError, match=r"MuScleLinear\(q\): the base weight is on the meta device"):
         MuScleLinear(nn.Linear(8, 4, device="meta"), name="q")
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_fp16_intermediates_beyond_fp16_range(backend):
+    """S = x @ A^T * scale ~ 1.1e5 and dB summed over 4096 rows ~ 8e4 pass fp16's 65504 while y and
+    dx fit: both backends keep them in fp32 (the torch path rounded S and dB to fp16: inf)."""
+    if backend == "triton" and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("the Triton backend on the CPU needs the interpreter")
+    torch.manual_seed(0)
+    m = MuScleLinear(nn.Linear(64, 8).half(), scales=(1, 28), r=1, alpha=6, init_B="kaiming", backend=backend)
+    with torch.no_grad():
+        m.lora_A.fill_(1.0)
+        m.lora_B.fill_(1e-3)
+    x = torch.full((4096, 64), 12.0, dtype=torch.float16, requires_grad=True)
+    y = m(x)
+    y.float().sum().backward()
+    # float64 reference of the same layer
+    xd = x.detach().double()
+    W, b = m.base.weight.double(), m.base.bias.double()
+    S = (xd @ m.lora_A.double().t()) * m.scale_vector.double() * m.scaling
+    want_y = xd @ W.t() + b + S @ m.lora_B.double().t()
+    want_dB = torch.ones(4096, 8, dtype=torch.float64).t() @ S
+    assert S.abs().max() > 65504 and want_dB.abs().max() > 65504
+    torch.testing.assert_close(y.double(), want_y, rtol=2e-3, atol=0)
+    torch.testing.assert_close(m.lora_B.grad.double(), want_dB, rtol=2e-3, atol=0)
+    assert torch.isfinite(x.grad).all()
