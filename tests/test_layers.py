@@ -294,3 +294,14 @@ def test_fp16_intermediates_beyond_fp16_range(backend):
     torch.testing.assert_close(y.double(), want_y, rtol=2e-3, atol=0)
     torch.testing.assert_close(m.lora_B.grad.double(), want_dB, rtol=2e-3, atol=0)
     assert torch.isfinite(x.grad).all()
+
+
+def test_auto_backend_takes_float64_to_the_torch_path():
+    """On CUDA "auto" means the kernels, which take fp32/bf16/fp16 only: float64 goes to the exact
+    torch path instead of failing (no GPU needed: the choice is made on the device type)."""
+    from muscle_fast.ops import lowrank, lowrank_torch
+
+    cuda = torch.device("cuda", 0)
+    assert lowrank.get_ops("auto", cuda, torch.float64) is lowrank_torch
+    assert lowrank.get_ops("auto", cuda, torch.float32) is not lowrank_torch
+    assert lowrank.get_ops("torch", cuda, torch.float32) is lowrank_torch

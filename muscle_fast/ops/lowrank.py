@@ -54,9 +54,12 @@ def _fused_4bit_max_m() -> int:
 FUSED_4BIT_MAX_M: int = _fused_4bit_max_m()
 
 
-def get_ops(backend: str, device: torch.device) -> ModuleType:
-    """The op table for a resolved backend ("auto", "torch" or "triton") and a device."""
-    if backend == "torch" or (backend == "auto" and device.type != "cuda"):
+def get_ops(backend: str, device: torch.device, dtype: torch.dtype | None = None) -> ModuleType:
+    """The op table for a resolved backend ("auto", "torch" or "triton"), a device and a compute dtype.
+
+    "auto" takes the torch path off CUDA and for float64, which the kernels do not take (the
+    torch path is exact there; "triton" with float64 stays an error naming the dtype)."""
+    if backend == "torch" or (backend == "auto" and (device.type != "cuda" or dtype == torch.float64)):
         return lowrank_torch
     from muscle_fast.kernels import lowrank as lowrank_triton  # lazy: TRITON_INTERPRET is read at import
 
