@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -10,11 +11,12 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .config import MuScleConfig
+from .config import MuScleConfig, model_family
 from .fileio import atomic_write, write_json
 from .layers import MuScleLinear
 from .patch import (
     DecoderScoreHead,
+    find_modules,
     head_module_names,
     is_patched,
     muscle_modules,
@@ -25,6 +27,8 @@ from .patch import (
 ADAPTER_WEIGHTS = "muscle_adapter.safetensors"
 ADAPTER_CONFIG = "muscle_config.json"
 FORMAT_VERSION = 1
+
+logger = logging.getLogger("muscle_fast")
 
 
 def _atomic_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
@@ -41,6 +45,7 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     cfg = require_patched(model, "adapter_state_dict")
     prefixes = [h + "." for h in head_module_names(model, cfg)]
     prefixes += [n + "." for n, m in muscle_modules(model).items() if len(m.scales) > 1]
+    prefixes += [n + "." for n in _fresh_prone_modules(model)]
     out = {}
     for name, p in model.named_parameters():
         if p.requires_grad or any(name.startswith(pre) for pre in prefixes):
@@ -51,6 +56,15 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
                 )
             out[name] = p.detach().contiguous()
     return out
+
+
+def _fresh_prone_modules(model: nn.Module) -> list[str]:
+    """The family's MSLR-target modules (BERT's pooler), patched or not.
+
+    Checkpoints often lack them, so a fresh load initializes them at random; a LoRA-only
+    adapter leaves them frozen but must still carry them, or a reload is another model."""
+    fam = model_family(model)
+    return find_modules(model, list(fam.mslr_targets)) if fam is not None else []
 
 
 def save_adapter(model: nn.Module, directory: str | os.PathLike) -> Path:
@@ -123,6 +137,16 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, strict: bool = 
     expected = adapter_state_dict(model)
     missing = sorted(set(expected) - set(tensors))
     extra = sorted(set(tensors) - set(expected))
+    prone = tuple(n + "." for n in _fresh_prone_modules(model))
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    older = [k for k in missing if k.startswith(prone) and k not in trainable]
+    if older:  # adapters saved before these were stored: the model keeps what it loaded with
+        logger.warning(
+            f"load_adapter: {weights} does not store {older[:3]}{' ...' if len(older) > 3 else ''} "
+            "(an older adapter); the base model's values are used, which match the trained model "
+            "only if its checkpoint holds them"
+        )
+        missing = [k for k in missing if k not in older]
     if strict and (missing or extra):
         raise KeyError(
             f"load_adapter: key mismatch with {weights}: missing {missing[:5]}"

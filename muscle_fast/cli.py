@@ -55,6 +55,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
     model, _ = load_classifier(args.model or default_model(), args.num_labels)
     overrides = json.loads(args.config) if args.config else {}
+    if not isinstance(overrides, dict):
+        raise SystemExit(f"muscle-fast: --config must be a JSON object of MuScleConfig fields: {args.config}")
     cfg = MuScleConfig.for_model(model, **overrides)
     patch_model(model, cfg)
     rep = model.muscle_report
@@ -82,6 +84,33 @@ def _preset_for(args: argparse.Namespace) -> dict[str, Any]:
     return load_preset(args.config)
 
 
+def _model_name(args: argparse.Namespace) -> str:
+    """--model (a local folder made absolute, so that ``eval`` finds it from anywhere) or the default."""
+    if args.model is None:
+        return default_model()
+    return str(Path(args.model).resolve()) if Path(args.model).is_dir() else args.model
+
+
+def _previous_records(out: Path, rerun: set[tuple[str, str, str]]) -> list[dict[str, Any]]:
+    """The records of an earlier ``defend`` into ``out`` that this run does not redo.
+
+    Rerunning into a folder (after an interruption, or to add a method) must not drop what
+    was finished; a (dataset, attack, method) run again replaces its old record."""
+    f = out / "results.json"
+    if not f.is_file():
+        return []
+    try:
+        old = json.loads(f.read_text())
+    except json.JSONDecodeError as e:
+        raise SystemExit(f"muscle-fast: {f} is not valid JSON ({e}); move it away to start afresh") from None
+    if not isinstance(old, list) or not all(isinstance(r, dict) for r in old):
+        raise SystemExit(f"muscle-fast: {f} is not a defend results list; move it away to start afresh")
+    kept = [r for r in old if (r.get("dataset"), r.get("attack"), r.get("method")) not in rerun]
+    if kept:
+        logging.getLogger("muscle_fast").info(f"muscle-fast: keeping {len(kept)} earlier records of {f}")
+    return kept
+
+
 def cmd_defend(args: argparse.Namespace) -> int:
     methods = parse_methods(args.methods)
     preset = _preset_for(args)
@@ -94,10 +123,11 @@ def cmd_defend(args: argparse.Namespace) -> int:
             "frozen: with --load-in-4bit run adapter methods only (e.g. --methods lora,muscle)"
         )
     sets = _load_sets(args, args.attacks, seed)  # data errors before the (slow) model loads
-    model_name = args.model or default_model()
+    model_name = _model_name(args)
     models = BaseModels(model_name, seed, args.load_in_4bit, device)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    kept = _previous_records(out, {(ds.dataset, ds.attack, m) for ds in sets for m in methods})
     from .train import supports_checkpointing
 
     for num_labels in sorted({ds.num_labels for ds in sets}):  # config errors now, not after hours
@@ -106,16 +136,20 @@ def cmd_defend(args: argparse.Namespace) -> int:
             raise SystemExit(f"muscle-fast: {model_name} does not support --gradient-checkpointing")
         for method in methods:
             try:
-                method_configs(base, method, preset, args)
+                _, _, hp = method_configs(base, method, preset, args)
             except (ValueError, TypeError) as e:
                 raise SystemExit(f"muscle-fast: method {method}: {_one_line(e)}") from None
+            for ds in sets:
+                if ds.num_labels == num_labels:  # its reference split fits this attack's dev-clean
+                    reference_split(ds.dev_clean, hp["ref_samples"], seed, hp["ref_disjoint"])
         del base
     records: list[dict[str, Any]] = []
     t0 = time.perf_counter()
     for ds in sets:
         for method in methods:
             records.append(run_method(ds, method, models, preset, args, out))
-            write_results(out, records, model_name)  # partial results survive an interrupted run
+            write_results(out, kept + records, model_name)  # partial results survive an interrupted run
+    records = kept + records
     print(results_table(records))
     print(f"\nwrote {out / 'results.json'}, results.md, results.png in {time.perf_counter() - t0:.1f} s")
     return 0
@@ -154,9 +188,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
             "nor a saved model (config.json)"
         )
     run: dict[str, Any] = json.loads((d / RUN_FILE).read_text()) if (d / RUN_FILE).is_file() else {}
-    for key in ("data_dir", "seed", "max_eval_rows", "target_label", "num_labels"):
-        if getattr(args, key) is None and run.get(key) is not None:
-            setattr(args, key, run[key])
+    for key, rec in (
+        ("data_dir", "data_dir"), ("seed", "seed"), ("max_eval_rows", "max_eval_rows"),
+        ("target_label", "target_label"), ("num_labels", "num_labels"),
+        ("poison_setting", "setting"), ("poison_rate", "rate"),  # which training file the run used
+    ):  # fmt: skip
+        if getattr(args, key) is None and run.get(rec) is not None:
+            setattr(args, key, run[rec])
     seed = args.seed if args.seed is not None else 42
     attacks = args.attacks
     if attacks is None and run.get("attack") and not (args.data_dir and is_attack_dir(args.data_dir)):
@@ -218,7 +256,7 @@ def cmd_fourier(args: argparse.Namespace) -> int:
     for flag, v, least in (("--every", args.every, 1), ("--samples", args.samples, 2)):
         if v < least:
             raise SystemExit(f"muscle-fast: {flag} must be >= {least}, got {v}")
-    preset = load_preset(args.config)
+    preset = _preset_for(args)  # the default model's tuned preset, as defend uses
     seed = args.seed if args.seed is not None else preset.get("seed", 42)
     device = _device(args.device)
     sets = _load_sets(args, args.attacks, seed)  # data errors before the (slow) model loads
@@ -236,7 +274,7 @@ def cmd_fourier(args: argparse.Namespace) -> int:
     from .patch import patch_model
     from .train import config_dict, train_muscle
 
-    model_name = args.model or default_model()
+    model_name = _model_name(args)
     model, tok = BaseModels(model_name, seed).get(ds.num_labels)  # the head defend would start from
     torch.manual_seed(seed)
     try:

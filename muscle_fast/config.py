@@ -163,10 +163,20 @@ class MuScleConfig:
     backend: str = "auto"
 
     def __post_init__(self) -> None:
-        self.lora_targets = list(self.lora_targets)
-        self.mslr_targets = list(self.mslr_targets)
+        # list fields come from JSON too: a bare string would split into characters, a number fail
+        # with "not iterable"; name the field instead
+        for name in ("lora_targets", "mslr_targets", "head_modules", "mslr_scales"):
+            v = getattr(self, name)
+            if isinstance(v, (str, bytes)) or not isinstance(v, (list, tuple)):
+                raise ValueError(f"MuScleConfig.{name} must be a list, got {v!r}")
+        for name in ("lora_targets", "mslr_targets", "head_modules"):
+            v = getattr(self, name)
+            if not all(isinstance(t, str) for t in v):
+                raise ValueError(f"MuScleConfig.{name} must be a list of module names, got {v!r}")
+            setattr(self, name, list(v))
+        if not all(isinstance(k, (int, float)) and not isinstance(k, bool) for k in self.mslr_scales):
+            raise ValueError(f"MuScleConfig.mslr_scales must be a list of numbers, got {self.mslr_scales!r}")
         self.mslr_scales = [float(k) for k in self.mslr_scales]
-        self.head_modules = list(self.head_modules)
         self.validate()
 
     def validate(self) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -32,6 +33,17 @@ logger = logging.getLogger("muscle_fast")
 
 Row = tuple[str, int]
 StepCallback = Callable[[int, nn.Module], None]
+
+
+#: Accepted Python types per TrainConfig annotation (a bool is not an int here; an int is a float).
+_FIELD_TYPES: dict[str, tuple[type, ...]] = {
+    "float": (int, float),
+    "int": (int,),
+    "bool": (bool,),
+    "str": (str,),
+    "str | None": (str, os.PathLike, type(None)),
+    "bool | None": (bool, type(None)),
+}
 
 
 @dataclass
@@ -58,6 +70,14 @@ class TrainConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
+        # types first (presets are JSON): "epochs": 1.5 or "lr": "3e-4" must fail here, naming the field
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            kinds = _FIELD_TYPES.get(str(f.type))
+            bad_bool = isinstance(v, bool) and bool not in (kinds or ())
+            if kinds is not None and (bad_bool or not isinstance(v, kinds)):
+                want = str(f.type).replace("float", "number")
+                raise TypeError(f"TrainConfig.{f.name} must be {want}, got {v!r} ({type(v).__name__})")
         for name in ("lr", "batch_size", "epochs", "eval_batch_size", "max_length"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"TrainConfig.{name} must be > 0, got {getattr(self, name)!r}")

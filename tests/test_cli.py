@@ -300,6 +300,75 @@ def test_builtin_preset(tmp_path):
     assert "does not exist" in msg and "minilm-sst2" in msg
 
 
+def test_fourier_uses_the_default_models_preset(tmp_path, monkeypatch):
+    """fourier "trains like defend": with the default model and no --config, the tuned preset
+    (it read the family defaults: max_length 128, lr 2e-5, ...)."""
+    import muscle_fast.cli as cli
+
+    seen = []
+    real = cli.load_preset
+    monkeypatch.setattr(cli, "load_preset", lambda path: seen.append(path) or real(path))
+    argv = ["fourier", "--method", "lora", "--data-dir", str(tmp_path / "none"), "--out", str(tmp_path)]
+    assert "does not exist" in _exit_message(argv)  # stops at the data, after choosing the preset
+    assert seen == ["minilm-sst2"]
+
+
+def test_local_model_path_is_recorded_absolute(tmp_path, monkeypatch):
+    """defend --model models/bert (relative) recorded as given made eval from another folder look the
+    name up on the hub."""
+    from muscle_fast.cli import _model_name, build_parser
+
+    (tmp_path / "models" / "bert").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    parse = build_parser().parse_args
+    assert _model_name(parse(["defend", "--out", "x", "--model", "models/bert"])) == str(
+        tmp_path / "models/bert"
+    )
+    assert _model_name(parse(["defend", "--out", "x", "--model", "org/hub-id"])) == "org/hub-id"
+
+
+@needs_shared
+def test_defend_into_a_used_folder_keeps_other_records(smoke, tmp_path):
+    """Rerunning defend into a folder (after an interruption, or to add a method) replaced
+    results.json by the new run's records alone; now a rerun pair replaces its old record only."""
+    out = tmp_path / "o"
+    out.mkdir()
+    old = json.loads((smoke / "results.json").read_text())
+    (out / "results.json").write_text(json.dumps(old))
+    argv = ["defend", "--data-dir", str(BADNETS), "--model", _minilm(), "--out", str(out)]
+    assert main(argv + SMOKE_FLAGS.replace("vanilla,lora,muscle", "lora").split() + ["--no-progress"]) == 0
+    new = json.loads((out / "results.json").read_text())
+    assert [r["method"] for r in new] == ["vanilla", "muscle", "lora"]
+    assert new[:2] == [old[0], old[2]] and new[2]["wall_seconds"] != old[1]["wall_seconds"]
+    assert (out / "results.md").read_text().count("| sst-2 | badnets |") == 3
+    (out / "results.json").write_text("{")
+    assert "is not valid JSON" in _exit_message(argv + SMOKE_FLAGS.split())
+
+
+def test_eval_uses_the_recorded_poison_setting(tmp_path, capsys):
+    """A data folder whose only training file is dirty/0.2: eval must use the recorded setting and
+    rate (it looked for the default clean/0.1 and failed)."""
+    d = _ob_folder(tmp_path / "data", setting="dirty")
+    (d / "dirty" / "0.1").rename(d / "dirty" / "0.2")
+    flags = ["--poison-setting", "dirty", "--poison-rate", "0.2", "--methods", "lora", "--epochs", "1"]
+    flags += ["--ref-samples", "1", "--ref-overlap", "--max-length", "16", "--no-progress"]
+    out = tmp_path / "o"
+    assert main(["defend", "--data-dir", str(d), "--model", _minilm(), "--out", str(out), *flags]) == 0
+    rec = json.loads((out / "results.json").read_text())[0]
+    capsys.readouterr()
+    assert main(["eval", "--adapter", str(out / "badnets" / "lora")]) == 0
+    got = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert (got["cacc"], got["asr"]) == (rec["cacc"], rec["asr"])
+
+
+def test_inspect_config_must_be_an_object():
+    msg = _exit_message(["inspect", "--model", _minilm(), "--config", "[1]"])
+    assert "--config must be a JSON object of MuScleConfig fields: [1]" in msg
+    assert "mslr_scales must be a list, got 5" in _exit_message(
+        ["inspect", "--model", _minilm(), "--config", '{"mslr_scales": 5}']
+    )
+
+
 def test_eval_bad_checkpoint_folder(tmp_path):
     assert "does not exist" in _exit_message(["eval", "--adapter", str(tmp_path / "none")])
     msg = _exit_message(["eval", "--adapter", str(tmp_path)])
@@ -339,7 +408,7 @@ def test_hyperparameter_precedence(tmp_path):
 
 def test_bad_method_config_fails_before_training(tmp_path):
     preset = tmp_path / "p.json"
-    preset.write_text(json.dumps({"methods": {"muscle": {"muscle_config": {"lora_r": 0}}}}))
+    preset.write_text(json.dumps({"ref_samples": 1, "methods": {"muscle": {"muscle_config": {"lora_r": 0}}}}))
     d = _ob_folder(tmp_path)
     argv = [
         "defend",
@@ -355,6 +424,28 @@ def test_bad_method_config_fails_before_training(tmp_path):
     msg = _exit_message(argv)
     assert "method muscle: MuScleConfig.lora_r must be an integer >= 1" in msg
     assert not (tmp_path / "results.json").exists()
+
+
+@pytest.mark.parametrize(
+    "section,match",
+    [
+        ({"ref_samples": 40}, "ref_samples=40 takes all 4 dev-clean rows"),
+        ({"epochs": 1.5}, "method muscle: TrainConfig.epochs must be int, got 1.5"),
+        ({"lr": "3e-4"}, "method muscle: TrainConfig.lr must be number, got '3e-4'"),
+        ({"muscle_config": {"mslr_scales": 5}}, "muscle: MuScleConfig.mslr_scales must be a list, got 5"),
+        ({"muscle_config": {"lora_targets": "query"}}, "MuScleConfig.lora_targets must be a list, got 'q"),
+    ],
+    ids=["ref-samples", "epochs-float", "lr-string", "scales-number", "targets-string"],
+)
+def test_bad_later_method_section_fails_before_any_training(tmp_path, section, match):
+    """A bad value in the section of the *second* method used to surface only after the first had
+    trained (and, for types, as an unrelated TypeError mid-run)."""
+    preset = tmp_path / "p.json"
+    preset.write_text(json.dumps({"ref_samples": 1, "methods": {"muscle": section}}))
+    argv = ["defend", "--data-dir", str(_ob_folder(tmp_path)), "--model", _minilm(), "--config", str(preset)]
+    msg = _exit_message([*argv, "--methods", "lora,muscle", "--out", str(tmp_path / "o")])
+    assert match in msg
+    assert not (tmp_path / "o" / "results.json").exists() and not (tmp_path / "o" / "badnets").exists()
 
 
 def test_reference_rows_are_kept_out_of_model_selection():

@@ -170,6 +170,37 @@ def test_export_peft_carries_mslr_base_weights_missing_from_the_checkpoint(tmp_p
     torch.testing.assert_close(_logits(loaded, batch), want, rtol=1e-5, atol=1e-5)
 
 
+def test_lora_adapter_carries_a_pooler_missing_from_the_checkpoint(tmp_path, caplog):
+    """LoRA only (no MSLR): pooler.dense stays frozen, but a checkpoint without it gives every load
+    another random pooler, so the adapter must store it (eval drifted from defend: 0.02 off).
+    An older adapter without it still loads, with a warning."""
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForSequenceClassification
+
+    src = tiny_model("bert", num_labels=2)
+    src.config.save_pretrained(tmp_path / "base")
+    state = {k: v for k, v in src.state_dict().items() if not k.startswith(("bert.pooler", "classifier"))}
+    save_file(state, str(tmp_path / "base" / "model.safetensors"), metadata={"format": "pt"})
+
+    def load(seed: int):
+        torch.manual_seed(seed)
+        return AutoModelForSequenceClassification.from_pretrained(tmp_path / "base", num_labels=2).eval()
+
+    model = patch_model(load(0), MuScleConfig.for_model(load(0), mslr_targets=[]))
+    randomize_adapters(model)
+    assert not isinstance(model.bert.pooler.dense, MuScleLinear)
+    batch = tiny_batch("bert")
+    want = _logits(model, batch)
+    save_adapter(model, tmp_path / "ad")
+    assert "bert.pooler.dense.weight" in load_file(str(tmp_path / "ad" / "muscle_adapter.safetensors"))
+    torch.testing.assert_close(_logits(load_adapter(load(1), tmp_path / "ad"), batch), want, rtol=0, atol=0)
+    f = tmp_path / "ad" / "muscle_adapter.safetensors"
+    save_file({k: v for k, v in load_file(str(f)).items() if "pooler" not in k}, str(f))
+    with caplog.at_level("WARNING", logger="muscle_fast"):
+        load_adapter(load(1), tmp_path / "ad")
+    assert "does not store ['bert.pooler.dense.bias', 'bert.pooler.dense.weight']" in caplog.text
+
+
 def test_bf16_close_to_fp32():
     model32 = _patched("llama")
     model16 = _patched("llama", dtype=torch.bfloat16)
