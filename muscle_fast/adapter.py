@@ -106,6 +106,8 @@ def read_adapter_config(directory: str | os.PathLike) -> MuScleConfig:
             f"load_adapter: {path} has format_version {meta.get('format_version')!r}, "
             f"this muscle_fast reads {FORMAT_VERSION}"
         )
+    if not isinstance(meta, dict) or not isinstance(meta.get("muscle_config"), dict):
+        raise ValueError(f"load_adapter: {path} has no muscle_config object (not a muscle_fast adapter?)")
     return MuScleConfig.from_dict(meta["muscle_config"])
 
 
@@ -114,10 +116,17 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, strict: bool = 
 
     Only safetensors is read. With ``strict`` a missing or unexpected key, or a
     shape mismatch, is an error naming the key; a model patched with another
-    config is an error naming the differing fields.
+    config (or of another model type) is an error naming the differing fields. An unpatched
+    model is patched first, so after a key or shape error it is left patched: reload it.
     """
     d = Path(directory)
     saved_cfg = read_adapter_config(d)
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if saved_cfg.model_type and model_type and saved_cfg.model_type != model_type:
+        raise ValueError(
+            f"load_adapter: adapter in {d} was made for a {saved_cfg.model_type} model; "
+            f"this one is {model_type}"
+        )
     if is_patched(model):
         cfg = require_patched(model, "load_adapter")
         diff = _config_diff(saved_cfg, cfg)

@@ -202,8 +202,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     sets = _load_sets(args, attacks, seed)
     device = _device(args.device)
     if full:
-        if args.load_in_4bit:
-            raise SystemExit(f"muscle-fast: {d} is a fully fine-tuned model; --load-in-4bit is for adapters")
+        for flag, given in (("--load-in-4bit", args.load_in_4bit), ("--model", args.model)):
+            if given:
+                raise SystemExit(f"muscle-fast: {d} is a fully fine-tuned model; {flag} is for adapters")
         model, tok = load_classifier(str(d), sets[0].num_labels)
     else:
         read_adapter_config(d)  # a wrong format version fails here, before the model loads

@@ -89,6 +89,13 @@ def load_classifier(name_or_path: str, num_labels: int = 2, load_in_4bit: bool =
         )
     except OSError as e:
         raise SystemExit(f"muscle-fast: cannot load model {name_or_path!r}: {_one_line(e)}") from None
+    except RuntimeError as e:
+        if "mismatch" not in str(e):  # "size mismatch" (older), "ignore_mismatched_sizes" (5.x)
+            raise
+        # a saved classifier with another label count than the data (or --num-labels) asks for
+        raise SystemExit(
+            f"muscle-fast: cannot load {name_or_path!r} with {num_labels} labels: {_one_line(e)}"
+        ) from None
     half = {p.dtype for p in model.parameters() if p.dtype in (torch.float16, torch.bfloat16)}
     if half and not load_in_4bit:
         # a half-precision checkpoint (transformers 5 keeps the stored dtype): fine-tuning, the

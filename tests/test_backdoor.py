@@ -188,6 +188,14 @@ def test_target_label_contradicting_the_poisoned_rows_is_an_error(tmp_path):
     assert load_openbackdoor(d, target_label=1).target_label == 1
 
 
+def test_attack_list_takes_each_attack_once():
+    """--attacks badnets,badnets trained twice and wrote duplicate records that report refused."""
+    from muscle_fast.backdoor.data import _parse_attacks
+
+    assert _parse_attacks("badnets, addsent,badnets,,") == ["badnets", "addsent"]
+    assert _parse_attacks(" , ") is None
+
+
 def test_clean_source_rejects_unknown_attack(tmp_path):
     for split in ("train", "dev", "test"):
         (tmp_path / f"{split}.tsv").write_text("sentence\tlabel\ngood\t1\nbad\t0\n")

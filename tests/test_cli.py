@@ -361,6 +361,15 @@ def test_eval_uses_the_recorded_poison_setting(tmp_path, capsys):
     assert (got["cacc"], got["asr"]) == (rec["cacc"], rec["asr"])
 
 
+@needs_shared
+def test_eval_of_a_full_model_refuses_adapter_flags_and_other_label_counts(smoke):
+    d = str(smoke / "badnets" / "vanilla")
+    msg = _exit_message(["eval", "--adapter", d, "--model", "bert-base-uncased"])
+    assert "is a fully fine-tuned model; --model is for adapters" in msg  # it was silently ignored
+    msg = _exit_message(["eval", "--adapter", d, "--num-labels", "3"])  # was a RuntimeError traceback
+    assert f"cannot load {d!r} with 3 labels: " in msg
+
+
 def test_inspect_config_must_be_an_object():
     msg = _exit_message(["inspect", "--model", _minilm(), "--config", "[1]"])
     assert "--config must be a JSON object of MuScleConfig fields: [1]" in msg

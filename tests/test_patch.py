@@ -201,6 +201,19 @@ def test_lora_adapter_carries_a_pooler_missing_from_the_checkpoint(tmp_path, cap
     assert "does not store ['bert.pooler.dense.bias', 'bert.pooler.dense.weight']" in caplog.text
 
 
+def test_load_adapter_refuses_another_model_type_and_a_foreign_config(tmp_path):
+    model = _patched("bert")
+    save_adapter(model, tmp_path / "ad")
+    with pytest.raises(ValueError, match=r"made for a bert model; this one is roberta"):
+        load_adapter(tiny_model("roberta"), tmp_path / "ad")
+    cfg = tmp_path / "ad" / "muscle_config.json"
+    meta = json.loads(cfg.read_text())
+    del meta["muscle_config"]
+    cfg.write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="has no muscle_config object"):
+        load_adapter(tiny_model("bert"), tmp_path / "ad")
+
+
 def test_bf16_close_to_fp32():
     model32 = _patched("llama")
     model16 = _patched("llama", dtype=torch.bfloat16)

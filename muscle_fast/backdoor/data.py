@@ -464,7 +464,7 @@ def _parse_attacks(attacks: Sequence[str] | str | None) -> list[str] | None:
     if attacks is None:
         return None
     items = attacks.split(",") if isinstance(attacks, str) else list(attacks)
-    items = [a.strip() for a in items if a.strip()]
+    items = list(dict.fromkeys(a.strip() for a in items if a.strip()))  # once each, in order
     return items or None
 
 
