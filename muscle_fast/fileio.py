@@ -18,19 +18,33 @@ def _public_mode(path: str | Path, directory: bool = False) -> None:
     os.chmod(path, (0o777 if directory else 0o666) & ~umask)
 
 
+def _fsync(path: str | Path, directory: bool = False) -> None:
+    """Flush ``path`` (a file, or a folder's entries) to disk: a rename is only as durable as this."""
+    fd = os.open(path, os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if directory else 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
-    """Write through a temporary file in the same folder, then rename it over ``path``."""
+    """Write through a temporary file in the same folder, then rename it over ``path``.
+
+    The data is fsynced before the rename and the folder after it, so a power loss leaves the old
+    file or the new one, never an empty or partial one under the final name."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     os.close(fd)
     try:
         write(tmp)
         _public_mode(tmp)
+        _fsync(tmp)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+    _fsync(path.parent, directory=True)
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:
@@ -56,7 +70,9 @@ def replace_dir(directory: Path, write: Callable[[Path], None]) -> None:
         write(tmp)
         for f in tmp.rglob("*"):
             _public_mode(f, directory=f.is_dir())
+            _fsync(f, directory=f.is_dir())
         _public_mode(tmp, directory=True)
+        _fsync(tmp, directory=True)
         if directory.exists():
             # a fresh empty name (rename may replace an empty folder): a leftover of a killed run with
             # the same pid, common in containers, made os.replace fail
@@ -69,3 +85,4 @@ def replace_dir(directory: Path, write: Callable[[Path], None]) -> None:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    _fsync(directory.parent, directory=True)

@@ -64,3 +64,26 @@ def test_replace_dir_ignores_leftovers_of_a_killed_run(tmp_path):
     assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == ["b.txt"]
     assert (stale / "junk").read_text() == "x"  # not ours to delete
     assert sorted(p.name for p in tmp_path.iterdir()) == [".ck.old-" + str(os.getpid()), "ck"]
+
+
+def test_writes_are_flushed_before_and_after_the_rename(tmp_path, monkeypatch):
+    """A rename is durable only with the data fsynced before it and the folder after it; order of
+    the fsync and rename calls checked with the system calls recorded."""
+    import muscle_fast.fileio as fileio
+
+    calls: list[tuple[str, str]] = []
+    real_fsync, real_replace = fileio._fsync, os.replace
+    monkeypatch.setattr(
+        fileio,
+        "_fsync",
+        lambda p, directory=False: calls.append(("fsync", str(p))) or real_fsync(p, directory),
+    )
+    monkeypatch.setattr(os, "replace", lambda a, b: calls.append(("replace", str(b))) or real_replace(a, b))
+    write_json(tmp_path / "a.json", [1])
+    assert [c[0] for c in calls] == ["fsync", "replace", "fsync"]
+    assert calls[1:] == [("replace", str(tmp_path / "a.json")), ("fsync", str(tmp_path))]
+    calls.clear()
+    replace_dir(tmp_path / "ck", lambda d: (d / "w.txt").write_text("x"))
+    kinds = [c[0] for c in calls]
+    assert kinds == ["fsync", "fsync", "replace", "fsync"]  # the file, the folder, swap, the parent
+    assert calls[-1] == ("fsync", str(tmp_path))
