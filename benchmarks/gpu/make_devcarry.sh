@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # Build .devcarry/ (git-ignored) for benchmarks/gpu/run.sh on a lent GPU machine: unpacked cp312
 # wheels the GPU image lacks, the demo MiniLM in fp16 (to fit the 64 MiB transfer limit) and the
-# attack data. Usage: bash benchmarks/gpu/make_devcarry.sh [DATA_DIR]   (run from the repo root)
+# attack data (WITH_DATA=1, for SWEEP=1 only). Usage: bash benchmarks/gpu/make_devcarry.sh [DATA_DIR]
+# (run from the repo root)
 set -euo pipefail
 DATA=${1:-../shared/data/poison_data/sst-2/1}
 PY=${PYTHON:-python3}
 grep -qx "/.devcarry/" .git/info/exclude 2>/dev/null || echo "/.devcarry/" >>.git/info/exclude
 WHL=$(mktemp -d)
 trap 'rm -rf "$WHL"' EXIT
-rm -rf .devcarry && mkdir -p .devcarry/site .devcarry/minilm .devcarry/data
+rm -rf .devcarry && mkdir -p .devcarry/site .devcarry/minilm
 $PY -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
   --platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 \
   --platform manylinux2014_x86_64 -d "$WHL" \
@@ -26,12 +27,16 @@ from safetensors.torch import load_file, save_file
 d = load_file(sys.argv[1])
 save_file({k: v.half() if v.is_floating_point() else v for k, v in d.items()}, sys.argv[2], {"format": "pt"})
 PYEOF
-for a in "$DATA"/*/; do
-  a=$(basename "$a"); mkdir -p ".devcarry/data/$a"
-  cp "$DATA/$a"/dev-*.csv "$DATA/$a"/test-*.csv ".devcarry/data/$a/"
-  for f in "$DATA/$a"/{clean,mix,dirty}/0.1/train-poison.csv; do
-    [ -f "$f" ] || continue
-    rel=${f#"$DATA/$a/"}; mkdir -p ".devcarry/data/$a/$(dirname "$rel")"; cp "$f" ".devcarry/data/$a/$rel"
+# The attack data only for the optional defense sweep (SWEEP=1 in run.sh): WITH_DATA=1 copies it
+# into the git-ignored carry folder; by default it stays where it lives.
+if [ "${WITH_DATA:-0}" = 1 ]; then
+  for a in "$DATA"/*/; do
+    a=$(basename "$a"); mkdir -p ".devcarry/data/$a"
+    cp "$DATA/$a"/dev-*.csv "$DATA/$a"/test-*.csv ".devcarry/data/$a/"
+    for f in "$DATA/$a"/{clean,mix,dirty}/0.1/train-poison.csv; do
+      [ -f "$f" ] || continue
+      rel=${f#"$DATA/$a/"}; mkdir -p ".devcarry/data/$a/$(dirname "$rel")"; cp "$f" ".devcarry/data/$a/$rel"
+    done
   done
-done
+fi
 du -sh .devcarry/*
