@@ -143,22 +143,29 @@ def test_export_peft_loads_in_real_peft(family, tmp_path):
     torch.testing.assert_close(_logits(loaded, batch), want, rtol=1e-5, atol=1e-5)
 
 
-def test_export_peft_carries_mslr_base_weights_missing_from_the_checkpoint(tmp_path):
-    """A checkpoint without a pooler (common): a fresh load initializes pooler.dense at random, and
-    a peft adapter that only holds LoRA factors for it cannot reproduce the model (5.9e-3 off)."""
-    peft = pytest.importorskip("peft")
+def _bert_checkpoint_without_pooler(path):
+    """A tiny BERT saved without pooler and head (as many checkpoints are); returns load(seed), whose
+    pooler and classifier are drawn from that seed."""
     from safetensors.torch import save_file
     from transformers import AutoModelForSequenceClassification
 
     src = tiny_model("bert", num_labels=2)
-    src.config.save_pretrained(tmp_path / "base")
+    src.config.save_pretrained(path)
     state = {k: v for k, v in src.state_dict().items() if not k.startswith(("bert.pooler", "classifier"))}
-    save_file(state, str(tmp_path / "base" / "model.safetensors"), metadata={"format": "pt"})
+    save_file(state, str(path / "model.safetensors"), metadata={"format": "pt"})
 
     def load(seed: int):
         torch.manual_seed(seed)
-        return AutoModelForSequenceClassification.from_pretrained(tmp_path / "base", num_labels=2).eval()
+        return AutoModelForSequenceClassification.from_pretrained(path, num_labels=2).eval()
 
+    return load
+
+
+def test_export_peft_carries_mslr_base_weights_missing_from_the_checkpoint(tmp_path):
+    """A checkpoint without a pooler (common): a fresh load initializes pooler.dense at random, and
+    a peft adapter that only holds LoRA factors for it cannot reproduce the model (5.9e-3 off)."""
+    peft = pytest.importorskip("peft")
+    load = _bert_checkpoint_without_pooler(tmp_path / "base")
     model = patch_model(load(0))
     randomize_adapters(model)
     batch = tiny_batch("bert")
@@ -175,17 +182,8 @@ def test_lora_adapter_carries_a_pooler_missing_from_the_checkpoint(tmp_path, cap
     another random pooler, so the adapter must store it (eval drifted from defend: 0.02 off).
     An older adapter without it still loads, with a warning."""
     from safetensors.torch import load_file, save_file
-    from transformers import AutoModelForSequenceClassification
 
-    src = tiny_model("bert", num_labels=2)
-    src.config.save_pretrained(tmp_path / "base")
-    state = {k: v for k, v in src.state_dict().items() if not k.startswith(("bert.pooler", "classifier"))}
-    save_file(state, str(tmp_path / "base" / "model.safetensors"), metadata={"format": "pt"})
-
-    def load(seed: int):
-        torch.manual_seed(seed)
-        return AutoModelForSequenceClassification.from_pretrained(tmp_path / "base", num_labels=2).eval()
-
+    load = _bert_checkpoint_without_pooler(tmp_path / "base")
     model = patch_model(load(0), MuScleConfig.for_model(load(0), mslr_targets=[]))
     randomize_adapters(model)
     assert not isinstance(model.bert.pooler.dense, MuScleLinear)
