@@ -67,7 +67,10 @@ def _build(impl: str):
         lcfg = peft.LoraConfig(
             task_type="SEQ_CLS", r=fam.lora_r, lora_alpha=fam.lora_alpha, target_modules=targets
         )
-        model = peft.get_peft_model(model, lcfg)
+        model.is_loaded_in_4bit = True  # as from_pretrained flags it: peft's bitsandbytes LoRA layer
+        model = peft.get_peft_model(model, lcfg)  # its defaults (fp32 adapters), as a QLoRA user runs it
+        q = model.base_model.model.model.layers[0].self_attn.q_proj
+        assert type(q).__module__ == "peft.tuners.lora.bnb", type(q)
     else:
         from muscle_fast import patch_model
 
@@ -78,7 +81,8 @@ def _build(impl: str):
     return model.train()
 
 
-@pytest.fixture(scope="module", params=["muscle", "lora", "peft"])
+# peft first: the baseline must not be what a time limit cuts
+@pytest.fixture(scope="module", params=["peft", "muscle", "lora"])
 def built(request):
     model = _build(request.param)
     yield request.param, model

@@ -13,6 +13,8 @@ the step's wall time: it says where a speed-up over peft could still come from.
 
 from __future__ import annotations
 
+import copy
+import functools
 import time
 
 import pytest
@@ -37,23 +39,46 @@ TARGETS = {
 RANK = 16
 
 
-def _layer() -> tuple[nn.Module, nn.Module]:
+@functools.cache
+def _base_layer() -> tuple[nn.Module, nn.Module]:
+    """The 4-bit layer, built and quantized once per session (several seconds on the CPU)."""
     from transformers import LlamaConfig
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
 
-    cfg = LlamaConfig(**DIMS, num_hidden_layers=1, max_position_embeddings=SEQ)
+    # SDPA, as a loaded model gets: with no mask it runs causal (flash) attention, as in training
+    cfg = LlamaConfig(**DIMS, num_hidden_layers=1, max_position_embeddings=SEQ, attn_implementation="sdpa")
     torch.manual_seed(0)
     layer = LlamaDecoderLayer(cfg, layer_idx=0).to(DTYPE)
     layer = quantize_linears_4bit(layer, DTYPE, DEVICE).to(DEVICE).requires_grad_(False)
     return layer, LlamaRotaryEmbedding(cfg).to(DEVICE)
 
 
+def _layer() -> tuple[nn.Module, nn.Module]:
+    """A fresh copy of the 4-bit layer (each impl patches its own) and the rotary embedding."""
+    layer, rope = _base_layer()
+    return copy.deepcopy(layer), rope
+
+
 def _adapt(layer: nn.Module, impl: str, targets: list[str]) -> nn.Module:
-    if impl == "peft":
+    if impl.startswith("peft"):
         peft = pytest.importorskip("peft")
-        return peft.get_peft_model(
-            layer, peft.LoraConfig(r=RANK, lora_alpha=2 * RANK, target_modules=targets)
+        # peft picks its bitsandbytes LoRA layer only for models flagged as loaded in 4-bit (as
+        # from_pretrained flags them); without it the generic layer runs, unlike real QLoRA
+        layer.is_loaded_in_4bit = True
+        # "peft": its default, adapters in fp32 (autocast_adapter_dtype), as a QLoRA user gets it;
+        # "peft-bf16": adapters in the compute dtype, the closer match to ours (fp32 weights, bf16 math)
+        model = peft.get_peft_model(
+            layer,
+            peft.LoraConfig(r=RANK, lora_alpha=2 * RANK, target_modules=targets),
+            autocast_adapter_dtype=impl == "peft",
         )
+        kinds = {
+            type(m).__module__ + "." + type(m).__name__
+            for n, m in model.named_modules()
+            if n.endswith(targets[0])
+        }
+        assert kinds == {"peft.tuners.lora.bnb.Linear4bit"}, kinds
+        return model
     from muscle_fast import MuScleConfig, patch_model
 
     cfg = MuScleConfig(lora_r=RANK, lora_alpha=2.0 * RANK, lora_targets=targets, mslr_targets=[])
@@ -79,15 +104,19 @@ def _step_fn(targets: str, impl: str):
     return model, step
 
 
-@pytest.mark.parametrize("impl", ["peft", "ours"])
+@pytest.mark.parametrize("impl", ["peft", "peft-bf16", "ours"])
 @pytest.mark.parametrize("targets", list(TARGETS))
 def test_qlora_layer(benchmark, targets, impl):
+    from muscle_fast import free_4bit_workspaces
+
     model, step = _step_fn(targets, impl)
     benchmark.extra_info.update(
         dict(impl=impl, targets=targets, batch=BATCH, seq=SEQ, rank=RANK, device=DEVICE, **DIMS)
     )
     step()
+    free_4bit_workspaces()  # our dequant buffers are part of the step's peak: allocated inside it
     if CUDA:
+        torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
     benchmark.pedantic(step, rounds=5 if CUDA else 1, iterations=1)
