@@ -96,16 +96,13 @@ def _previous_records(out: Path, rerun: set[tuple[str, str, str]]) -> list[dict[
 
     Rerunning into a folder (after an interruption, or to add a method) must not drop what
     was finished; a (dataset, attack, method) run again replaces its old record."""
+    from .report import merge_records
+
     f = out / "results.json"
     if not f.is_file():
         return []
-    try:
-        old = json.loads(f.read_text())
-    except json.JSONDecodeError as e:
-        raise SystemExit(f"muscle-fast: {f} is not valid JSON ({e}); move it away to start afresh") from None
-    if not isinstance(old, list) or not all(isinstance(r, dict) for r in old):
-        raise SystemExit(f"muscle-fast: {f} is not a defend results list; move it away to start afresh")
-    kept = [r for r in old if (r.get("dataset"), r.get("attack"), r.get("method")) not in rerun]
+    old = merge_records([f])  # read and checked as `report` reads results (clear error if broken)
+    kept = [r for r in old if (r["dataset"], r["attack"], r["method"]) not in rerun]
     if kept:
         logging.getLogger("muscle_fast").info(f"muscle-fast: keeping {len(kept)} earlier records of {f}")
     return kept

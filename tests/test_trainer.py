@@ -73,7 +73,7 @@ def test_trainer_aligns_every_step(tmp_path):
     assert any(not torch.equal(a, b) for a, b in zip(before, after, strict=True))
 
 
-def _trainer(tmp_path, **overrides) -> MuScleTrainer:
+def _trainer(tmp_path, trainer_kwargs=None, **overrides) -> MuScleTrainer:
     model = tiny_model("bert", num_labels=2)
     patch_model(model)
     kw = dict(
@@ -86,6 +86,7 @@ def _trainer(tmp_path, **overrides) -> MuScleTrainer:
         args=TrainingArguments(**kw),
         train_dataset=_dataset(make_rows(32, 0)),
         ref_dataset=_dataset(make_rows(12, 1)),
+        **(trainer_kwargs or {}),
     )
 
 
@@ -139,3 +140,5 @@ def test_resume_continues_the_reference_stream(tmp_path, monkeypatch):
 def test_ignored_loss_options_are_refused(tmp_path):
     with pytest.raises(ValueError, match="label_smoothing_factor is not applied"):
         _trainer(tmp_path, label_smoothing_factor=0.1)
+    with pytest.raises(ValueError, match="compute_loss_func is not used by the aligned step"):
+        _trainer(tmp_path, trainer_kwargs={"compute_loss_func": lambda outputs, labels, **kw: 0.0})

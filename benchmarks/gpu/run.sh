@@ -58,7 +58,7 @@ bench() {  # topic, seconds
 }
 # limits from the 2026-11-26 H100 run (step and fourier did not finish in 40 / 20 s there)
 declare -A LIMIT=(
-  [nf4]=110     # 96 cases (correctness first), ~45 fresh Triton compiles
+  [nf4]=110     # 96 cases (correctness first), ~45 fresh Triton compiles (estimated)
   [qlora]=90    # 6 timed cases (ours, peft, peft-bf16) + 4 per-kernel-kind profiles; one layer build
   [memory]=150  # three 4-bit Llama-2-7B builds (peft first), 4 steps each: never run yet
   [lowrank]=100 # took ~73 s on 2026-11-26
