@@ -12,6 +12,23 @@ from typing import Any
 BACKENDS = ("auto", "torch", "triton")
 INIT_CHOICES = ("kaiming", "zeros")
 
+#: The one default seed (runs, subsampling, poisoning, reference-row draws).
+DEFAULT_SEED: int = 42
+
+
+@dataclass(frozen=True)
+class AlignDefaults:
+    """The paper's gradient-alignment settings (SPEC §4); every default of the alignment reads these."""
+
+    min_ref_grad_norm: float = 5e-7
+    min_ref_loss: float = 0.4
+    max_raw_grad_ratio: float = 0.1
+    ga_epoch: int = 1
+    epochs: int = 10
+
+
+ALIGN_DEFAULTS = AlignDefaults()
+
 
 @dataclass(frozen=True)
 class FamilyDefaults:
