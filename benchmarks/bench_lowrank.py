@@ -33,7 +33,7 @@ else:
     SHAPES = [(4096, 1024, 1024, 16)]
     DTYPE = torch.float32
     torch.set_num_threads(2)
-IMPLS = ["base", "peft", "addmm", "ours-torch"] + (["ours-triton", "ours-fused"] if CUDA else [])
+IMPLS = ["base", "peft", "addmm", "ours-auto", "ours-torch"] + (["ours-triton"] if CUDA else [])
 MODES = ["fwd", "bwd", "fwdbwd"]
 
 
@@ -81,13 +81,8 @@ def _make(impl: str, k: int, n: int, r: int) -> Callable[[torch.Tensor], torch.T
         mod = nn.Module()
         mod.A, mod.B = A, B
         return lambda x: _AddmmLoRA.apply(x, base.weight, A, B, 2.0)
-    if impl == "ours-fused":  # the one-GEMM forward (low-rank term in the epilogue); forward only
-        from muscle_fast.kernels.lowrank import fused_linear_lowrank, lowrank_shrink
-
-        A = torch.randn(r, k, device=DEVICE, dtype=DTYPE) / math.sqrt(k)
-        B = torch.randn(n, r, device=DEVICE, dtype=DTYPE) * 0.02
-        scale = torch.full((r,), 2.0, device=DEVICE)
-        return lambda x: fused_linear_lowrank(x, base.weight, None, lowrank_shrink(x, A, scale), B)
+    if impl == "ours-auto":  # exactly what a user gets: MuScleLinear's default backend and adapter dtype
+        return MuScleLinear(base, (1.0,), r, 2.0 * r, init_B="kaiming")
     backend = "torch" if impl == "ours-torch" else "triton"
     m = MuScleLinear(base, (1.0,), r, 2.0 * r, init_B="kaiming", backend=backend)
     return m
@@ -103,8 +98,6 @@ def _sync() -> None:
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"M{s[0]}-K{s[1]}-N{s[2]}-R{s[3]}")
 def test_lowrank(benchmark, shape, impl, mode):
     m_, k, n, r = shape
-    if impl == "ours-fused" and mode != "fwd":
-        pytest.skip("the fused one-GEMM variant is a forward kernel")
     layer = _make(impl, k, n, r)
     x = torch.randn(m_, k, device=DEVICE, dtype=DTYPE, requires_grad=True)
     gy = torch.randn(m_, n, device=DEVICE, dtype=DTYPE)
@@ -146,7 +139,7 @@ def test_lowrank(benchmark, shape, impl, mode):
         _sync()
 
     for _ in range(2):  # warm-up: autotune and allocator
-        fwd() if impl == "ours-fused" else fwdbwd()
+        fwdbwd()
     if CUDA:
         torch.cuda.reset_peak_memory_stats()
         base_mem = torch.cuda.memory_allocated()

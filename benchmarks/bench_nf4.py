@@ -43,7 +43,7 @@ def _state(shape: tuple[int, int], nested: bool) -> tuple[torch.Tensor, object]:
     if F is not None:
         w = torch.randn(shape, device="cuda", dtype=DTYPE)
         return F.quantize_4bit(w, blocksize=BLOCKSIZE, compress_statistics=nested, quant_type="nf4")
-    from muscle_fast.nf4 import get_4bit_code
+    from muscle_fast.ops.nf4 import get_4bit_code
 
     numel = shape[0] * shape[1]
     n_blocks = -(-numel // BLOCKSIZE)
@@ -123,8 +123,8 @@ def _id(shape: tuple[int, int]) -> str:
 def test_dequant_matches_bitsandbytes(shape: tuple[int, int], monkeypatch) -> None:
     """The autotuned kernel at the benchmark shapes, bit-exact against bitsandbytes' CUDA dequantizer."""
     F = pytest.importorskip("bitsandbytes.functional", reason="no bitsandbytes: nothing to compare")
-    from muscle_fast.kernels import nf4 as knf4
-    from muscle_fast.nf4 import dequantize_4bit
+    from csrc_triton import nf4 as knf4
+    from muscle_fast.ops.nf4 import dequantize_4bit
 
     for nested in (False, True):
         packed, qs = _state(shape, nested)
@@ -160,7 +160,7 @@ def _mm_traffic(shape: tuple[int, int], m: int, impl: str) -> int:
 def test_fused_matmul_matches_dequant_cublas(shape: tuple[int, int], m: int) -> None:
     """At the benchmark shapes: the fused kernel against dequantize + float64 matmul, within the
     output's rounding plus fp32 accumulation (K * 2^-24 of the sum of |terms|)."""
-    from muscle_fast.nf4 import dequantize_4bit, matmul_4bit
+    from muscle_fast.ops.nf4 import dequantize_4bit, matmul_4bit
 
     packed, qs = _state(shape, nested=True)
     x = torch.randn(m, shape[1], device="cuda", dtype=DTYPE)
@@ -177,8 +177,8 @@ def test_fused_matmul_matches_dequant_cublas(shape: tuple[int, int], m: int) -> 
 def test_muscle_fast_dequant(
     benchmark, shape: tuple[int, int], nested: bool, lookup: str, monkeypatch
 ) -> None:
-    from muscle_fast.kernels import nf4 as knf4
-    from muscle_fast.nf4 import dequantize_4bit
+    from csrc_triton import nf4 as knf4
+    from muscle_fast.ops.nf4 import dequantize_4bit
 
     monkeypatch.setattr(knf4, "LOOKUP", lookup)
     packed, qs = _state(shape, nested)
@@ -196,7 +196,7 @@ def test_muscle_fast_dequant(
 @pytest.mark.parametrize("shape", SHAPES, ids=_id)
 def test_muscle_fast_dequant_prepared(benchmark, shape: tuple[int, int], nested: bool) -> None:
     """The training path's call: arguments checked once per weight (PreparedDequant4bit)."""
-    from muscle_fast.nf4 import PreparedDequant4bit
+    from muscle_fast.ops.nf4 import PreparedDequant4bit
 
     packed, qs = _state(shape, nested)
     out = torch.empty(shape, dtype=DTYPE, device="cuda")
@@ -226,8 +226,8 @@ def test_device_time_graph(benchmark, shape: tuple[int, int], nested: bool, impl
         F = pytest.importorskip("bitsandbytes.functional", reason="no bitsandbytes: nothing to compare")
         fn = lambda: F.dequantize_4bit(packed, qs, out=out)  # noqa: E731
     else:
-        from muscle_fast.kernels import nf4 as knf4
-        from muscle_fast.nf4 import PreparedDequant4bit
+        from csrc_triton import nf4 as knf4
+        from muscle_fast.ops.nf4 import PreparedDequant4bit
 
         monkeypatch.setattr(knf4, "LOOKUP", impl.split("-")[1])
         fn = PreparedDequant4bit(packed, qs, DTYPE, out)
@@ -249,7 +249,7 @@ def test_torch_copy_floor(benchmark, shape: tuple[int, int]) -> None:
 @pytest.mark.parametrize("m", SMALL_M, ids=lambda m: f"M{m}")
 @pytest.mark.parametrize("shape", SHAPES, ids=_id)
 def test_small_m_matmul(benchmark, shape: tuple[int, int], m: int, impl: str, graph: bool) -> None:
-    from muscle_fast.nf4 import dequantize_4bit, matmul_4bit
+    from muscle_fast.ops.nf4 import dequantize_4bit, matmul_4bit
 
     packed, qs = _state(shape, nested=True)
     x = torch.randn(m, shape[1], device="cuda", dtype=DTYPE)

@@ -134,7 +134,6 @@ KINDS = {
     "lowrank_triton": (
         "_shrink_kernel",
         "_expand_kernel",
-        "_fused_linear_kernel",
         "_bwd_ds_db_kernel",
         "_grad_a_kernel",
         "_dropout_mask_kernel",

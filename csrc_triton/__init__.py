@@ -1,6 +1,6 @@
-"""Triton kernels of muscle_fast (installed as ``muscle_fast.kernels``).
+"""Triton kernels of muscle_fast: kernels and their launchers, tensors in, tensors out.
 
-Kernels here know nothing of nn.Module or transformers: they take tensors and
-return tensors. Import this package lazily: ``TRITON_INTERPRET`` must be set
-before triton is first imported for the CPU interpreter to take effect.
+Kernels here know nothing of nn.Module, transformers or backends (``muscle_fast.ops`` dispatches
+to them). Import the op modules lazily: ``TRITON_INTERPRET`` must be set before triton is first
+imported for the CPU interpreter to take effect. ``_common`` and ``configs`` import no triton.
 """

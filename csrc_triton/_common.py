@@ -1,10 +1,13 @@
-"""Helpers shared by the kernels: interpreter detection and launch checks."""
+"""What every kernel shares: the interpreter switch, launch checks, and the data layouts the torch
+references use too. Importing this module does not import triton (the torch paths need it without).
+"""
 
 from __future__ import annotations
 
 import functools
 import inspect
 import os
+import struct
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -58,7 +61,28 @@ def resolve_device(device: torch.device | str) -> torch.device:
     return device
 
 
-TL_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+@functools.cache
+def sm_count(index: int) -> int:
+    """Streaming multiprocessors of CUDA device ``index`` (queried once per device)."""
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def round_f32(x: float) -> float:
+    """``x`` rounded to float32. Thresholds and the reference loss are compared as fp32 values on every
+    path (the kernels take fp32 scalars), so that all implementations decide alike at a boundary."""
+    return struct.unpack("f", struct.pack("f", float(x)))[0]
+
+
+# -- data layouts shared by kernels and torch references ----------------------------------------------------
+
+#: Block sizes bitsandbytes accepts for 4-bit quantization (NF4/FP4).
+NF4_BLOCKSIZES: tuple[int, ...] = (32, 64, 128, 256, 512, 1024, 2048, 4096)
+
+#: Slots of the gradient-alignment stats vector (fp64, written by the fused kernels and the torch path).
+#: ``STAT_N_REF`` counts the tensors that entered the mean reference-gradient norm.
+(STAT_MODE, STAT_MEAN_REF_NORM, STAT_RHO, STAT_N_NONFINITE, STAT_N_NONFINITE_GRAD, STAT_N_UPDATED,
+ STAT_REF_LOSS, STAT_N_REF) = range(8)  # fmt: skip
+N_STATS = 8
 
 
 def launch_guard(param: str) -> Callable[[F], F]:

@@ -44,7 +44,6 @@ is left out of the mean ||c|| and is counted in the step stats.
 
 from __future__ import annotations
 
-import struct
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -52,17 +51,30 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET, check_device, launch_guard, resolve_device
+from . import configs
+from ._common import (
+    INTERPRET,
+    N_STATS,
+    STAT_MEAN_REF_NORM,
+    STAT_MODE,
+    STAT_N_NONFINITE,
+    STAT_N_NONFINITE_GRAD,
+    STAT_N_REF,
+    STAT_N_UPDATED,
+    STAT_REF_LOSS,
+    STAT_RHO,
+    check_device,
+    launch_guard,
+    resolve_device,
+)
+from ._common import round_f32 as _f32
 
 #: Element-type codes used in the pointer table.
 DTYPE_CODES: dict[torch.dtype, int] = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
-#: Layout of the per-step stats vector (float64) written by the kernels.
-#: mode (0 kept / 1 aligned / 2 mixed), mean ||c||, rho applied, non-finite tensors, of which non-finite g,
-#: tensors rewritten, ref loss, tensors in the mean. Mirrored by muscle_fast.align.AlignStats.
-(STAT_MODE, STAT_MEAN_REF_NORM, STAT_RHO, STAT_N_NONFINITE, STAT_N_NONFINITE_GRAD, STAT_N_UPDATED,
- STAT_REF_LOSS, STAT_N_REF) = range(8)
-N_STATS = 8
+#: Layout of the per-step stats vector (float64) written by the kernels: mode (0 kept / 1 aligned /
+#: 2 mixed), mean ||c||, rho applied, non-finite tensors, of which non-finite g, tensors rewritten, ref
+#: loss, tensors in the mean. Defined in ``_common`` (triton-free) for the torch path too.
 
 @triton.jit
 def _typed(addr, dtype: tl.constexpr, ALIGNED: tl.constexpr):
@@ -364,14 +376,20 @@ class AlignPlan:
 
 
 def build_plan(
-    shapes: Sequence[Sequence[int]], device: torch.device | str, block: int = 1024, iters: int = 8,
-    num_warps: int = 4, rblock: int = 128,
+    shapes: Sequence[Sequence[int]], device: torch.device | str, block: int | None = None,
+    iters: int | None = None, num_warps: int | None = None, rblock: int | None = None,
 ) -> AlignPlan:
     """Precompute the chunk table (chunk -> tensor, start) and the workspace, once per tensor list.
 
     One program handles ``block * iters`` elements. ``rblock`` is the vector width of the
     small reductions over chunk partials and over tensors (tests shrink it to cover their loops).
+    Unset geometry comes from ``configs.CONFIGS["align.fused"]``.
     """
+    cfg = configs.launch_config("align.fused")
+    block = cfg["BLOCK"] if block is None else block
+    iters = cfg["ITERS"] if iters is None else iters
+    num_warps = cfg["num_warps"] if num_warps is None else num_warps
+    rblock = cfg["RBLOCK"] if rblock is None else rblock
     if not shapes:
         raise ValueError("build_plan needs at least one tensor")
     shapes = tuple(torch.Size(s) for s in shapes)
@@ -408,12 +426,6 @@ def build_plan(
         coefs=torch.zeros(T, 3, dtype=torch.float32, device=device),
         counters=torch.zeros(T + 1, dtype=torch.int32, device=device),
     )
-
-
-def _f32(x: float) -> float:
-    """Round to fp32 on the host: compiled kernels get fp32 scalars, the interpreter keeps Python floats;
-    pre-rounding makes both (and the torch path) compare the same values."""
-    return struct.unpack("f", struct.pack("f", float(x)))[0]
 
 
 class UnsupportedDtypeError(TypeError):
@@ -526,5 +538,7 @@ def align_fused(
 
 
 __all__ = [
-    "AlignPlan", "DTYPE_CODES", "INTERPRET", "N_STATS", "UnsupportedDtypeError", "align_fused", "build_plan",
+    "AlignPlan", "DTYPE_CODES", "INTERPRET", "N_STATS", "STAT_MEAN_REF_NORM", "STAT_MODE", "STAT_N_NONFINITE",
+    "STAT_N_NONFINITE_GRAD", "STAT_N_REF", "STAT_N_UPDATED", "STAT_REF_LOSS", "STAT_RHO",
+    "UnsupportedDtypeError", "align_fused", "build_plan",
 ]

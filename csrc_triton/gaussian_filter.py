@@ -52,6 +52,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import configs
 from ._common import check_device, launch_guard, upcast_dot
 
 __all__ = ["MAX_COLS", "MAX_DELTAS", "gaussian_filter_triton"]
@@ -211,21 +212,18 @@ def _pow2(v: int) -> int:
 def _config(
     x: torch.Tensor, center: bool | None, block: int | None, block_d: int | None, num_warps: int | None
 ) -> tuple[bool, bool, int, int, int]:
-    """(CENTER, TC, BLOCK, BLOCK_D, num_warps) for this input.
+    """(CENTER, TC, BLOCK, BLOCK_D, num_warps) for this input; unset sizes from ``configs``.
 
-    Defaults were sized with ptxas (sm_90, Triton 3.9) to avoid register spills, not timed:
-    the per-delta loop is a runtime loop for the same reason (unrolled, it spills at 8 deltas).
+    Larger tiles read x fewer times, while small n needs more programs to fill the GPU: the config
+    table picks by row count. The per-delta loop is a runtime loop (unrolled, it spills at 8 deltas).
     """
     sixteen = x.dtype in (torch.bfloat16, torch.float16)
     center = (not sixteen) if center is None else bool(center)
     tc = sixteen and not center
-    if block is None:
-        # Larger tiles read x fewer times; small n needs more programs to fill the GPU.
-        block = 64 if x.shape[0] >= 16384 else 32
-    if block_d is None:
-        block_d = 64 if tc else 32
-    if num_warps is None:
-        num_warps = 8 if block >= 64 else 4
+    cfg = configs.launch_config("gaussian_filter", rows=x.shape[0], tc=int(tc))
+    block = cfg["BLOCK"] if block is None else block
+    block_d = cfg["BLOCK_D"] if block_d is None else block_d
+    num_warps = cfg["num_warps"] if num_warps is None else num_warps
     for name, v in (("block", block), ("block_d", block_d)):
         if v < 16 or v & (v - 1):
             raise ValueError(f"{name} must be a power of two >= 16 (tl.dot), got {v}")

@@ -5,7 +5,7 @@ multiplied), W (N, K) frozen base weight. R = n * r is small (1..64): it is held
 block ``BLOCK_R`` padded to a power of two >= 16 (``tl.dot`` needs every dim >= 16), padding masked.
 
 Forward:   S = (drop(x) @ A.T) * scale                (lowrank_shrink, fp32)
-           y = y0 + S @ B.T                            (lowrank_expand_ or fused_linear_lowrank)
+           y = y0 + S @ B.T                            (lowrank_expand_)
 Backward:  dS = (dY @ B) * scale,  dB = dY.T @ S       (lowrank_backward_dS_dB, one pass over dY)
            dA = dS.T @ drop(x)                         (lowrank_grad_A)
            dX += drop'(dS @ A)                         (lowrank_dx_)
@@ -38,114 +38,27 @@ into a zero-initialised output (so those outputs are deterministic only up to fp
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
 
-from . import _common
+from . import _common, configs
 from ._common import check_device, launch_guard, upcast_dot
 
 __all__ = [
     "dropout_mask",
-    "fused_linear_lowrank",
     "lowrank_backward_dS_dB",
     "lowrank_dx_",
     "lowrank_expand_",
-    "lowrank_forward",
     "lowrank_grad_A",
     "lowrank_shrink",
 ]
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
-# ---------------------------------------------------------------------------------------------------
-# Autotune configurations (module-level data, like the Triton matmul tutorial). Under the interpreter a
-# single small config is used: autotuning there is slow and meaningless. The interpreter tiles (32) are
-# small enough that the odd test sizes cross several blocks.
-# ---------------------------------------------------------------------------------------------------
-
-
-def _cfg(num_warps: int, num_stages: int, **meta: int) -> triton.Config:
-    return triton.Config(meta, num_warps=num_warps, num_stages=num_stages)
-
-
-SHRINK_CONFIGS = [
-    _cfg(4, 4, BLOCK_M=64, BLOCK_K=128),
-    _cfg(8, 3, BLOCK_M=64, BLOCK_K=256),
-    _cfg(8, 3, BLOCK_M=128, BLOCK_K=128),
-    _cfg(4, 4, BLOCK_M=128, BLOCK_K=64),
-    _cfg(4, 4, BLOCK_M=32, BLOCK_K=256),
-    _cfg(4, 5, BLOCK_M=32, BLOCK_K=128),
-]
-EXPAND_CONFIGS = [
-    _cfg(4, 2, BLOCK_M=64, BLOCK_N=128),
-    _cfg(8, 2, BLOCK_M=128, BLOCK_N=128),
-    _cfg(8, 2, BLOCK_M=64, BLOCK_N=256),
-    _cfg(8, 2, BLOCK_M=128, BLOCK_N=256),
-    _cfg(4, 2, BLOCK_M=32, BLOCK_N=128),
-]
-MATMUL_CONFIGS = [
-    _cfg(8, 3, BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8),
-    _cfg(8, 3, BLOCK_M=256, BLOCK_N=128, BLOCK_K=64, GROUP_M=8),
-    _cfg(8, 4, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8),
-    _cfg(4, 4, BLOCK_M=64, BLOCK_N=256, BLOCK_K=32, GROUP_M=8),
-    _cfg(4, 4, BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=8),
-    _cfg(4, 4, BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, GROUP_M=8),
-    _cfg(4, 4, BLOCK_M=64, BLOCK_N=128, BLOCK_K=32, GROUP_M=8),
-    _cfg(4, 4, BLOCK_M=128, BLOCK_N=32, BLOCK_K=32, GROUP_M=8),
-    _cfg(2, 5, BLOCK_M=64, BLOCK_N=32, BLOCK_K=32, GROUP_M=8),
-    _cfg(2, 5, BLOCK_M=32, BLOCK_N=64, BLOCK_K=32, GROUP_M=8),
-]
-BWD_CONFIGS = [
-    _cfg(4, 3, BLOCK_M=64, BLOCK_N=64),
-    _cfg(4, 3, BLOCK_M=64, BLOCK_N=128),
-    _cfg(8, 3, BLOCK_M=128, BLOCK_N=64),
-    _cfg(8, 3, BLOCK_M=128, BLOCK_N=128),
-    _cfg(8, 2, BLOCK_M=256, BLOCK_N=64),
-]
-GRAD_A_CONFIGS = [
-    _cfg(4, 4, BLOCK_M=64, BLOCK_K=64),
-    _cfg(4, 4, BLOCK_M=64, BLOCK_K=128),
-    _cfg(8, 3, BLOCK_M=128, BLOCK_K=128),
-    _cfg(8, 3, BLOCK_M=64, BLOCK_K=256),
-    _cfg(4, 4, BLOCK_M=128, BLOCK_K=64),
-]
-INTERPRET_CONFIGS = {
-    "shrink": [_cfg(4, 1, BLOCK_M=32, BLOCK_K=32)],
-    "expand": [_cfg(4, 1, BLOCK_M=32, BLOCK_N=32)],
-    "matmul": [_cfg(4, 1, BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=2)],
-    "bwd": [_cfg(4, 1, BLOCK_M=32, BLOCK_N=32)],
-    "grad_a": [_cfg(4, 1, BLOCK_M=32, BLOCK_K=32)],
-}
-
-
-#: With autotuning off (``MUSCLE_FAST_AUTOTUNE=0``): small tiles and two stages fit shared memory at
-#: every dtype and R <= 64, so one config is valid for every shape.
-UNTUNED_CONFIGS = {
-    "shrink": [_cfg(4, 2, BLOCK_M=64, BLOCK_K=64)],
-    "expand": [_cfg(4, 2, BLOCK_M=64, BLOCK_N=64)],
-    "matmul": [_cfg(4, 2, BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8)],
-    "bwd": [_cfg(4, 2, BLOCK_M=64, BLOCK_N=64)],
-    "grad_a": [_cfg(4, 2, BLOCK_M=64, BLOCK_K=64)],
-}
-
-
-def _configs(gpu: list[triton.Config], name: str) -> list[triton.Config]:
-    if _common.INTERPRET:
-        return INTERPRET_CONFIGS[name]
-    return gpu if _common.AUTOTUNE else UNTUNED_CONFIGS[name]
-
-
 # Programs per launch wanted before a reduction is split across programs. Small under the interpreter
 # so that the tests exercise both the split (atomic) and the unsplit (plain store) paths.
 _INTERPRET_TARGET_PROGRAMS = 8
-
-
-@functools.cache
-def _cuda_sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def _split_count(t: torch.Tensor, programs: int, max_split: int) -> int:
@@ -153,7 +66,7 @@ def _split_count(t: torch.Tensor, programs: int, max_split: int) -> int:
 
     Powers of two bound the number of compiled variants (the split is a constexpr)."""
     if t.device.type == "cuda":
-        target = 2 * _cuda_sm_count(t.device.index if t.device.index is not None else 0)
+        target = 2 * _common.sm_count(t.device.index if t.device.index is not None else 0)
     else:
         target = _INTERPRET_TARGET_PROGRAMS
     want = min(triton.cdiv(target, max(programs, 1)), max(max_split, 1))
@@ -271,7 +184,7 @@ def _dot_split(acc, a, b, MODE: tl.constexpr, UPCAST: tl.constexpr):
 # ---------------------------------------------------------------------------------------------------
 
 
-@triton.autotune(configs=_configs(SHRINK_CONFIGS, "shrink"), key=["M_BUCKET", "K", "BLOCK_R"],
+@triton.autotune(configs=configs.triton_configs("lowrank.shrink"), key=["M_BUCKET", "K", "BLOCK_R"],
                  reset_to_zero=["s_ptr"])
 @triton.heuristics({"SPLIT_K": lambda a: _split_count(a["x_ptr"], triton.cdiv(a["M"], a["BLOCK_M"]),
                                                       triton.cdiv(a["K"], a["BLOCK_K"]))})
@@ -319,7 +232,7 @@ def _shrink_kernel(
         tl.atomic_add(s_ptrs, acc, mask=s_mask)
 
 
-@triton.autotune(configs=_configs(EXPAND_CONFIGS, "expand"), key=["M_BUCKET", "N", "BLOCK_R"],
+@triton.autotune(configs=configs.triton_configs("lowrank.expand"), key=["M_BUCKET", "N", "BLOCK_R"],
                  restore_value=["y_ptr"])
 @triton.jit
 def _expand_kernel(
@@ -359,67 +272,12 @@ def _expand_kernel(
     tl.store(y_ptrs, (y.to(tl.float32) + acc).to(y.dtype), mask=y_mask)
 
 
-@triton.autotune(configs=_configs(MATMUL_CONFIGS, "matmul"), key=["M_BUCKET", "N", "K", "BLOCK_R"])
-@triton.jit
-def _fused_linear_kernel(
-    x_ptr, w_ptr, bias_ptr, s_ptr, b_ptr, y_ptr,
-    M, N, K, R, M_BUCKET,
-    stride_xm, stride_xk, stride_wn, stride_wk, stride_bias,
-    stride_sm, stride_sr, stride_bn, stride_br, stride_ym, stride_yn,
-    BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr,
-    F32_DOT: tl.constexpr, MODE: tl.constexpr, UPCAST: tl.constexpr,
-):
-    """y = x @ W.T + bias + S @ B.T: a tiled GEMM whose epilogue adds the bias and the low-rank term.
-
-    Grouped program ordering (GROUP_M row blocks share W column blocks in L2) as in the Triton matmul
-    tutorial; fp32 accumulator, one rounding on store. The low-rank term costs one extra small dot
-    per output tile instead of a read-modify-write pass over y.
-    """
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    num_pid_in_group = GROUP_M * num_pid_n
-    group_id = pid // num_pid_in_group
-    first_pid_m = group_id * GROUP_M
-    group_size_m = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
-    pid_n = (pid % num_pid_in_group) // group_size_m
-
-    rows = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_mask = rows < M
-    col_mask = cols < N
-    x_rows = x_ptr + rows[:, None] * stride_xm
-    w_cols = w_ptr + cols[None, :] * stride_wn
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        ks = (k0 + tl.arange(0, BLOCK_K)).to(tl.int64)
-        k_mask = ks < K
-        x = tl.load(x_rows + ks[None, :] * stride_xk, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-        w = tl.load(w_cols + ks[:, None] * stride_wk, mask=k_mask[:, None] & col_mask[None, :], other=0.0)
-        acc = _dot_plain(acc, x, w, F32_DOT)
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + cols * stride_bias, mask=col_mask, other=0.0)
-        acc += bias.to(tl.float32)[None, :]
-    if HAS_LORA:
-        offs_r = tl.arange(0, BLOCK_R)
-        r_mask = offs_r < R
-        s = tl.load(s_ptr + rows[:, None] * stride_sm + offs_r[None, :] * stride_sr,
-                    mask=row_mask[:, None] & r_mask[None, :], other=0.0).to(tl.float32)
-        bt = tl.load(b_ptr + offs_r[:, None] * stride_br + cols[None, :] * stride_bn,
-                     mask=r_mask[:, None] & col_mask[None, :], other=0.0)
-        acc = _dot_split(acc, s, bt, MODE, UPCAST)
-    tl.store(y_ptr + rows[:, None] * stride_ym + cols[None, :] * stride_yn,
-             acc.to(y_ptr.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])
-
-
 def _bwd_split(a: dict) -> int:
     m_blocks = triton.cdiv(a["m1"], a["BLOCK_M"]) + triton.cdiv(a["M"] - a["m1"], a["BLOCK_M"])
     return _split_count(a["dy_ptr"], m_blocks, triton.cdiv(a["N"], a["BLOCK_N"]))
 
 
-@triton.autotune(configs=_configs(BWD_CONFIGS, "bwd"), key=["M_BUCKET", "N", "BLOCK_R"],
+@triton.autotune(configs=configs.triton_configs("lowrank.bwd_ds_db"), key=["M_BUCKET", "N", "BLOCK_R"],
                  reset_to_zero=["ds_ptr", "db_ptr"])
 @triton.heuristics({"SPLIT_N": _bwd_split})
 @triton.jit
@@ -487,7 +345,7 @@ def _grad_a_split(a: dict) -> int:
     return _split_count(a["x_ptr"], programs, triton.cdiv(a["M"], a["BLOCK_M"]))
 
 
-@triton.autotune(configs=_configs(GRAD_A_CONFIGS, "grad_a"), key=["M_BUCKET", "K", "BLOCK_R", "G"],
+@triton.autotune(configs=configs.triton_configs("lowrank.grad_a"), key=["M_BUCKET", "K", "BLOCK_R", "G"],
                  reset_to_zero=["da_ptr"])
 @triton.heuristics({"SPLIT_M": _grad_a_split})
 @triton.jit
@@ -616,49 +474,6 @@ def lowrank_expand_(y: torch.Tensor, S: torch.Tensor, B: torch.Tensor) -> torch.
     return y
 
 
-@launch_guard("x")
-def fused_linear_lowrank(x: torch.Tensor, W: torch.Tensor, bias: torch.Tensor | None,
-                         S: torch.Tensor | None, B: torch.Tensor | None) -> torch.Tensor:
-    """y = x @ W.T + bias + S @ B.T in one GEMM (low-rank term in the epilogue); y has x's dtype.
-
-    ``bias`` may be None; ``S`` and ``B`` may both be None (plain linear)."""
-    tensors = [t for t in (x, W, bias, S, B) if t is not None]
-    check_device(*tensors)
-    _check_float(*tensors)
-    _check_2d("x", x)
-    M, K = x.shape
-    _check_2d("W", W, cols=K)
-    N = W.shape[0]
-    if bias is not None and bias.shape != (N,):
-        raise ValueError(f"bias must have shape ({N},), got {tuple(bias.shape)}")
-    if (S is None) != (B is None):
-        raise ValueError("S and B must both be given or both be None")
-    has_lora = S is not None and B is not None and B.shape[1] > 0
-    if S is not None and B is not None:
-        _check_2d("B", B, rows=N)
-        _check_2d("S", S, rows=M, cols=B.shape[1])
-    y = torch.empty((M, N), dtype=x.dtype, device=x.device)
-    if M == 0 or N == 0:
-        return y
-    R = B.shape[1] if has_lora else 1
-    s_arg = S if has_lora else y
-    b_arg = B if has_lora else y
-    bias_arg = bias if bias is not None else y
-    b_dtype = B.dtype if has_lora else torch.float32
-
-    def grid(meta: dict) -> tuple[int]:
-        return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
-
-    _fused_linear_kernel[grid](
-        x, W, bias_arg, s_arg, b_arg, y, M, N, K, R, triton.next_power_of_2(M),
-        x.stride(0), x.stride(1), W.stride(0), W.stride(1), bias_arg.stride(0),
-        s_arg.stride(0), s_arg.stride(1), b_arg.stride(0), b_arg.stride(1), y.stride(0), y.stride(1),
-        BLOCK_R=_block_r(R), HAS_BIAS=bias is not None, HAS_LORA=has_lora,
-        F32_DOT=_plain_f32(x.dtype, W.dtype), MODE=_split_mode(b_dtype), UPCAST=_split_upcast(b_dtype),
-    )
-    return y
-
-
 @launch_guard("dY")
 def lowrank_backward_dS_dB(dY: torch.Tensor, B: torch.Tensor, S: torch.Tensor, scale: torch.Tensor, *,
                            row_split: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -738,15 +553,6 @@ def lowrank_dx_(dX: torch.Tensor, dS: torch.Tensor, A: torch.Tensor, *, dropout_
     _check_2d("dS", dS, rows=M, cols=A.shape[0])
     _expand_launch(dX, dS, A, dropout_p, seed)
     return dX
-
-
-def lowrank_forward(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: torch.Tensor,
-                    y0: torch.Tensor, *, dropout_p: float = 0.0, seed: int = 0
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Convenience: S = shrink(x), then y0 += S @ B.T in place. Returns (y0, S); S is kept for backward."""
-    S = lowrank_shrink(x, A, scale, dropout_p=dropout_p, seed=seed)
-    lowrank_expand_(y0, S, B)
-    return y0, S
 
 
 @launch_guard("device")

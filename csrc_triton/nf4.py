@@ -30,38 +30,19 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import AUTOTUNE, INTERPRET, check_device, launch_guard
+from . import configs
+from ._common import INTERPRET, NF4_BLOCKSIZES, check_device, launch_guard
 
 #: Block sizes bitsandbytes accepts for 4-bit quantization (``quantize_4bit``/``dequantize_4bit``).
-SUPPORTED_BLOCKSIZES: tuple[int, ...] = (32, 64, 128, 256, 512, 1024, 2048, 4096)
+SUPPORTED_BLOCKSIZES = NF4_BLOCKSIZES
 
 #: How the kernel reads the 16-entry code table (module doc). ``LOOKUP`` is the default; the GPU
-#: benchmark times both. "gather" measured 650-1380 GB/s on an H100 (2026-11-26), "select" not yet.
+#: benchmark (bench_nf4.py) times both.
 LOOKUPS: tuple[str, ...] = ("gather", "select")
 LOOKUP: str = "gather"
 
 #: Output dtypes the kernel writes.
 SUPPORTED_OUT_DTYPES: tuple[torch.dtype, ...] = (torch.float16, torch.bfloat16, torch.float32)
-
-#: GPU autotune space: packed bytes per program (x2 output elements) and warps. Large contiguous
-#: chunks keep the grid small and every load/store fully coalesced and vectorized.
-GPU_CONFIGS: list[dict[str, int]] = [
-    {"BYTES": 1024, "num_warps": 4},
-    {"BYTES": 2048, "num_warps": 4},
-    {"BYTES": 2048, "num_warps": 8},
-    {"BYTES": 4096, "num_warps": 8},
-    {"BYTES": 4096, "num_warps": 16},
-]
-
-#: The interpreter runs one numpy op per Triton op per program: one small config, so that the
-#: (small) test tensors still span several programs and partial quantization blocks.
-INTERPRET_CONFIGS: list[dict[str, int]] = [{"BYTES": 512, "num_warps": 4}]
-
-
-def _configs() -> list[triton.Config]:
-    raw = INTERPRET_CONFIGS if INTERPRET else GPU_CONFIGS if AUTOTUNE else GPU_CONFIGS[1:2]
-    return [triton.Config({"BYTES": c["BYTES"]}, num_warps=c["num_warps"], num_stages=1) for c in raw]
-
 
 @triton.jit
 def _pick(bit, c0, c1):
@@ -165,7 +146,8 @@ def _dequant_tile(
         tl.store(out_ptr + 2 * start + out_local, vals)
 
 
-@triton.autotune(configs=_configs(), key=["n_bytes", "HALF_BS", "NESTED", "SELECT"])
+@triton.autotune(configs=configs.triton_configs("nf4.dequant"),
+                 key=["n_bytes", "HALF_BS", "NESTED", "SELECT"])
 # Tile columns: a whole half-block (bytes per quantization block) when it fits, else the whole tile.
 @triton.heuristics({"COLS": lambda a: min(a["HALF_BS"], a["BYTES"])})
 @triton.jit

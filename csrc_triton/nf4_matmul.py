@@ -28,19 +28,10 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import AUTOTUNE, INTERPRET, check_device, launch_guard, upcast_dot
+from . import configs
+from ._common import INTERPRET, check_device, launch_guard, sm_count, upcast_dot
 from .nf4 import SUPPORTED_BLOCKSIZES, check_scale_args, round_bf16_rne
 
-#: GPU autotune space (decode shapes are memory-bound: wide N tiles, 64-256 packed bytes per row).
-GPU_CONFIGS: list[dict[str, int]] = [
-    {"BLOCK_N": 64, "BLOCK_K": 128, "num_warps": 4},
-    {"BLOCK_N": 64, "BLOCK_K": 256, "num_warps": 4},
-    {"BLOCK_N": 128, "BLOCK_K": 128, "num_warps": 4},
-    {"BLOCK_N": 128, "BLOCK_K": 256, "num_warps": 8},
-    {"BLOCK_N": 32, "BLOCK_K": 512, "num_warps": 4},
-]
-#: The interpreter: small tiles so that the small test shapes span several of them.
-INTERPRET_CONFIGS: list[dict[str, int]] = [{"BLOCK_N": 16, "BLOCK_K": 32, "num_warps": 4}]
 #: Up to this many rows of x, each program takes one row and reduces with multiply + row sums
 #: (a GEMV: no tensor cores, no padding of M to 16); above it, 16 rows per program and tl.dot.
 GEMV_MAX_M = 4
@@ -48,15 +39,8 @@ GEMV_MAX_M = 4
 DOT_BLOCK_M = 16
 
 
-def _configs() -> list[triton.Config]:
-    raw = INTERPRET_CONFIGS if INTERPRET else GPU_CONFIGS if AUTOTUNE else GPU_CONFIGS[:1]
-    return [
-        triton.Config({k: c[k] for k in ("BLOCK_N", "BLOCK_K")}, num_warps=c["num_warps"], num_stages=1)
-        for c in raw
-    ]
-
-
-@triton.autotune(configs=_configs(), key=["N", "K", "SPLIT_K", "BS", "NESTED", "BLOCK_M"])
+@triton.autotune(configs=configs.triton_configs("nf4.matmul"),
+                 key=["N", "K", "SPLIT_K", "BS", "NESTED", "BLOCK_M"])
 @triton.jit
 def _matmul_4bit_kernel(
     x_ptr,  # [M, K] fp16/bf16/fp32, row stride stride_xm, unit column stride
@@ -142,15 +126,11 @@ def _matmul_4bit_kernel(
 
 
 @functools.cache
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count  # once per device
-
-
 def default_split_k(m: int, n: int, k: int) -> int:
     """K splits that give the GPU about two programs per SM at decode sizes (1 on the interpreter)."""
     if INTERPRET:
         return 1
-    sms = _sm_count(torch.cuda.current_device())
+    sms = sm_count(torch.cuda.current_device())
     tiles = triton.cdiv(n, 64) * triton.cdiv(m, 1 if m <= GEMV_MAX_M else DOT_BLOCK_M)
     return max(1, min(16, triton.cdiv(2 * sms, max(tiles, 1)), k // 256))
 

@@ -11,9 +11,9 @@ from .adapter import export_peft, load_adapter, merge_and_unload, save_adapter
 from .align import AlignStats, GradientAligner, align_loop_reference
 from .config import FAMILIES, MuScleConfig, family_defaults
 from .dual import dual_gradients
+from .errors import ConfigError, MuscleFastError, RunError
 from .layers import MuScleLinear
-from .nf4 import dequantize_4bit, matmul_4bit
-from .ops.lowrank import free_4bit_workspaces
+from .ops.nf4 import dequantize_4bit, free_4bit_workspaces, matmul_4bit
 from .patch import DecoderScoreHead, patch_model
 from .train import TrainConfig, TrainResult, train_muscle
 
@@ -22,11 +22,15 @@ __version__ = "0.1.0"
 __all__ = [
     "FAMILIES",
     "AlignStats",
+    "ConfigError",
     "DecoderScoreHead",
     "GradientAligner",
     "MuScleConfig",
     "MuScleLinear",
     "MuScleTrainer",
+    "MuscleFastError",
+    "RunError",
+    "RunSpec",
     "TrainConfig",
     "TrainResult",
     "align_loop_reference",
@@ -39,6 +43,7 @@ __all__ = [
     "matmul_4bit",
     "merge_and_unload",
     "patch_model",
+    "run_defend",
     "save_adapter",
     "train_muscle",
 ]
@@ -50,4 +55,8 @@ def __getattr__(name: str) -> Any:
         from .trainer import MuScleTrainer
 
         return MuScleTrainer
+    if name in ("RunSpec", "run_defend"):  # the experiment layer: loaded on first use
+        from . import experiment
+
+        return getattr(experiment, name)
     raise AttributeError(f"module 'muscle_fast' has no attribute {name!r}")

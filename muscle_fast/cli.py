@@ -1,10 +1,12 @@
 """The ``muscle-fast`` command line: ``inspect`` a patched model, ``defend`` (train and compare
-defenses on poisoned data, SPEC §5), ``eval`` a saved checkpoint and ``fourier`` (track the
-low/high-frequency errors of one method's training, SPEC §6).
+defenses on poisoned data, SPEC §5), ``eval`` a saved checkpoint, ``report`` (merge results) and
+``fourier`` (track the low/high-frequency errors of one method's training, SPEC §6).
 
-Heavy imports (torch, transformers, datasets, matplotlib) happen inside the commands so
-``--help`` and argument errors stay instant. Every input error ends the process with a
-one-line ``muscle-fast: ...`` message (set ``MUSCLE_FAST_TRACEBACK=1`` to see the traceback).
+This module only parses arguments, builds the specs of :mod:`muscle_fast.experiment`, prints and
+sets the exit status; the work and its checks live in the library. Heavy imports (torch,
+transformers, datasets, matplotlib) happen inside the commands so ``--help`` and argument errors
+stay instant. Every input error ends the process with a one-line ``muscle-fast: ...`` message and
+exit status 1 (argparse's usage errors: 2); set ``MUSCLE_FAST_TRACEBACK=1`` to see the traceback.
 """
 
 from __future__ import annotations
@@ -14,40 +16,155 @@ import json
 import logging
 import os
 import sys
-import time
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from . import experiment
+from .errors import ConfigError, MuscleFastError, first_line
 from .experiment import (
+    DEFAULT_METHODS,
     DEFAULT_MODEL_PRESET,
     METHODS,
-    RUN_FILE,
-    BaseModels,
-    _device,
-    _load_sets,
-    _one_line,
+    EvalSpec,
+    FourierOptions,
+    RunSpec,
     builtin_presets,
+    check_deltas,
     default_model,
     effective_hparams,
+    evaluate_checkpoint,
     load_classifier,
     load_preset,
-    method_configs,
-    parse_methods,
-    reference_split,
-    run_method,
+    run_defend,
+    run_fourier,
 )
-from .report import model_label, results_table, write_results
+from .report import results_table, write_results
 
 __all__ = [
+    "EXIT_ERROR",
+    "EXIT_USAGE",
     "METHODS",
+    "REPORTED_ERRORS",
     "build_parser",
     "default_model",
     "effective_hparams",
+    "error_exit",
     "load_classifier",
     "load_preset",
     "main",
 ]
+
+#: Exit status of a reported error (any of REPORTED_ERRORS); the message says which kind.
+EXIT_ERROR = 1
+#: Exit status of a command line argparse rejects (its own usage message).
+EXIT_USAGE = 2
+#: What ``main`` reports as one line: the library's typed errors (ConfigError, RunError, ResultsError,
+#: DataError), and bad input surfacing from below it (a config class's ValueError, a KeyError, an
+#: OSError from a file or the hub). Anything else is a bug and keeps its traceback.
+REPORTED_ERRORS: tuple[type[BaseException], ...] = (MuscleFastError, ValueError, KeyError, OSError)
+
+# deprecated names still importable from here; they live in muscle_fast.experiment / muscle_fast.report
+_MOVED = {
+    "BaseModels": "experiment",
+    "RUN_FILE": "experiment",
+    "method_configs": "experiment",
+    "parse_methods": "experiment",
+    "reference_split": "experiment",
+    "run_method": "experiment",
+    "model_label": "report",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _MOVED:
+        warnings.warn(
+            f"muscle_fast.cli.{name} is deprecated; import it from muscle_fast.{_MOVED[name]}",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        from . import report
+
+        return getattr(experiment if _MOVED[name] == "experiment" else report, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def error_exit(e: BaseException) -> SystemExit:
+    """The exit for a reported error: ``muscle-fast: <first line of its message>``, status EXIT_ERROR
+    (SystemExit with a message prints it to stderr and exits with 1)."""
+    return SystemExit(f"muscle-fast: {first_line(e)}")
+
+
+# ---------------------------------------------------------------------------------------------- specs
+
+
+def run_spec(args: argparse.Namespace) -> RunSpec:
+    """The RunSpec of a ``defend`` or ``fourier`` command line."""
+    return RunSpec(
+        out=args.out,
+        model=args.model,
+        methods=args.methods if hasattr(args, "methods") else args.method,
+        preset=args.config,
+        data_dir=args.data_dir,
+        attacks=args.attacks,
+        poison_setting=args.poison_setting,
+        poison_rate=args.poison_rate,
+        target_label=args.target_label,
+        num_labels=args.num_labels,
+        max_train_rows=args.max_train_rows,
+        max_eval_rows=args.max_eval_rows,
+        seed=args.seed,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        max_length=args.max_length,
+        lr=args.lr,
+        ref_samples=args.ref_samples,
+        ref_overlap=args.ref_overlap,
+        device=args.device,
+        load_in_4bit=getattr(args, "load_in_4bit", False),
+        gradient_checkpointing=getattr(args, "gradient_checkpointing", False),
+        progress=not args.no_progress,
+    )
+
+
+def eval_spec(args: argparse.Namespace) -> EvalSpec:
+    """The EvalSpec of an ``eval`` command line."""
+    return EvalSpec(
+        checkpoint=args.adapter,
+        model=args.model,
+        data_dir=args.data_dir,
+        attacks=args.attacks,
+        poison_setting=args.poison_setting,
+        poison_rate=args.poison_rate,
+        target_label=args.target_label,
+        num_labels=args.num_labels,
+        max_eval_rows=args.max_eval_rows,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        max_length=args.max_length,
+        load_in_4bit=args.load_in_4bit,
+        device=args.device,
+    )
+
+
+def parse_deltas(spec: str | None) -> list[float] | None:
+    """Widths from a comma-separated list (None: chosen from the data), or a ConfigError saying why."""
+    if spec is None:
+        return None
+    out: list[float] = []
+    for part in (s.strip() for s in spec.split(",")):
+        try:
+            out.append(float(part))
+        except ValueError:
+            raise ConfigError(f"bad --deltas {spec!r}: {part!r} is not a number") from None
+    try:
+        return list(check_deltas(out))
+    except ConfigError as e:
+        raise ConfigError(f"bad --deltas {spec!r}: {e}") from None
+
+
+# ---------------------------------------------------------------------------------------------- commands
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
@@ -56,7 +173,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     model, _ = load_classifier(args.model or default_model(), args.num_labels)
     overrides = json.loads(args.config) if args.config else {}
     if not isinstance(overrides, dict):
-        raise SystemExit(f"muscle-fast: --config must be a JSON object of MuScleConfig fields: {args.config}")
+        raise ConfigError(f"--config must be a JSON object of MuScleConfig fields: {args.config}")
     cfg = MuScleConfig.for_model(model, **overrides)
     patch_model(model, cfg)
     rep = model.muscle_report
@@ -74,81 +191,10 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
-def _preset_for(args: argparse.Namespace) -> dict[str, Any]:
-    """--config, or for the default model (no --model) the preset tuned for it."""
-    if args.config is None and args.model is None:
-        logging.getLogger("muscle_fast").info(
-            f"muscle-fast: default model, built-in preset {DEFAULT_MODEL_PRESET!r} (--config overrides)"
-        )
-        return load_preset(DEFAULT_MODEL_PRESET)
-    return load_preset(args.config)
-
-
-def _model_name(args: argparse.Namespace) -> str:
-    """--model (a local folder made absolute, so that ``eval`` finds it from anywhere) or the default."""
-    if args.model is None:
-        return default_model()
-    return str(Path(args.model).resolve()) if Path(args.model).is_dir() else args.model
-
-
-def _previous_records(out: Path, rerun: set[tuple[str, str, str]]) -> list[dict[str, Any]]:
-    """The records of an earlier ``defend`` into ``out`` that this run does not redo.
-
-    Rerunning into a folder (after an interruption, or to add a method) must not drop what
-    was finished; a (dataset, attack, method) run again replaces its old record."""
-    from .report import merge_records
-
-    f = out / "results.json"
-    if not f.is_file():
-        return []
-    old = merge_records([f])  # read and checked as `report` reads results (clear error if broken)
-    kept = [r for r in old if (r["dataset"], r["attack"], r["method"]) not in rerun]
-    if kept:
-        logging.getLogger("muscle_fast").info(f"muscle-fast: keeping {len(kept)} earlier records of {f}")
-    return kept
-
-
 def cmd_defend(args: argparse.Namespace) -> int:
-    methods = parse_methods(args.methods)
-    preset = _preset_for(args)
-    seed = args.seed if args.seed is not None else preset.get("seed", 42)
-    device = _device(args.device)
-    full = [m for m in methods if not METHODS[m].patch]
-    if args.load_in_4bit and full:
-        raise SystemExit(
-            f"muscle-fast: {', '.join(full)} fine-tunes every weight, and a 4-bit model's weights are "
-            "frozen: with --load-in-4bit run adapter methods only (e.g. --methods lora,muscle)"
-        )
-    sets = _load_sets(args, args.attacks, seed)  # data errors before the (slow) model loads
-    model_name = _model_name(args)
-    models = BaseModels(model_name, seed, args.load_in_4bit, device)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    kept = _previous_records(out, {(ds.dataset, ds.attack, m) for ds in sets for m in methods})
-    from .train import supports_checkpointing
-
-    for num_labels in sorted({ds.num_labels for ds in sets}):  # config errors now, not after hours
-        base, _ = models.get(num_labels)
-        if args.gradient_checkpointing and not supports_checkpointing(base):
-            raise SystemExit(f"muscle-fast: {model_name} does not support --gradient-checkpointing")
-        for method in methods:
-            try:
-                _, _, hp = method_configs(base, method, preset, args)
-            except (ValueError, TypeError) as e:
-                raise SystemExit(f"muscle-fast: method {method}: {_one_line(e)}") from None
-            for ds in sets:
-                if ds.num_labels == num_labels:  # its reference split fits this attack's dev-clean
-                    reference_split(ds.dev_clean, hp["ref_samples"], seed, hp["ref_disjoint"])
-        del base
-    records: list[dict[str, Any]] = []
-    t0 = time.perf_counter()
-    for ds in sets:
-        for method in methods:
-            records.append(run_method(ds, method, models, preset, args, out))
-            write_results(out, kept + records, model_name)  # partial results survive an interrupted run
-    records = kept + records
-    print(results_table(records))
-    print(f"\nwrote {out / 'results.json'}, results.md, results.png in {time.perf_counter() - t0:.1f} s")
+    res = run_defend(run_spec(args))
+    print(results_table(res.records))
+    print(f"\nwrote {res.out / 'results.json'}, results.md, results.png in {res.seconds:.1f} s")
     return 0
 
 
@@ -171,184 +217,32 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .adapter import ADAPTER_CONFIG, load_adapter, read_adapter_config
-    from .backdoor.data import is_attack_dir
-    from .backdoor.metrics import evaluate_backdoor
-
-    d = Path(args.adapter)
-    if not d.is_dir():
-        raise SystemExit(f"muscle-fast: checkpoint folder {d} does not exist")
-    full = (d / "config.json").is_file()
-    if not full and not (d / ADAPTER_CONFIG).is_file():
-        raise SystemExit(
-            f"muscle-fast: {d} is neither a muscle_fast adapter ({ADAPTER_CONFIG}) "
-            "nor a saved model (config.json)"
-        )
-    run: dict[str, Any] = json.loads((d / RUN_FILE).read_text()) if (d / RUN_FILE).is_file() else {}
-    for key, rec in (
-        ("data_dir", "data_dir"), ("seed", "seed"), ("max_eval_rows", "max_eval_rows"),
-        ("target_label", "target_label"), ("num_labels", "num_labels"),
-        ("poison_setting", "setting"), ("poison_rate", "rate"),  # which training file the run used
-    ):  # fmt: skip
-        if getattr(args, key) is None and run.get(rec) is not None:
-            setattr(args, key, run[rec])
-    seed = args.seed if args.seed is not None else 42
-    attacks = args.attacks
-    if attacks is None and run.get("attack") and not (args.data_dir and is_attack_dir(args.data_dir)):
-        attacks = run["attack"]
-    sets = _load_sets(args, attacks, seed)
-    device = _device(args.device)
-    if full:
-        for flag, given in (("--load-in-4bit", args.load_in_4bit), ("--model", args.model)):
-            if given:
-                raise SystemExit(f"muscle-fast: {d} is a fully fine-tuned model; {flag} is for adapters")
-        model, tok = load_classifier(str(d), sets[0].num_labels)
-    else:
-        read_adapter_config(d)  # a wrong format version fails here, before the model loads
-        meta = json.loads((d / ADAPTER_CONFIG).read_text())
-        base = args.model or run.get("model") or meta.get("base_model_name_or_path")
-        if not base:
-            raise SystemExit(f"muscle-fast: {d} does not record its base model; pass --model")
-        four_bit = args.load_in_4bit or bool(run.get("load_in_4bit"))
-        model, tok = load_classifier(base, sets[0].num_labels, four_bit, device)
-        load_adapter(model, d)
-    model.to(device)
-    batch = args.batch_size or run.get("eval_batch_size", 64)
-    max_length = args.max_length or run.get("max_length", 128)
-    for ds in sets:
-        scores = evaluate_backdoor(model, tok, ds, batch, max_length)
+    for r in evaluate_checkpoint(eval_spec(args)):
         print(
-            f"{ds.dataset}/{ds.attack} {run.get('method', d.name)}: CACC {100 * scores['cacc']:.2f} % "
-            f"({len(ds.test_clean)} test-clean rows), ASR {100 * scores['asr']:.2f} % "
-            f"({len(ds.test_poison)} test-poison rows)"
+            f"{r.dataset}/{r.attack} {r.label}: CACC {100 * r.scores['cacc']:.2f} % "
+            f"({r.test_clean_rows} test-clean rows), ASR {100 * r.scores['asr']:.2f} % "
+            f"({r.test_poison_rows} test-poison rows)"
         )
-        print(json.dumps({"dataset": ds.dataset, "attack": ds.attack, "method": run.get("method"), **scores}))
+        print(json.dumps({"dataset": r.dataset, "attack": r.attack, "method": r.method, **r.scores}))
     return 0
-
-
-def parse_deltas(spec: str | None) -> list[float] | None:
-    """Widths from a comma-separated list (None: chosen from the data), or SystemExit saying why."""
-    if spec is None:
-        return None
-    out: list[float] = []
-    for part in (s.strip() for s in spec.split(",")):
-        try:
-            v = float(part)
-        except ValueError:
-            raise SystemExit(f"muscle-fast: bad --deltas {spec!r}: {part!r} is not a number") from None
-        if not (v > 0 and v != float("inf")):
-            raise SystemExit(f"muscle-fast: bad --deltas {spec!r}: every width must be a positive number")
-        out.append(v)
-    if len({f"{v:g}" for v in out}) != len(out):
-        raise SystemExit(f"muscle-fast: bad --deltas {spec!r}: a width is repeated")
-    return out
 
 
 def cmd_fourier(args: argparse.Namespace) -> int:
     """Train one method like ``defend`` does while a FourierTracker records dev-clean / dev-poison."""
-    methods = parse_methods(args.method)
-    if len(methods) != 1:
-        raise SystemExit(f"muscle-fast: fourier trains one method at a time, got {methods}")
-    method = methods[0]
-    deltas = parse_deltas(args.deltas)
-    for flag, v, least in (("--every", args.every, 1), ("--samples", args.samples, 2)):
-        if v < least:
-            raise SystemExit(f"muscle-fast: {flag} must be >= {least}, got {v}")
-    preset = _preset_for(args)  # the default model's tuned preset, as defend uses
-    seed = args.seed if args.seed is not None else preset.get("seed", 42)
-    device = _device(args.device)
-    sets = _load_sets(args, args.attacks, seed)  # data errors before the (slow) model loads
-    if len(sets) != 1:
-        raise SystemExit(
-            "muscle-fast: fourier analyses one attack at a time; pass --attacks with one of "
-            f"{[ds.attack for ds in sets]}"
-        )
-    ds = sets[0]
-
-    import torch
-
-    from .analysis.tracking import FourierTracker
-    from .backdoor.metrics import evaluate_backdoor
-    from .patch import patch_model
-    from .train import config_dict, train_muscle
-
-    model_name = _model_name(args)
-    model, tok = BaseModels(model_name, seed).get(ds.num_labels)  # the head defend would start from
-    torch.manual_seed(seed)
-    try:
-        pcfg, tcfg, hp = method_configs(model, method, preset, args)
-    except (ValueError, TypeError) as e:
-        raise SystemExit(f"muscle-fast: method {method}: {_one_line(e)}") from None
-    if pcfg is not None:
-        patch_model(model, pcfg)
-    model.to(device)
-    ref, select = reference_split(ds.dev_clean, hp["ref_samples"], seed, hp["ref_disjoint"])
-    tracker = FourierTracker(
-        tok,
-        {"dev_clean": ds.dev_clean, "dev_poison": ds.dev_poison},
-        deltas=deltas,
-        every=args.every,
-        max_length=tcfg.max_length,
-        max_samples=args.samples,
-        batch_size=tcfg.eval_batch_size,
-        seed=seed,
-    )
-    spec = METHODS[method]
-    tracker.meta.update(
-        {
-            "dataset": ds.dataset,
-            "attack": ds.attack,
-            "method": method,
-            "method_doc": spec.doc,
-            "model": model_name,
-            "train": config_dict(tcfg),
-            "muscle_config": pcfg.to_dict() if pcfg is not None else None,
-            "data_dir": str(Path(args.data_dir).resolve()) if args.data_dir else None,
-            "rows": ds.summary(),
-            "complete": False,
-        }
-    )
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    json_path = out / "fourier.json"
-
-    def step(global_step: int, m: Any) -> None:
-        if tracker(global_step, m):
-            tracker.to_json(json_path)  # partial series survive an interrupted run
-
-    logging.getLogger("muscle_fast").info(
-        f"muscle-fast: fourier {ds.dataset}/{ds.attack} {method} ({spec.doc}): {len(ds.train)} train rows, "
-        f"{tcfg.epochs} epochs; tracking "
-        + ", ".join(f"{len(tracker.sample(n))} {n} rows" for n in tracker.set_names)
-        + f" every {args.every} steps"
-    )
-    step(0, model)
-    evals = {"dev_asr": ds.dev_poison}
-    res = train_muscle(model, tok, ds.train, ref, select, tcfg, eval_sets=evals, step_callback=step)
-    scores = evaluate_backdoor(model, tok, ds, tcfg.eval_batch_size, tcfg.max_length)
-    tracker.meta.update(
-        {
-            "cacc": scores["cacc"],
-            "asr": scores["asr"],
-            "selected": "cacc/asr: the epoch with the best dev-clean accuracy, as in defend",
-            "best_epoch": res.best_epoch,
-            "dev_history": res.history,
-            "train_steps": res.steps,
-            "wall_seconds": res.wall_seconds,
-            "complete": True,
-        }
-    )
-    tracker.to_json(json_path)
-    tracker.plot(
-        out / "fourier.png",
-        title=f"Fourier analysis: {ds.dataset}/{ds.attack}, {method} ({spec.doc}), {model_label(model_name)}",
-    )
+    spec = run_spec(args)
+    if len(spec.methods) != 1:
+        raise ConfigError(f"fourier trains one method at a time, got {list(spec.methods)}")
+    options = FourierOptions(every=args.every, samples=args.samples, deltas=parse_deltas(args.deltas))
+    res = run_fourier(spec, options)
     print(
-        f"{ds.dataset}/{ds.attack} {method}: test CACC {100 * scores['cacc']:.2f} %, ASR "
-        f"{100 * scores['asr']:.2f} %; {len(tracker.steps)} records at widths {tracker.deltas}"
+        f"{res.dataset}/{res.attack} {res.method}: test CACC {100 * res.cacc:.2f} %, ASR "
+        f"{100 * res.asr:.2f} %; {res.records} records at widths {res.deltas}"
     )
-    print(f"wrote {json_path} and {out / 'fourier.png'}")
+    print(f"wrote {res.json_path} and {res.png_path}")
     return 0
+
+
+# ---------------------------------------------------------------------------------------------- parser
 
 
 def _add_data_args(p: argparse.ArgumentParser) -> None:
@@ -412,8 +306,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--model", help="path or hub id (default: the MiniLM of the demo extra)")
     d.add_argument(
         "--methods",
-        default="vanilla,lora,muscle",
-        help=f"comma-separated, from {', '.join(METHODS)} (default: vanilla,lora,muscle)",
+        default=",".join(DEFAULT_METHODS),
+        help=f"comma-separated, from {', '.join(METHODS)} (default: {','.join(DEFAULT_METHODS)})",
     )
     d.add_argument("--out", required=True, help="output folder")
     _add_train_args(d)
@@ -479,14 +373,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns its exit status or raises the one-line SystemExit of an error."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (ValueError, KeyError, OSError) as e:  # bad input: one line, no traceback
+    except REPORTED_ERRORS as e:  # bad input: one line, no traceback
         if os.environ.get("MUSCLE_FAST_TRACEBACK"):
             raise
-        raise SystemExit(f"muscle-fast: {_one_line(e)}") from None
+        raise error_exit(e) from None
 
 
 if __name__ == "__main__":

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-BACKENDS = ("auto", "torch", "triton")
+from .ops.dispatch import BACKENDS, resolve_backend
+
 INIT_CHOICES = ("kaiming", "zeros")
 
 #: The one default seed (runs, subsampling, poisoning, reference-row draws).
@@ -31,6 +31,21 @@ ALIGN_DEFAULTS = AlignDefaults()
 
 
 @dataclass(frozen=True)
+class TrainDefaults:
+    """The paper's training settings for the encoder families, and for a model of no known family
+    (SPEC §4-5); TrainConfig, the family registry and the CLI read these."""
+
+    lr: float = 2e-5
+    batch_size: int = 32
+    eval_batch_size: int = 64
+    max_length: int = 128
+    ref_samples: int = 96  # clean reference rows drawn from dev-clean for the alignment
+
+
+TRAIN_DEFAULTS = TrainDefaults()
+
+
+@dataclass(frozen=True)
 class FamilyDefaults:
     """Paper defaults for one model family (SPEC §3 and §4)."""
 
@@ -44,13 +59,13 @@ class FamilyDefaults:
     head_modules: tuple[str, ...]  # randomly initialised task head: frozen, saved with the adapter
     decoder_head: bool = False  # replace `score` by dense(hidden->16) -> dropout -> out_proj
     # training defaults (used by muscle_fast.train / the CLI)
-    lr: float = 2e-5
-    epochs: int = 10
-    batch_size: int = 32
-    ref_samples: int = 96
-    min_ref_loss: float = 0.4
-    max_raw_grad_ratio: float = 0.1
-    ga_epoch: int = 1
+    lr: float = TRAIN_DEFAULTS.lr
+    epochs: int = ALIGN_DEFAULTS.epochs
+    batch_size: int = TRAIN_DEFAULTS.batch_size
+    ref_samples: int = TRAIN_DEFAULTS.ref_samples
+    min_ref_loss: float = ALIGN_DEFAULTS.min_ref_loss
+    max_raw_grad_ratio: float = ALIGN_DEFAULTS.max_raw_grad_ratio
+    ga_epoch: int = ALIGN_DEFAULTS.ga_epoch
 
     def align_kwargs(self) -> dict[str, Any]:
         """The family's gradient-alignment settings, as GradientAligner / TrainConfig take them."""
@@ -93,13 +108,13 @@ _ENCODER = dict(
     lora_alpha=32.0,
     mslr_r=1,
     mslr_alpha=6.0,
-    lr=2e-5,
-    epochs=10,
-    batch_size=32,
-    ref_samples=96,
-    min_ref_loss=0.4,
-    max_raw_grad_ratio=0.1,
-    ga_epoch=1,
+    lr=TRAIN_DEFAULTS.lr,
+    epochs=ALIGN_DEFAULTS.epochs,
+    batch_size=TRAIN_DEFAULTS.batch_size,
+    ref_samples=TRAIN_DEFAULTS.ref_samples,
+    min_ref_loss=ALIGN_DEFAULTS.min_ref_loss,
+    max_raw_grad_ratio=ALIGN_DEFAULTS.max_raw_grad_ratio,
+    ga_epoch=ALIGN_DEFAULTS.ga_epoch,
 )
 _DECODER = dict(
     lora_r=2,
@@ -280,12 +295,3 @@ def validate_scales(scales: Any, where: str) -> tuple[float, ...]:
     if bad:
         raise ValueError(f"{where} must all be finite and > 0, got {bad}")
     return out
-
-
-def resolve_backend(backend: str) -> str:
-    env = os.environ.get("MUSCLE_FAST_BACKEND")
-    chosen = env if env else backend
-    if chosen not in BACKENDS:
-        src = "MUSCLE_FAST_BACKEND" if env else "backend"
-        raise ValueError(f"{src} must be one of {BACKENDS}, got {chosen!r}")
-    return chosen

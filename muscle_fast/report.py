@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from .errors import ResultsError
 from .experiment import METHODS
 from .fileio import write_json, write_text
 
@@ -126,6 +127,7 @@ def merge_records(files: Sequence[Path]) -> list[dict[str, Any]]:
     """The records of several results.json files (runs split across processes), checked and ordered.
 
     A (dataset, attack, method) present twice is an error: which run counts must be explicit.
+    Every problem with a file is a ResultsError naming it.
     """
     import json
 
@@ -135,18 +137,18 @@ def merge_records(files: Sequence[Path]) -> list[dict[str, Any]]:
         try:
             data = json.loads(Path(f).read_text())
         except FileNotFoundError:
-            raise SystemExit(f"muscle-fast: {f} does not exist") from None
+            raise ResultsError(f"{f} does not exist") from None
         except json.JSONDecodeError as e:
-            raise SystemExit(f"muscle-fast: {f} is not valid JSON: {e}") from None
+            raise ResultsError(f"{f} is not valid JSON: {e}") from None
         if not isinstance(data, list):
-            raise SystemExit(f"muscle-fast: {f}: expected a JSON list of records (defend's results.json)")
+            raise ResultsError(f"{f}: expected a JSON list of records (defend's results.json)")
         for i, r in enumerate(data):
             missing = [k for k in RECORD_KEYS if not isinstance(r, dict) or k not in r]
             if missing:
-                raise SystemExit(f"muscle-fast: {f}: record {i} lacks {missing}")
+                raise ResultsError(f"{f}: record {i} lacks {missing}")
             key = (r["dataset"], r["attack"], r["method"])
             if key in seen:
-                raise SystemExit(f"muscle-fast: {'/'.join(key)} is in both {seen[key]} and {f}")
+                raise ResultsError(f"{'/'.join(key)} is in both {seen[key]} and {f}")
             seen[key] = Path(f)
             records.append(r)
     order = {m: i for i, m in enumerate(METHODS)}

@@ -7,6 +7,10 @@ atomically so a killed run resumes to the same state. Under torch.distributed
 each rank takes its slice of every global batch and reference gradients are
 averaged across ranks before alignment, so N ranks with batch B equal one
 process with batch N*B.
+
+Where the pieces live: rows, batches and accuracy in :mod:`muscle_fast.evaluation`, the
+torch.distributed helpers in :mod:`muscle_fast.distributed`, the state file in
+:mod:`muscle_fast.checkpoint`; their public names are importable from here as well.
 """
 
 from __future__ import annotations
@@ -22,16 +26,36 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
-from .config import model_family
+from .checkpoint import CKPT, check_same_run, load_train_state, run_key, save_train_state
+from .config import ALIGN_DEFAULTS, DEFAULT_SEED, TRAIN_DEFAULTS, model_family
+from .distributed import average_across_ranks, rank_share, unwrap_model, world
 from .dual import default_loss, dual_gradients, trainable_params
-from .fileio import atomic_write
+from .evaluation import Row, accuracy, as_rows, encode, predict
+
+__all__ = [
+    "CKPT",
+    "Row",
+    "StepCallback",
+    "TrainConfig",
+    "TrainResult",
+    "accuracy",
+    "as_rows",
+    "average_across_ranks",
+    "config_dict",
+    "encode",
+    "predict",
+    "rank_share",
+    "set_activation_checkpointing",
+    "supports_checkpointing",
+    "train_muscle",
+    "world",
+]
 
 logger = logging.getLogger("muscle_fast")
 
-Row = tuple[str, int]
+#: Called after every optimizer step with the global step count and the (unwrapped) model.
 StepCallback = Callable[[int, nn.Module], None]
 
 
@@ -50,17 +74,17 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
 class TrainConfig:
     """Hyperparameters of one run; ``for_model`` fills the paper's defaults for the family."""
 
-    lr: float = 2e-5
-    epochs: int = 10
-    batch_size: int = 32
-    eval_batch_size: int = 64
-    max_length: int = 128
-    seed: int = 42
+    lr: float = TRAIN_DEFAULTS.lr
+    epochs: int = ALIGN_DEFAULTS.epochs
+    batch_size: int = TRAIN_DEFAULTS.batch_size
+    eval_batch_size: int = TRAIN_DEFAULTS.eval_batch_size
+    max_length: int = TRAIN_DEFAULTS.max_length
+    seed: int = DEFAULT_SEED
     align: bool = True  # gradient alignment on (MuScleLoRA) or off (baselines)
-    min_ref_grad_norm: float = 5e-7
-    min_ref_loss: float = 0.4
-    max_raw_grad_ratio: float = 0.1
-    ga_epoch: int = 1
+    min_ref_grad_norm: float = ALIGN_DEFAULTS.min_ref_grad_norm
+    min_ref_loss: float = ALIGN_DEFAULTS.min_ref_loss
+    max_raw_grad_ratio: float = ALIGN_DEFAULTS.max_raw_grad_ratio
+    ga_epoch: int = ALIGN_DEFAULTS.ga_epoch
     grad_clip: float = 1.0
     weight_decay: float = 0.0
     single_pass: bool | None = None  # None: single pass when every trainable param is in a MuScleLinear
@@ -92,6 +116,8 @@ class TrainConfig:
 
 @dataclass
 class TrainResult:
+    """What ``train_muscle`` returns: the selected epoch, the per-epoch history and the best state."""
+
     best_epoch: int
     best_dev_acc: float
     history: list[dict[str, Any]] = field(default_factory=list)
@@ -101,42 +127,12 @@ class TrainResult:
     skipped_steps: int = 0
 
 
-# ---------------------------------------------------------------------------------------------- data
-
-
-def as_rows(rows: Sequence[Any], what: str) -> list[Row]:
-    """Accept (text, label) pairs or dicts with text/sentence and label."""
-    out: list[Row] = []
-    for i, r in enumerate(rows):
-        if isinstance(r, Mapping):
-            text = r.get("text", r.get("sentence"))
-            label = r.get("label")
-        else:
-            text, label = r[0], r[1]
-        if not isinstance(text, str) or label is None:
-            raise ValueError(f"{what}: row {i} has no text/label: {r!r}")
-        out.append((text, int(label)))
-    return out
-
-
-def encode(
-    tokenizer: Any, rows: Sequence[Row], max_length: int, device: torch.device
-) -> dict[str, torch.Tensor]:
-    enc = tokenizer(
-        [t for t, _ in rows], padding=True, truncation=True, max_length=max_length, return_tensors="pt"
-    )
-    batch = {k: v.to(device) for k, v in enc.items()}
-    batch["labels"] = torch.tensor([lab for _, lab in rows], dtype=torch.long, device=device)
-    return batch
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+# ---------------------------------------------------------------------------------------------- memory
 
 
 def supports_checkpointing(model: nn.Module) -> bool:
     """Whether ``set_activation_checkpointing(model, True)`` can work (transformers' flag)."""
-    return bool(getattr(_unwrap(model), "supports_gradient_checkpointing", False))
+    return bool(getattr(unwrap_model(model), "supports_gradient_checkpointing", False))
 
 
 def set_activation_checkpointing(model: nn.Module, enabled: bool, reentrant: bool = False) -> None:
@@ -147,7 +143,7 @@ def set_activation_checkpointing(model: nn.Module, enabled: bool, reentrant: boo
     bit). Uses transformers' ``activation_checkpointing_*`` where it exists, else the older
     ``gradient_checkpointing_*`` names; a model without support is a ValueError naming it.
     """
-    core = _unwrap(model)
+    core = unwrap_model(model)
     if enabled and not supports_checkpointing(core):
         name = getattr(getattr(core, "config", None), "_name_or_path", "") or type(core).__name__
         raise ValueError(f"{name} does not support activation (gradient) checkpointing")
@@ -164,100 +160,6 @@ def set_activation_checkpointing(model: nn.Module, enabled: bool, reentrant: boo
         core.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
     elif hasattr(core, "gradient_checkpointing_disable"):
         core.gradient_checkpointing_disable()  # (a model without either name has nothing to turn off)
-
-
-@torch.no_grad()
-def predict(
-    model: nn.Module, tokenizer: Any, rows: Sequence[Row], batch_size: int = 64, max_length: int = 128
-) -> torch.Tensor:
-    """Predicted labels for ``rows`` (eval mode for the call, the previous mode restored)."""
-    core = _unwrap(model)
-    was = core.training
-    core.eval()
-    device = next(core.parameters()).device
-    preds = []
-    try:
-        for i in range(0, len(rows), batch_size):
-            batch = encode(tokenizer, rows[i : i + batch_size], max_length, device)
-            batch.pop("labels")
-            preds.append(core(**batch).logits.argmax(-1).cpu())
-    finally:
-        core.train(was)
-    return torch.cat(preds) if preds else torch.empty(0, dtype=torch.long)
-
-
-def accuracy(
-    model: nn.Module, tokenizer: Any, rows: Sequence[Row], batch_size: int = 64, max_length: int = 128
-) -> float:
-    """Share of rows predicted as their label (on a poisoned set labelled with the target: the ASR)."""
-    if not rows:
-        raise ValueError("accuracy: empty evaluation set")
-    pred = predict(model, tokenizer, rows, batch_size, max_length)
-    gold = torch.tensor([lab for _, lab in rows])
-    return float((pred == gold).float().mean())
-
-
-# ---------------------------------------------------------------------------------------------- distributed
-
-
-def world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def rank_share(idx: Sequence[int], rank: int, nranks: int) -> tuple[list[int], float]:
-    """This rank's rows of a global batch and the factor its mean loss is scaled by.
-
-    Rows are dealt round-robin. DDP (and ``average_across_ranks``) take the plain mean of the
-    ranks' gradients, which is the mean over the global batch only if every rank has as many
-    rows; the last batch of an epoch need not split evenly, so each rank's loss is scaled by
-    ``nranks * (its rows / all rows)``. A rank left with no row still has to take part in the
-    collectives: it runs the batch's first row with scale 0.
-    """
-    if nranks == 1:
-        return list(idx), 1.0
-    mine = list(idx[rank::nranks])
-    if not mine:
-        return [idx[0]], 0.0
-    return mine, nranks * len(mine) / len(idx)
-
-
-def average_across_ranks(tensors: Sequence[torch.Tensor | None]) -> list[torch.Tensor | None]:
-    """Mean of each tensor over ranks, in one all-reduce of a flat buffer (no-op on one process)."""
-    _, n = world()
-    if n == 1:
-        return list(tensors)
-    present = [t for t in tensors if t is not None]
-    flat = torch.cat([t.reshape(-1).float() for t in present])
-    dist.all_reduce(flat)
-    flat /= n
-    out: list[torch.Tensor | None] = []
-    off = 0
-    for t in tensors:
-        if t is None:
-            out.append(None)
-            continue
-        out.append(flat[off : off + t.numel()].view_as(t).to(t.dtype))
-        off += t.numel()
-    return out
-
-
-# ---------------------------------------------------------------------------------------------- checkpoints
-
-CKPT = "train_state.pt"
-
-
-def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    path.mkdir(parents=True, exist_ok=True)
-    atomic_write(path / CKPT, lambda tmp: torch.save(state, tmp))
-
-
-def _load_checkpoint(path: Path) -> dict[str, Any] | None:
-    f = path / CKPT
-    if not f.is_file():
-        return None
-    return torch.load(f, map_location="cpu", weights_only=True)
 
 
 # ---------------------------------------------------------------------------------------------- the loop
@@ -284,216 +186,274 @@ def train_muscle(
     """
     from tqdm.auto import tqdm
 
-    from .align import GradientAligner
+    core = unwrap_model(model)
+    cfg = config or TrainConfig.for_model(core)
+    run = _Run(model, tokenizer, cfg, _checked_data(core, cfg, train_rows, ref_rows, dev_rows, eval_sets))
+    run.resume()
+    t0 = time.perf_counter()
+    was_training = core.training
+    for epoch in range(run.start_epoch, cfg.epochs):
+        order = run.epoch_order()
+        model.train()
+        first = run.start_step if epoch == run.start_epoch else 0
+        losses: list[float] = list(run.resumed_losses) if first else []
+        bar = tqdm(
+            range(first, run.steps_per_epoch),
+            desc=f"epoch {epoch + 1}/{cfg.epochs}",
+            disable=not cfg.progress or run.rank != 0,
+            leave=False,
+        )
+        for step in bar:
+            losses.append(run.step(order, step, epoch))
+            bar.set_postfix(loss=f"{losses[-1]:.4f}")
+            if step_callback is not None:
+                step_callback(run.global_step, core)
+            mid_epoch = step + 1 < run.steps_per_epoch  # the epoch's end writes its own checkpoint
+            if cfg.checkpoint_every and run.global_step % cfg.checkpoint_every == 0 and mid_epoch:
+                run.save(epoch, step + 1, losses)
+            if stop_after_steps is not None and run.global_step >= stop_after_steps:
+                run.save(epoch, step + 1, losses)
+                return run.finish(t0, was_training, load_best=False)
+        run.end_epoch(epoch, losses, t0)
+    return run.finish(t0, was_training, load_best=True)
 
-    cfg = config or TrainConfig.for_model(_unwrap(model))
-    core = _unwrap(model)
-    train = as_rows(train_rows, "train_rows")
-    ref = as_rows(ref_rows, "ref_rows")
-    dev = as_rows(dev_rows, "dev_rows")
-    extra = {k: as_rows(v, f"eval_sets[{k!r}]") for k, v in (eval_sets or {}).items()}
-    if not train:
+
+@dataclass
+class _Data:
+    """The sets of one run as rows: training, reference, dev (model selection), extra evaluations."""
+
+    train: list[Row]
+    ref: list[Row]
+    dev: list[Row]
+    extra: dict[str, list[Row]]
+
+
+def _checked_data(
+    core: nn.Module,
+    cfg: TrainConfig,
+    train_rows: Sequence[Any],
+    ref_rows: Sequence[Any],
+    dev_rows: Sequence[Any],
+    eval_sets: Mapping[str, Sequence[Any]] | None,
+) -> _Data:
+    """The sets as rows, refused before any state is built when the run could not train or select."""
+    data = _Data(
+        train=as_rows(train_rows, "train_rows"),
+        ref=as_rows(ref_rows, "ref_rows"),
+        dev=as_rows(dev_rows, "dev_rows"),
+        extra={k: as_rows(v, f"eval_sets[{k!r}]") for k, v in (eval_sets or {}).items()},
+    )
+    if not data.train:
         raise ValueError("train_muscle: the training set is empty")
-    if not dev:
+    if not data.dev:
         raise ValueError("train_muscle: the dev set is empty (needed for model selection)")
-    if cfg.align and not ref:
+    if cfg.align and not data.ref:
         raise ValueError("train_muscle: gradient alignment needs a non-empty reference set (ref_rows)")
     num_labels = getattr(core.config, "num_labels", None)
-    for name, rows in (("train_rows", train), ("ref_rows", ref), ("dev_rows", dev)):
+    for name, rows in (("train_rows", data.train), ("ref_rows", data.ref), ("dev_rows", data.dev)):
         bad = [lab for _, lab in rows if num_labels is not None and not 0 <= lab < num_labels]
         if bad:
             raise ValueError(
                 f"train_muscle: {name} has labels outside [0, {num_labels}): {sorted(set(bad))[:5]}"
             )
+    return data
 
-    rank, nranks = world()
-    device = next(core.parameters()).device
-    params = trainable_params(core)
-    if not params:
-        raise ValueError("train_muscle: the model has no trainable parameters")
-    names = [n for n, p in core.named_parameters() if p.requires_grad]
-    global_bs = cfg.batch_size * nranks
-    steps_per_epoch = math.ceil(len(train) / global_bs)
-    total_steps = steps_per_epoch * cfg.epochs
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: max(0.0, 1.0 - s / total_steps))
-    aligner = (
-        GradientAligner(
-            params,
-            cfg.min_ref_grad_norm,
-            cfg.min_ref_loss,
-            cfg.max_raw_grad_ratio,
-            cfg.ga_epoch,
-            cfg.epochs,
-            backend=cfg.backend,
+
+class _Run:
+    """The state of one ``train_muscle`` call: optimizer, schedule, aligner, generators, result.
+
+    Everything a resumed run needs to continue bit for bit is here, so ``save`` / ``resume``
+    are the only places that know the checkpoint's layout.
+    """
+
+    def __init__(self, model: nn.Module, tokenizer: Any, cfg: TrainConfig, data: _Data) -> None:
+        from .align import GradientAligner
+
+        self.model, self.core, self.tokenizer = model, unwrap_model(model), tokenizer
+        self.cfg, self.data = cfg, data
+        self.rank, self.nranks = world()
+        self.device = next(self.core.parameters()).device
+        self.params = trainable_params(self.core)
+        if not self.params:
+            raise ValueError("train_muscle: the model has no trainable parameters")
+        self.names = [n for n, p in self.core.named_parameters() if p.requires_grad]
+        self.global_bs = cfg.batch_size * self.nranks
+        self.steps_per_epoch = math.ceil(len(data.train) / self.global_bs)
+        total_steps = self.steps_per_epoch * cfg.epochs
+        self.opt = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: max(0.0, 1.0 - s / total_steps))
+        self.aligner = (
+            GradientAligner(
+                self.params,
+                cfg.min_ref_grad_norm,
+                cfg.min_ref_loss,
+                cfg.max_raw_grad_ratio,
+                cfg.ga_epoch,
+                cfg.epochs,
+                backend=cfg.backend,
+            )
+            if cfg.align
+            else None
         )
-        if cfg.align
-        else None
-    )
-    data_gen = torch.Generator().manual_seed(cfg.seed)
-    ref_gen = torch.Generator().manual_seed(cfg.seed + 1)
-    torch.manual_seed(cfg.seed)
+        self.data_gen = torch.Generator().manual_seed(cfg.seed)  # the epochs' shuffles
+        self.ref_gen = torch.Generator().manual_seed(cfg.seed + 1)  # the reference rows' draws
+        torch.manual_seed(cfg.seed)
+        self.epoch_gen_state = self.data_gen.get_state()  # data_gen at the start of the current epoch
+        self.next_epoch_state = self.epoch_gen_state
+        self.result = TrainResult(best_epoch=-1, best_dev_acc=-1.0)
+        self.start_epoch, self.start_step, self.global_step = 0, 0, 0
+        self.resumed_losses: list[float] = []
+        self.ckpt_dir = Path(cfg.checkpoint_dir) if cfg.checkpoint_dir else None
+        self.key = run_key(
+            config_dict(cfg), world_size=self.nranks, train_rows=len(data.train), ref_rows=len(data.ref)
+        )
 
-    result = TrainResult(best_epoch=-1, best_dev_acc=-1.0)
-    start_epoch, start_step, global_step = 0, 0, 0
-    resumed_losses: list[float] = []
-    epoch_gen_state = data_gen.get_state()
-    ckpt_dir = Path(cfg.checkpoint_dir) if cfg.checkpoint_dir else None
-    # what makes a resumed run the same run (the rest only says how it is run or reported)
-    how = {"progress", "checkpoint_dir", "checkpoint_every", "backend", "eval_batch_size"}
-    run_key = {k: v for k, v in config_dict(cfg).items() if k not in how}
-    run_key.update(world_size=nranks, train_rows=len(train), ref_rows=len(ref))
-    if ckpt_dir is not None:
-        st = _load_checkpoint(ckpt_dir)
-        if st is not None:
-            if st["names"] != names:
-                raise ValueError(f"train_muscle: checkpoint in {ckpt_dir} is for other trainable parameters")
-            saved = st.get("run", {})
-            diff = sorted(k for k in run_key if k in saved and saved[k] != run_key[k])
-            if diff:
-                raise ValueError(
-                    f"train_muscle: checkpoint in {ckpt_dir} was written by another run: "
-                    + ", ".join(f"{k} {saved[k]!r} there, {run_key[k]!r} here" for k in diff)
-                )
-            with torch.no_grad():
-                for p, v in zip(params, st["params"], strict=True):
-                    p.copy_(v)
-            opt.load_state_dict(st["optimizer"])
-            sched.load_state_dict(st["scheduler"])
-            ref_gen.set_state(st["ref_gen"])
-            epoch_gen_state = st["epoch_gen"]
-            torch.set_rng_state(st["torch_rng"])
-            start_epoch, start_step, global_step = st["epoch"], st["step_in_epoch"], st["global_step"]
-            result.history = list(st["history"])
-            result.best_epoch, result.best_dev_acc = st["best_epoch"], st["best_dev_acc"]
-            result.best_state = dict(zip(names, st["best_params"], strict=True)) if st["best_params"] else {}
-            result.skipped_steps = st["skipped_steps"]
-            resumed_losses = list(st.get("epoch_losses", []))
-            logger.info(f"muscle_fast: resumed from {ckpt_dir} at epoch {start_epoch}, step {start_step}")
-
-    def checkpoint(epoch: int, step_in_epoch: int, epoch_losses: Sequence[float] = ()) -> None:
-        if ckpt_dir is None or rank != 0:
+    def resume(self) -> None:
+        """Continue from the checkpoint in ``checkpoint_dir`` if there is one (refused if another run's)."""
+        state = load_train_state(self.ckpt_dir) if self.ckpt_dir is not None else None
+        if state is None:
             return
-        best = [result.best_state[n] for n in names] if result.best_state else []
-        _save_checkpoint(
-            ckpt_dir,
+        check_same_run(state, self.names, self.key, self.ckpt_dir)
+        with torch.no_grad():
+            for p, v in zip(self.params, state["params"], strict=True):
+                p.copy_(v)
+        self.opt.load_state_dict(state["optimizer"])
+        self.sched.load_state_dict(state["scheduler"])
+        self.ref_gen.set_state(state["ref_gen"])
+        self.epoch_gen_state = state["epoch_gen"]
+        torch.set_rng_state(state["torch_rng"])
+        self.start_epoch, self.start_step = state["epoch"], state["step_in_epoch"]
+        self.global_step = state["global_step"]
+        res = self.result
+        res.history = list(state["history"])
+        res.best_epoch, res.best_dev_acc = state["best_epoch"], state["best_dev_acc"]
+        best = state["best_params"]
+        res.best_state = dict(zip(self.names, best, strict=True)) if best else {}
+        res.skipped_steps = state["skipped_steps"]
+        self.resumed_losses = list(state.get("epoch_losses", []))
+        logger.info(
+            f"muscle_fast: resumed from {self.ckpt_dir} at epoch {self.start_epoch}, step {self.start_step}"
+        )
+
+    def save(self, epoch: int, step_in_epoch: int, epoch_losses: Sequence[float] = ()) -> None:
+        """Write the state at ``step_in_epoch`` of ``epoch`` (rank 0, when checkpointing is on)."""
+        if self.ckpt_dir is None or self.rank != 0:
+            return
+        res = self.result
+        best = [res.best_state[n] for n in self.names] if res.best_state else []
+        save_train_state(
+            self.ckpt_dir,
             {
-                "names": names,
-                "run": run_key,
-                "params": [p.detach().cpu() for p in params],
-                "optimizer": opt.state_dict(),
-                "scheduler": sched.state_dict(),
-                "ref_gen": ref_gen.get_state(),
-                "epoch_gen": epoch_gen_state,
+                "names": self.names,
+                "run": self.key,
+                "params": [p.detach().cpu() for p in self.params],
+                "optimizer": self.opt.state_dict(),
+                "scheduler": self.sched.state_dict(),
+                "ref_gen": self.ref_gen.get_state(),
+                "epoch_gen": self.epoch_gen_state,
                 "torch_rng": torch.get_rng_state(),
                 "epoch": epoch,
                 "step_in_epoch": step_in_epoch,
-                "global_step": global_step,
-                "history": result.history,
+                "global_step": self.global_step,
+                "history": res.history,
                 "epoch_losses": list(epoch_losses),  # so a resumed epoch reports its whole mean loss
-                "best_epoch": result.best_epoch,
-                "best_dev_acc": result.best_dev_acc,
+                "best_epoch": res.best_epoch,
+                "best_dev_acc": res.best_dev_acc,
                 "best_params": best,
-                "skipped_steps": result.skipped_steps,
+                "skipped_steps": res.skipped_steps,
             },
         )
 
-    t0 = time.perf_counter()
-    was_training = core.training
-    for epoch in range(start_epoch, cfg.epochs):
-        data_gen.set_state(epoch_gen_state)
-        perm = torch.randperm(len(train), generator=data_gen).tolist()
-        next_epoch_state = data_gen.get_state()
-        model.train()
-        first = start_step if epoch == start_epoch else 0
-        losses: list[float] = list(resumed_losses) if first else []
-        bar = tqdm(
-            range(first, steps_per_epoch),
-            desc=f"epoch {epoch + 1}/{cfg.epochs}",
-            disable=not cfg.progress or rank != 0,
-            leave=False,
+    def epoch_order(self) -> list[int]:
+        """The current epoch's shuffle of the training rows (the same again when the epoch is resumed)."""
+        self.data_gen.set_state(self.epoch_gen_state)
+        order = torch.randperm(len(self.data.train), generator=self.data_gen).tolist()
+        self.next_epoch_state = self.data_gen.get_state()
+        return order
+
+    def step(self, order: Sequence[int], step: int, epoch: int) -> float:
+        """One optimizer step on global batch ``step`` of the epoch's ``order``; this rank's loss."""
+        cfg = self.cfg
+        idx = order[step * self.global_bs : (step + 1) * self.global_bs]
+        mine, share = rank_share(idx, self.rank, self.nranks)
+        batch = encode(self.tokenizer, [self.data.train[i] for i in mine], cfg.max_length, self.device)
+        loss, bad_step = self._gradients(batch, len(idx), share, epoch)
+        norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip)
+        if bad_step or not torch.isfinite(norm):
+            self.result.skipped_steps += 1  # never write NaN into the parameters
+            if self.result.skipped_steps == 1:
+                logger.warning("muscle_fast: non-finite gradient, optimizer step skipped")
+        else:
+            self.opt.step()
+        self.sched.step()
+        self.opt.zero_grad(set_to_none=True)
+        self.global_step += 1
+        return float(loss.detach())
+
+    def _gradients(
+        self, batch: dict[str, torch.Tensor], global_rows: int, share: float, epoch: int
+    ) -> tuple[torch.Tensor, bool]:
+        """Set the step's gradients, aligned with a reference batch if configured; (loss, non-finite?)."""
+        if self.aligner is None:
+            self.opt.zero_grad(set_to_none=True)
+            inputs = {k: v for k, v in batch.items() if k != "labels"}
+            loss = default_loss(self.model(**inputs).logits, batch["labels"])
+            (loss * share).backward()
+            return loss, False
+        ref = self.data.ref
+        ridx = torch.randint(len(ref), (global_rows,), generator=self.ref_gen).tolist()
+        rmine, _ = rank_share(ridx, self.rank, self.nranks)
+        ref_batch = encode(self.tokenizer, [ref[i] for i in rmine], self.cfg.max_length, self.device)
+        loss, ref_loss, ref_grads = dual_gradients(
+            self.model,
+            batch,
+            ref_batch,
+            params=self.params,
+            single_pass=self.cfg.single_pass,
+            loss_scale=share,
         )
-        for step in bar:
-            idx = perm[step * global_bs : (step + 1) * global_bs]
-            mine, share = rank_share(idx, rank, nranks)
-            batch = encode(tokenizer, [train[i] for i in mine], cfg.max_length, device)
-            if aligner is not None:
-                ridx = torch.randint(len(ref), (len(idx),), generator=ref_gen).tolist()
-                rmine, _ = rank_share(ridx, rank, nranks)
-                ref_batch = encode(tokenizer, [ref[i] for i in rmine], cfg.max_length, device)
-                loss, ref_loss, ref_grads = dual_gradients(
-                    model, batch, ref_batch, params=params, single_pass=cfg.single_pass, loss_scale=share
-                )
-                *ref_grads, ref_loss = average_across_ranks([*ref_grads, ref_loss * share])
-                stats = aligner.align(ref_grads, ref_loss, epoch)
-                bad_step = bool(stats.nonfinite_grad > 0)
-            else:
-                opt.zero_grad(set_to_none=True)
-                inputs = {k: v for k, v in batch.items() if k != "labels"}
-                loss = default_loss(model(**inputs).logits, batch["labels"])
-                (loss * share).backward()
-                bad_step = False
-            norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            if bad_step or not torch.isfinite(norm):
-                result.skipped_steps += 1  # never write NaN into the parameters
-                if result.skipped_steps == 1:
-                    logger.warning("muscle_fast: non-finite gradient, optimizer step skipped")
-            else:
-                opt.step()
-            sched.step()
-            opt.zero_grad(set_to_none=True)
-            losses.append(float(loss.detach()))
-            bar.set_postfix(loss=f"{losses[-1]:.4f}")
-            global_step += 1
-            if step_callback is not None:
-                step_callback(global_step, core)
-            if (
-                cfg.checkpoint_every
-                and global_step % cfg.checkpoint_every == 0
-                and step + 1 < steps_per_epoch
-            ):
-                checkpoint(epoch, step + 1, losses)
-            if stop_after_steps is not None and global_step >= stop_after_steps:
-                checkpoint(epoch, step + 1, losses)
-                result.steps = global_step
-                result.wall_seconds = time.perf_counter() - t0
-                core.train(was_training)
-                return result
-        # end of epoch: evaluate, select, checkpoint
+        *ref_grads, ref_loss = average_across_ranks([*ref_grads, ref_loss * share])
+        stats = self.aligner.align(ref_grads, ref_loss, epoch)
+        return loss, bool(stats.nonfinite_grad > 0)
+
+    def end_epoch(self, epoch: int, losses: Sequence[float], t0: float) -> None:
+        """Evaluate, keep the state if dev accuracy improved, log, and checkpoint the epoch's end."""
+        cfg, res = self.cfg, self.result
+
+        def acc(rows: Sequence[Row]) -> float:
+            return accuracy(self.model, self.tokenizer, rows, cfg.eval_batch_size, cfg.max_length)
+
         record: dict[str, Any] = {
             "epoch": epoch + 1,
             "train_loss": sum(losses) / max(1, len(losses)),
-            "dev_acc": accuracy(model, tokenizer, dev, cfg.eval_batch_size, cfg.max_length),
+            "dev_acc": acc(self.data.dev),
         }
-        for k, rows in extra.items():
-            record[k] = accuracy(model, tokenizer, rows, cfg.eval_batch_size, cfg.max_length)
+        for k, rows in self.data.extra.items():
+            record[k] = acc(rows)
         record["seconds"] = time.perf_counter() - t0
-        result.history.append(record)
-        if record["dev_acc"] > result.best_dev_acc:
-            result.best_dev_acc, result.best_epoch = record["dev_acc"], epoch + 1
-            result.best_state = {n: p.detach().cpu().clone() for n, p in zip(names, params, strict=True)}
+        res.history.append(record)
+        if record["dev_acc"] > res.best_dev_acc:
+            res.best_dev_acc, res.best_epoch = record["dev_acc"], epoch + 1
+            state = zip(self.names, self.params, strict=True)
+            res.best_state = {n: p.detach().cpu().clone() for n, p in state}
         logger.info(
             "muscle_fast: "
             + ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items())
         )
-        epoch_gen_state = next_epoch_state
-        checkpoint(epoch + 1, 0)
-    result.steps = global_step
-    result.wall_seconds = time.perf_counter() - t0
-    if result.best_state:
-        with torch.no_grad():
-            for n, p in zip(names, params, strict=True):
-                p.copy_(result.best_state[n])
-    core.train(was_training)
-    return result
+        self.epoch_gen_state = self.next_epoch_state
+        self.save(epoch + 1, 0)
 
-
-def load_trainable_state(model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
-    """Copy a ``TrainResult.best_state`` back into a model."""
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for k, v in state.items():
-            params[k].copy_(v)
+    def finish(self, t0: float, was_training: bool, load_best: bool) -> TrainResult:
+        """The result, with the best state loaded into the model if asked and the model's mode restored."""
+        res = self.result
+        res.steps = self.global_step
+        res.wall_seconds = time.perf_counter() - t0
+        if load_best and res.best_state:
+            with torch.no_grad():
+                for n, p in zip(self.names, self.params, strict=True):
+                    p.copy_(res.best_state[n])
+        self.core.train(was_training)
+        return res
 
 
 def config_dict(cfg: TrainConfig) -> dict[str, Any]:

@@ -13,8 +13,8 @@ from torch.utils.data import DataLoader, RandomSampler, Sampler
 from transformers import Trainer
 
 from .config import model_family
+from .distributed import average_across_ranks
 from .dual import default_loss, dual_gradients, trainable_params
-from .train import average_across_ranks
 
 
 class MuScleTrainer(Trainer):

@@ -8,7 +8,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from muscle_fast.kernels import nf4, nf4_matmul
+from csrc_triton import configs, nf4, nf4_matmul
 
 H100_SHARED = 227 * 1024  # bytes of shared memory one block may use on sm_90
 SCALES = dict(code_ptr="*fp32", code2_ptr="*fp32", absmax2_ptr="*fp32", offset_ptr="*fp32", blocksize2="i32")
@@ -37,7 +37,7 @@ def main() -> None:
         absmax = "*u8" if nested else "*fp32"
         types = dict(a_ptr="*u8", absmax_ptr=absmax, out_ptr="*bf16", numel="i32", n_bytes="i32", **SCALES)
         for select in (False, True):
-            for c in nf4.GPU_CONFIGS:
+            for c in configs.CONFIGS["nf4.dequant"]["gpu"]:
                 consts = dict(HALF_BS=32, NESTED=nested, BF16_RNE=False, SELECT=select, BYTES=c["BYTES"])
                 consts["COLS"] = 32
                 assert build(fn, types, consts, c["num_warps"]) <= H100_SHARED, (nested, select, c)
@@ -50,7 +50,7 @@ def main() -> None:
             x_ptr="*" + xt, a_ptr="*u8", absmax_ptr="*u8" if nested else "*fp32", part_ptr="*fp32",
             M="i32", N="i32", K="i32", half_k="i32", stride_xm="i32", **SCALES,
         )  # fmt: skip
-        for c in nf4_matmul.GPU_CONFIGS:
+        for c in configs.CONFIGS["nf4.matmul"]["gpu"]:
             consts = dict(
                 BS=64, NESTED=nested, SPLIT_K=4, UPCAST=False, IEEE=xt == "fp32", BLOCK_M=block_m,
                 BLOCK_N=c["BLOCK_N"], BLOCK_K=c["BLOCK_K"],

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -12,9 +13,14 @@ import pytest
 pytest.importorskip("datasets", reason="the defend/eval commands read data through `datasets` (test extra)")
 pytest.importorskip("matplotlib", reason="defend plots results.png with matplotlib (test extra)")
 
-from test_backdoor import HEADER, _csv, _ob_folder  # noqa: E402
+from helpers import OB_HEADER as HEADER  # noqa: E402
+from helpers import exit_message as _exit_message  # noqa: E402
+from helpers import ob_folder as _ob_folder  # noqa: E402
+from helpers import write_ob_csv as _csv  # noqa: E402
 
 from muscle_fast.cli import METHODS, effective_hparams, main  # noqa: E402
+from muscle_fast.errors import ConfigError  # noqa: E402
+from muscle_fast.experiment import RunSpec  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[2] / "shared/data"
 BADNETS = SHARED / "poison_data/sst-2/1/badnets"
@@ -34,16 +40,6 @@ def _minilm() -> str:
     from muscle_fast.cli import default_model
 
     return default_model()
-
-
-def _exit_message(argv: list[str]) -> str:
-    """Run the CLI, expect a one-line error exit, return its message."""
-    with pytest.raises(SystemExit) as e:
-        main(argv)
-    msg = e.value.code
-    assert isinstance(msg, str) and msg.startswith("muscle-fast: "), msg
-    assert "\n" not in msg
-    return msg
 
 
 @pytest.fixture(autouse=True)
@@ -211,10 +207,11 @@ def test_4bit_full_fine_tune_and_missing_bitsandbytes_exit(tmp_path, monkeypatch
     msg = _exit_message(["eval", "--adapter", str(full), "--data-dir", d, "--load-in-4bit"])
     assert "is a fully fine-tuned model; --load-in-4bit is for adapters" in msg
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # as if not installed
+    from muscle_fast.errors import RunError
     from muscle_fast.experiment import load_classifier
 
-    want = r"--load-in-4bit needs bitsandbytes: pip install 'muscle-fast\[qlora\]'"
-    with pytest.raises(SystemExit, match=want):
+    want = r"^--load-in-4bit needs bitsandbytes: pip install 'muscle-fast\[qlora\]'$"
+    with pytest.raises(RunError, match=want):
         load_classifier(str(tmp_path), 2, load_in_4bit=True)
 
 
@@ -282,8 +279,8 @@ def test_preset_file_errors(tmp_path):
 
 
 def test_builtin_preset(tmp_path):
-    from muscle_fast.cli import _preset_for, build_parser
-    from muscle_fast.experiment import builtin_presets, load_preset
+    from muscle_fast.cli import build_parser, run_spec
+    from muscle_fast.experiment import builtin_presets, load_preset, preset_for
 
     assert "minilm-sst2" in builtin_presets()
     p = load_preset("minilm-sst2")
@@ -291,46 +288,44 @@ def test_builtin_preset(tmp_path):
     assert p["methods"]["muscle"]["min_ref_loss"] == 0.0 and p["methods"]["vanilla"]["lr"] == 2e-5
     # the default model gets its tuned preset; another model or an explicit --config do not
     parse = build_parser().parse_args
-    assert _preset_for(parse(["defend", "--out", "x"])) == p
-    assert _preset_for(parse(["defend", "--out", "x", "--model", "bert-base-uncased"])) == {}
+    assert preset_for(run_spec(parse(["defend", "--out", "x"]))) == p
+    assert preset_for(run_spec(parse(["defend", "--out", "x", "--model", "bert-base-uncased"]))) == {}
     mine = tmp_path / "mine.json"
     mine.write_text(json.dumps({"lr": 1e-4}))
-    assert _preset_for(parse(["defend", "--out", "x", "--config", str(mine)])) == {"lr": 1e-4, "methods": {}}
+    got = preset_for(run_spec(parse(["defend", "--out", "x", "--config", str(mine)])))
+    assert got == {"lr": 1e-4, "methods": {}}
     msg = _exit_message(["defend", "--config", "minilm-sst3", "--out", "x"])
     assert "does not exist" in msg and "minilm-sst2" in msg
 
 
 def test_fourier_uses_the_default_models_preset(tmp_path, monkeypatch):
-    """fourier "trains like defend": with the default model and no --config, the tuned preset
-    (it read the family defaults: max_length 128, lr 2e-5, ...)."""
-    import muscle_fast.cli as cli
+    """fourier trains like defend: with the default model and no --config, the tuned preset, not
+    the family defaults."""
+    from muscle_fast import experiment
 
     seen = []
-    real = cli.load_preset
-    monkeypatch.setattr(cli, "load_preset", lambda path: seen.append(path) or real(path))
+    real = experiment.load_preset
+    monkeypatch.setattr(experiment, "load_preset", lambda path: seen.append(path) or real(path))
     argv = ["fourier", "--method", "lora", "--data-dir", str(tmp_path / "none"), "--out", str(tmp_path)]
     assert "does not exist" in _exit_message(argv)  # stops at the data, after choosing the preset
     assert seen == ["minilm-sst2"]
 
 
 def test_local_model_path_is_recorded_absolute(tmp_path, monkeypatch):
-    """defend --model models/bert (relative) recorded as given made eval from another folder look the
-    name up on the hub."""
-    from muscle_fast.cli import _model_name, build_parser
+    """A relative local model path is recorded absolute, so eval from another folder finds it on
+    disk rather than looking the name up on the hub."""
+    from muscle_fast.experiment import resolve_model_name
 
     (tmp_path / "models" / "bert").mkdir(parents=True)
     monkeypatch.chdir(tmp_path)
-    parse = build_parser().parse_args
-    assert _model_name(parse(["defend", "--out", "x", "--model", "models/bert"])) == str(
-        tmp_path / "models/bert"
-    )
-    assert _model_name(parse(["defend", "--out", "x", "--model", "org/hub-id"])) == "org/hub-id"
+    assert resolve_model_name("models/bert") == str(tmp_path / "models/bert")
+    assert resolve_model_name("org/hub-id") == "org/hub-id"
 
 
 @needs_shared
 def test_defend_into_a_used_folder_keeps_other_records(smoke, tmp_path):
-    """Rerunning defend into a folder (after an interruption, or to add a method) replaced
-    results.json by the new run's records alone; now a rerun pair replaces its old record only."""
+    """Rerunning defend into a folder (after an interruption, or to add a method) keeps the earlier
+    records; a rerun (dataset, attack, method) replaces its old record only."""
     out = tmp_path / "o"
     out.mkdir()
     old = json.loads((smoke / "results.json").read_text())
@@ -346,8 +341,8 @@ def test_defend_into_a_used_folder_keeps_other_records(smoke, tmp_path):
 
 
 def test_eval_uses_the_recorded_poison_setting(tmp_path, capsys):
-    """A data folder whose only training file is dirty/0.2: eval must use the recorded setting and
-    rate (it looked for the default clean/0.1 and failed)."""
+    """A data folder whose only training file is dirty/0.2: eval uses the recorded setting and rate,
+    not the default clean/0.1."""
     d = _ob_folder(tmp_path / "data", setting="dirty")
     (d / "dirty" / "0.1").rename(d / "dirty" / "0.2")
     flags = ["--poison-setting", "dirty", "--poison-rate", "0.2", "--methods", "lora", "--epochs", "1"]
@@ -365,8 +360,8 @@ def test_eval_uses_the_recorded_poison_setting(tmp_path, capsys):
 def test_eval_of_a_full_model_refuses_adapter_flags_and_other_label_counts(smoke):
     d = str(smoke / "badnets" / "vanilla")
     msg = _exit_message(["eval", "--adapter", d, "--model", "bert-base-uncased"])
-    assert "is a fully fine-tuned model; --model is for adapters" in msg  # it was silently ignored
-    msg = _exit_message(["eval", "--adapter", d, "--num-labels", "3"])  # was a RuntimeError traceback
+    assert "is a fully fine-tuned model; --model is for adapters" in msg  # refused, not ignored
+    msg = _exit_message(["eval", "--adapter", d, "--num-labels", "3"])  # one line, no traceback
     assert f"cannot load {d!r} with 3 labels: " in msg
 
 
@@ -400,18 +395,18 @@ def test_hyperparameter_precedence(tmp_path):
     )
     preset = load_preset(str(preset_file))
     bert = SimpleNamespace(config=SimpleNamespace(model_type="bert"))
-    flags = SimpleNamespace(
-        epochs=None, batch_size=None, max_length=None, lr=None, ref_samples=None, seed=None
-    )
-    v = effective_hparams(bert, "vanilla", preset, flags)
-    m = effective_hparams(bert, "muscle", preset, flags)
-    lo = effective_hparams(bert, "lora", preset, flags)
+    spec = RunSpec()
+    v = effective_hparams(bert, "vanilla", preset, spec)
+    m = effective_hparams(bert, "muscle", preset, spec)
+    lo = effective_hparams(bert, "lora", preset, spec)
     assert (v["lr"], m["lr"], lo["lr"]) == (2e-5, 3e-4, 1e-4)
     assert v["ref_samples"] == 96 and m["epochs"] == 3
     assert m["muscle_config"] == {"lora_r": 4, "mslr_r": 2}
-    flags.lr, flags.ref_samples = 5e-5, 8
-    m = effective_hparams(bert, "muscle", preset, flags)
+    m = effective_hparams(bert, "muscle", preset, dataclasses.replace(spec, lr=5e-5, ref_samples=8))
     assert (m["lr"], m["ref_samples"]) == (5e-5, 8)  # explicit flags win over the preset file
+    # any object with the override fields works too (an argparse namespace, for compatibility)
+    flags = SimpleNamespace(epochs=None, batch_size=None, max_length=None, lr=5e-5, ref_samples=8, seed=None)
+    assert effective_hparams(bert, "muscle", preset, flags) == m
     assert set(METHODS) == {"vanilla", "lora", "muscle", "lora+mslr", "lora+ga"}
 
 
@@ -447,8 +442,8 @@ def test_bad_method_config_fails_before_training(tmp_path):
     ids=["ref-samples", "epochs-float", "lr-string", "scales-number", "targets-string"],
 )
 def test_bad_later_method_section_fails_before_any_training(tmp_path, section, match):
-    """A bad value in the section of the *second* method used to surface only after the first had
-    trained (and, for types, as an unrelated TypeError mid-run)."""
+    """A bad value in the section of the *second* method fails before the first method trains,
+    naming the method and the field."""
     preset = tmp_path / "p.json"
     preset.write_text(json.dumps({"ref_samples": 1, "methods": {"muscle": section}}))
     argv = ["defend", "--data-dir", str(_ob_folder(tmp_path)), "--model", _minilm(), "--config", str(preset)]
@@ -466,17 +461,291 @@ def test_reference_rows_are_kept_out_of_model_selection():
     assert reference_split(dev, 20, seed=3, disjoint=True)[0] == ref  # seeded
     ref2, select2 = reference_split(dev, 20, seed=3, disjoint=False)
     assert ref2 == ref and select2 == dev  # the paper's protocol: selection on all of dev-clean
-    with pytest.raises(SystemExit, match="leaves none for model selection"):
+    with pytest.raises(ConfigError, match="^ref_samples=50 takes all 50 dev-clean rows and leaves none"):
         reference_split(dev, 50, seed=3, disjoint=True)
 
 
 def test_ref_disjoint_flag_and_preset():
-    from muscle_fast.cli import build_parser
+    from muscle_fast.cli import build_parser, run_spec
 
-    args = build_parser().parse_args(["defend", "--out", "x", "--ref-overlap"])
+    spec = run_spec(build_parser().parse_args(["defend", "--out", "x", "--ref-overlap"]))
     model = SimpleNamespace(config=SimpleNamespace(model_type="bert"))
-    assert effective_hparams(model, "muscle", {}, args)["ref_disjoint"] is False
-    args = build_parser().parse_args(["defend", "--out", "x"])
-    assert effective_hparams(model, "muscle", {}, args)["ref_disjoint"] is True
-    with pytest.raises(SystemExit, match="ref_disjoint must be true or false"):
-        effective_hparams(model, "muscle", {"ref_disjoint": "yes"}, args)
+    assert spec.ref_overlap is True and effective_hparams(model, "muscle", {}, spec)["ref_disjoint"] is False
+    spec = run_spec(build_parser().parse_args(["defend", "--out", "x"]))
+    assert effective_hparams(model, "muscle", {}, spec)["ref_disjoint"] is True
+    with pytest.raises(ConfigError, match="ref_disjoint must be true or false"):
+        effective_hparams(model, "muscle", {"ref_disjoint": "yes"}, spec)
+
+
+# ---------------------------------------------------------------------------------------------- library API
+
+
+class _HashTokenizer:
+    """Any text to ids 3..100 by word hash (the tiny models' vocabulary), HF call signature."""
+
+    pad_token_id = 0
+
+    def __call__(self, texts, padding=True, truncation=True, max_length=32, return_tensors="pt"):
+        import zlib
+
+        import torch
+
+        ids = [[3 + zlib.crc32(w.encode()) % 98 for w in t.split()][:max_length] for t in texts]
+        n = max(len(x) for x in ids)
+        return {
+            "input_ids": torch.tensor([x + [0] * (n - len(x)) for x in ids]),
+            "attention_mask": torch.tensor([[1] * len(x) + [0] * (n - len(x)) for x in ids]),
+        }
+
+
+@pytest.fixture
+def tiny_base(monkeypatch):
+    """BaseModels hands out a tiny random BERT and a hash tokenizer: the run path without a download."""
+    from tiny_models import tiny_model
+
+    from muscle_fast import experiment
+
+    def get(self, num_labels):
+        return tiny_model("bert", seed=self.seed, num_labels=num_labels), _HashTokenizer()
+
+    monkeypatch.setattr(experiment.BaseModels, "get", get)
+
+
+def _tiny_spec(tmp_path, **kw) -> RunSpec:
+    base = dict(
+        out=tmp_path / "o", model="tiny", data_dir=_ob_folder(tmp_path / "data"), methods="lora,muscle",
+        epochs=1, batch_size=2, max_length=8, ref_samples=2, device="cpu", progress=False,
+    )  # fmt: skip
+    return RunSpec(**{**base, **kw})
+
+
+def test_run_spec_validation_errors_are_typed(tmp_path):
+    from muscle_fast.errors import MuscleFastError
+    from muscle_fast.experiment import FourierOptions
+
+    spec = RunSpec(methods="lora, muscle,lora")
+    assert spec.methods == ("lora", "muscle") and spec.seed is None and spec.device == "auto"
+    assert RunSpec(methods=["vanilla"]).methods == ("vanilla",)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        spec.seed = 3
+    cases = [
+        (dict(methods="lora,fancy"), r"^unknown method\(s\) \['fancy'\]; valid methods: vanilla, lora"),
+        (dict(methods=""), r"^unknown method\(s\) \[''\]"),
+        (dict(methods=[1]), "^RunSpec.methods must be method names"),
+        (dict(load_in_4bit=True), "^vanilla fine-tunes every weight.*--methods lora,muscle"),
+        (dict(seed="3"), "^RunSpec.seed must be an integer or None, got '3'$"),
+        (dict(epochs=True), "^RunSpec.epochs must be an integer or None"),
+        (dict(lr="3e-4"), "^RunSpec.lr must be a number or None"),
+        (dict(progress=None), "^RunSpec.progress must be true or false"),
+        (dict(device=""), "^RunSpec.device must be a device name"),
+    ]
+    for kw, match in cases:
+        with pytest.raises(ConfigError, match=match) as e:
+            RunSpec(**kw)
+        assert isinstance(e.value, MuscleFastError) and isinstance(e.value, ValueError)
+    with pytest.raises(ConfigError, match="needs an output folder"):
+        RunSpec().out_dir()
+    assert FourierOptions(deltas=[2, 0.5]).deltas == (2.0, 0.5)
+    for kw, match in [
+        (dict(every=0), "^--every must be >= 1, got 0$"),
+        (dict(samples=1), "^--samples must be >= 2, got 1$"),
+        (dict(deltas=[1, -2]), "positive"),
+        (dict(deltas=[1, 1.0]), "repeated"),
+    ]:
+        with pytest.raises(ConfigError, match=match):
+            FourierOptions(**kw)
+
+
+def test_library_raises_typed_errors_and_never_exits(tmp_path):
+    """The run functions report bad input as typed errors (a caller can catch them), not SystemExit."""
+    from muscle_fast.backdoor.data import DataError
+    from muscle_fast.errors import MuscleFastError, ResultsError, RunError
+    from muscle_fast.experiment import EvalSpec, evaluate_checkpoint, load_preset, parse_methods, run_defend
+    from muscle_fast.report import merge_records
+
+    calls = [
+        (
+            lambda: run_defend(RunSpec(out=tmp_path / "o", model="m", data_dir=tmp_path / "nowhere")),
+            DataError,
+        ),
+        (lambda: evaluate_checkpoint(EvalSpec(tmp_path / "none")), RunError),
+        (lambda: evaluate_checkpoint(EvalSpec(tmp_path)), RunError),
+        (lambda: merge_records([tmp_path / "no.json"]), ResultsError),
+        (lambda: load_preset(str(tmp_path / "no.json")), ConfigError),
+        (lambda: parse_methods("fancy"), ConfigError),
+        (lambda: run_defend(RunSpec(model="m")), ConfigError),  # no output folder
+    ]
+    for call, kind in calls:
+        with pytest.raises(kind) as e:
+            call()
+        assert isinstance(e.value, MuscleFastError), kind
+        assert not str(e.value).startswith("muscle-fast:") and "\n" not in str(e.value)
+    assert issubclass(DataError, ValueError)  # still caught where a ValueError was
+    assert not (tmp_path / "o").exists()
+
+
+def test_library_modules_speak_no_argparse():
+    """The library takes specs and raises typed errors: no argparse, no process exits in it."""
+    import ast
+
+    import muscle_fast
+
+    root = Path(muscle_fast.__file__).parent
+    for name in ("experiment.py", "report.py", "config.py", "errors.py"):
+        tree = ast.parse((root / name).read_text())
+        imported = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        imported |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+        assert "argparse" not in imported, name
+        names = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)}
+        attrs = {n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute)}
+        assert "SystemExit" not in names and "exit" not in attrs, name
+    cli = ast.parse((root / "cli.py").read_text())
+    private = [
+        (n.module, a.name)
+        for n in ast.walk(cli)
+        if isinstance(n, ast.ImportFrom)
+        for a in n.names
+        if a.name.startswith("_")
+    ]
+    assert private == [], private
+
+
+@pytest.mark.parametrize(
+    "kind", ["ConfigError", "RunError", "ResultsError", "DataError", "ValueError", "KeyError", "OSError"]
+)
+def test_cli_maps_each_error_to_one_line_and_status_1(tmp_path, monkeypatch, kind):
+    import muscle_fast.cli as cli
+    from muscle_fast.backdoor.data import DataError
+    from muscle_fast.errors import ResultsError, RunError
+
+    error = {
+        "ConfigError": ConfigError("bad --device 'tpu': unknown"),
+        "RunError": RunError("cannot load model 'm': gone"),
+        "ResultsError": ResultsError("x is in both a and b"),
+        "DataError": DataError("data folder d does not exist"),
+        "ValueError": ValueError("MuScleConfig.lora_r must be >= 1\nmore detail"),
+        "KeyError": KeyError("no such split"),
+        "OSError": FileNotFoundError("results.json"),
+    }[kind]
+    assert cli.EXIT_ERROR == 1 and isinstance(error, cli.REPORTED_ERRORS)
+
+    def fail(spec):
+        raise error
+
+    monkeypatch.setattr(cli, "run_defend", fail)
+    msg = _exit_message(["defend", "--out", str(tmp_path)])
+    first = error.args[0].splitlines()[0]
+    assert msg == f"muscle-fast: {first}"
+    assert cli.error_exit(error).code == msg  # SystemExit(str): printed to stderr, status 1
+    monkeypatch.setenv("MUSCLE_FAST_TRACEBACK", "1")
+    with pytest.raises(type(error)):
+        main(["defend", "--out", str(tmp_path)])
+
+
+def test_cli_lets_bugs_keep_their_traceback(tmp_path, monkeypatch):
+    import muscle_fast.cli as cli
+
+    def bug(spec):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(cli, "run_defend", bug)
+    with pytest.raises(RuntimeError, match="a bug"):
+        main(["defend", "--out", str(tmp_path)])
+
+
+def test_cli_exit_status_of_the_process(tmp_path):
+    """A reported error exits with status 1 and one stderr line; a usage error with argparse's 2."""
+    import subprocess
+
+    run = [sys.executable, "-m", "muscle_fast.cli", "defend"]
+    p = subprocess.run([*run, "--methods", "fancy", "--out", str(tmp_path)], capture_output=True, text=True)
+    assert p.returncode == 1 and p.stdout == ""
+    assert p.stderr.strip().splitlines() == [
+        "muscle-fast: unknown method(s) ['fancy']; valid methods: vanilla, lora, muscle, lora+mslr, lora+ga"
+    ]
+    p = subprocess.run(run, capture_output=True, text=True)  # --out missing
+    assert p.returncode == 2 and "required: --out" in p.stderr
+
+
+def test_deprecated_names_still_work():
+    import muscle_fast.cli as cli
+    from muscle_fast import experiment
+
+    with pytest.warns(DeprecationWarning, match="import it from muscle_fast.experiment"):
+        assert cli.run_method is experiment.run_method
+    with pytest.warns(DeprecationWarning):
+        assert cli.parse_methods("lora") == ["lora"]
+    with pytest.raises(AttributeError):
+        cli.no_such_name  # noqa: B018
+    args = cli.build_parser().parse_args(["defend", "--out", "x", "--epochs", "2", "--no-progress"])
+    bert = SimpleNamespace(config=SimpleNamespace(model_type="bert"))
+    with pytest.warns(DeprecationWarning, match="pass a RunSpec"):
+        _, tcfg, _ = experiment.method_configs(bert, "lora", {}, args)
+    assert tcfg.epochs == 2 and tcfg.progress is False and tcfg.align is False
+
+
+def test_defaults_have_one_source():
+    from muscle_fast.config import ALIGN_DEFAULTS, DEFAULT_SEED, FAMILIES, TRAIN_DEFAULTS
+    from muscle_fast.train import TrainConfig
+
+    cfg = TrainConfig()
+    assert (cfg.seed, DEFAULT_SEED) == (42, 42)
+    assert (cfg.min_ref_grad_norm, cfg.min_ref_loss, cfg.max_raw_grad_ratio, cfg.ga_epoch, cfg.epochs) == (
+        5e-7, 0.4, 0.1, 1, 10,
+    )  # fmt: skip
+    assert dataclasses.asdict(ALIGN_DEFAULTS) == dict(
+        min_ref_grad_norm=5e-7, min_ref_loss=0.4, max_raw_grad_ratio=0.1, ga_epoch=1, epochs=10
+    )
+    assert (cfg.lr, cfg.batch_size, cfg.eval_batch_size, cfg.max_length) == (2e-5, 32, 64, 128)
+    assert dataclasses.asdict(TRAIN_DEFAULTS) == dict(
+        lr=2e-5, batch_size=32, eval_batch_size=64, max_length=128, ref_samples=96
+    )
+    for fam in ("bert", "roberta"):
+        f = FAMILIES[fam]
+        assert f.train_kwargs() == dict(lr=2e-5, epochs=10, batch_size=32, min_ref_loss=0.4,
+                                        max_raw_grad_ratio=0.1, ga_epoch=1)  # fmt: skip
+        assert f.ref_samples == 96
+    assert FAMILIES["gpt2"].train_kwargs() == dict(
+        lr=1e-5, epochs=5, batch_size=16, min_ref_loss=0.0, max_raw_grad_ratio=0.0, ga_epoch=0
+    )
+    assert RunSpec().seed is None  # None: the preset's seed, then DEFAULT_SEED
+
+
+def test_run_defend_on_a_tiny_model(tmp_path, tiny_base):
+    """The whole library path, spec in, records out: checkpoints, results files, run info."""
+    from muscle_fast.experiment import RUN_FILE, DefendResult, run_defend
+
+    spec = _tiny_spec(tmp_path)
+    res = run_defend(spec)
+    assert isinstance(res, DefendResult) and res.out == spec.out and res.model_name == "tiny"
+    assert [r["method"] for r in res.records] == ["lora", "muscle"]
+    assert json.loads((spec.out / "results.json").read_text()) == res.records
+    for r in res.records:
+        assert r["adapter"] == f"badnets/{r['method']}" and r["config"]["train"]["epochs"] == 1
+        assert r["config"]["data"]["seed"] == 42 and r["config"]["train"]["seed"] == 42
+        info = json.loads((spec.out / r["adapter"] / RUN_FILE).read_text())
+        assert info["method"] == r["method"] and info["cacc"] == r["cacc"] and info["seed"] == 42
+
+
+def test_fourier_trains_through_run_method(tmp_path, tiny_base, monkeypatch):
+    """fourier is run_method with hooks (no checkpoint): the tracker sees step 0, every step, the end."""
+    from muscle_fast import experiment
+
+    seen = []
+    real = experiment.run_method
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(experiment, "run_method", spy)
+    spec = _tiny_spec(tmp_path, methods="muscle")
+    res = experiment.run_fourier(spec, experiment.FourierOptions(every=1, samples=2, deltas=(1.0,)))
+    assert len(seen) == 1 and seen[0]["save_checkpoint"] is False
+    assert isinstance(seen[0]["hooks"], experiment.RunHooks)
+    data = json.loads(res.json_path.read_text())
+    assert data["steps"] == [0, 1, 2] and data["meta"]["complete"] is True  # 3 train rows, batch 2
+    assert data["meta"]["cacc"] == res.cacc and data["meta"]["method"] == "muscle" and res.records == 3
+    assert res.png_path.is_file() and not (spec.out / "badnets").exists()
+    with pytest.raises(ConfigError, match=r"one method at a time, got \['lora', 'muscle'\]"):
+        experiment.run_fourier(_tiny_spec(tmp_path))

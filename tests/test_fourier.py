@@ -21,7 +21,8 @@ import os
 import pytest
 import torch
 
-from muscle_fast.analysis import fourier, frequency_deviations, gaussian_filter, gaussian_filter_dense_ref
+from muscle_fast.analysis import frequency_deviations, gaussian_filter, gaussian_filter_dense_ref
+from muscle_fast.ops import gaussian_filter as fourier
 
 FLOOR = 1e-5
 BACKENDS = ["torch", "triton"]
@@ -96,7 +97,7 @@ def test_small_tiles_cover_every_loop(backend: str, device: str) -> None:
     f = torch.randn(67, 3, device=device)
     deltas = _widths(300)
     if backend == "triton":
-        from muscle_fast.kernels.gaussian_filter import gaussian_filter_triton
+        from csrc_triton.gaussian_filter import gaussian_filter_triton
 
         out = gaussian_filter_triton(x, f, deltas, block=16, block_d=16)
     else:
@@ -201,7 +202,7 @@ def test_layouts_and_delta_forms(backend: str, device: str) -> None:
 def test_expanded_rows_read_as_the_same_point(device: str) -> None:
     """x.expand (row stride 0): the kernel launched with row stride 1 read shifted windows past the
     buffer (0.96 off the dense reference; out of bounds on a GPU)."""
-    from muscle_fast.kernels.gaussian_filter import gaussian_filter_triton
+    from csrc_triton.gaussian_filter import gaussian_filter_triton
 
     if device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("the kernel on the CPU needs the interpreter")
@@ -266,13 +267,13 @@ def test_integer_points_are_rejected() -> None:
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CPU dispatch without the interpreter")
 def test_cpu_dispatch_without_interpreter(monkeypatch) -> None:
-    from muscle_fast.kernels import _common
+    from csrc_triton import _common
 
     monkeypatch.setattr(_common, "INTERPRET", False)
     monkeypatch.delenv("MUSCLE_FAST_BACKEND", raising=False)
     calls = []
-    real = fourier._gaussian_filter_torch
-    monkeypatch.setattr(fourier, "_gaussian_filter_torch", lambda *a: calls.append(1) or real(*a))
+    real = fourier.gaussian_filter_torch
+    monkeypatch.setattr(fourier, "gaussian_filter_torch", lambda *a: calls.append(1) or real(*a))
     x, f = torch.randn(6, 3), torch.randn(6, 2)
     gaussian_filter(x, f, [1.0])
     assert calls == [1]

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
-from test_train import WordTokenizer, make_rows
+from helpers import SHARED, WordTokenizer, exit_message, make_rows, word_dataset
 from tiny_models import tiny_model
 
 from muscle_fast import patch_model
@@ -138,7 +137,6 @@ def test_step_callback_of_train_muscle_full_finetune():
 
 
 def test_trainer_callback(tmp_path):
-    from test_trainer import _dataset
     from transformers import TrainingArguments
 
     from muscle_fast.trainer import MuScleTrainer
@@ -160,8 +158,8 @@ def test_trainer_callback(tmp_path):
     trainer = MuScleTrainer(
         model=model,
         args=args,
-        train_dataset=_dataset(make_rows(16, 0)),
-        ref_dataset=_dataset(make_rows(8, 1)),
+        train_dataset=word_dataset(make_rows(16, 0)),
+        ref_dataset=word_dataset(make_rows(8, 1)),
         callbacks=[tr.callback()],
         align_kwargs=dict(min_ref_loss=0.0),
     )
@@ -188,18 +186,7 @@ def test_bad_arguments():
 
 # ---------------------------------------------------------------------------------------------- CLI
 
-SHARED = Path(__file__).resolve().parents[2] / "shared/data"
 BADNETS = SHARED / "poison_data/sst-2/1/badnets"
-
-
-def _exit_message(argv):
-    from muscle_fast.cli import main
-
-    with pytest.raises(SystemExit) as e:
-        main(argv)
-    msg = e.value.code
-    assert isinstance(msg, str) and msg.startswith("muscle-fast: ") and "\n" not in msg, msg
-    return msg
 
 
 @pytest.mark.skipif(not BADNETS.is_dir(), reason=f"shared data not found at {SHARED}")
@@ -237,13 +224,13 @@ def test_cli_fourier_smoke(tmp_path, monkeypatch):
 
 def test_cli_fourier_bad_input(tmp_path):
     out = ["--out", str(tmp_path)]
-    msg = _exit_message(["fourier", "--method", "fancy", *out])
+    msg = exit_message(["fourier", "--method", "fancy", *out])
     assert "unknown method(s) ['fancy']" in msg and "vanilla, lora, muscle" in msg
-    assert "one method at a time" in _exit_message(["fourier", "--method", "vanilla,lora", *out])
-    assert "'x' is not a number" in _exit_message(["fourier", "--method", "lora", "--deltas", "1,x", *out])
-    assert "positive" in _exit_message(["fourier", "--method", "lora", "--deltas", "1,-2", *out])
-    assert "repeated" in _exit_message(["fourier", "--method", "lora", "--deltas", "1,1.0", *out])
-    assert "--every must be >= 1" in _exit_message(["fourier", "--method", "lora", "--every", "0", *out])
-    assert "--samples must be >= 2" in _exit_message(["fourier", "--method", "lora", "--samples", "1", *out])
+    assert "one method at a time" in exit_message(["fourier", "--method", "vanilla,lora", *out])
+    assert "'x' is not a number" in exit_message(["fourier", "--method", "lora", "--deltas", "1,x", *out])
+    assert "positive" in exit_message(["fourier", "--method", "lora", "--deltas", "1,-2", *out])
+    assert "repeated" in exit_message(["fourier", "--method", "lora", "--deltas", "1,1.0", *out])
+    assert "--every must be >= 1" in exit_message(["fourier", "--method", "lora", "--every", "0", *out])
+    assert "--samples must be >= 2" in exit_message(["fourier", "--method", "lora", "--samples", "1", *out])
     nowhere = str(tmp_path / "nowhere")
-    assert "does not exist" in _exit_message(["fourier", "--method", "lora", "--data-dir", nowhere, *out])
+    assert "does not exist" in exit_message(["fourier", "--method", "lora", "--data-dir", nowhere, *out])

@@ -6,6 +6,7 @@ import os
 
 import pytest
 import torch
+from helpers import assert_rel_close
 from reference import lowrank_ref
 from torch import nn
 from transformers.pytorch_utils import Conv1D
@@ -30,12 +31,7 @@ def _close(
     ``bound`` is the same computation on absolute values (sum of |terms|): rounding errors scale
     with it, not with the result, which cancellation can make arbitrarily small (K=1, N=17).
     """
-    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
-    if expected.numel() == 0:
-        return
-    scale = (expected if bound is None else bound).abs().max().item() + 1e-12
-    err = (actual.double() - expected.double()).abs().max().item()
-    assert err <= TOL[dtype] * scale, f"{what}: max err {err:.3e} > {TOL[dtype]:.1e} * {scale:.3e}"
+    assert_rel_close(actual, expected, TOL[dtype], what, bound)
 
 
 def _make(
@@ -242,7 +238,7 @@ def test_unfrozen_base_is_an_error():
 
 
 def test_triton_on_cpu_without_interpreter_raises(monkeypatch):
-    from muscle_fast.kernels import _common
+    from csrc_triton import _common
 
     monkeypatch.setattr(_common, "INTERPRET", False)
     m = MuScleLinear(nn.Linear(8, 4), backend="triton")
@@ -256,7 +252,7 @@ def test_env_overrides_backend(monkeypatch):
     with pytest.raises(ValueError, match="MUSCLE_FAST_BACKEND must be one of"):
         m(torch.randn(2, 8))
     monkeypatch.setenv("MUSCLE_FAST_BACKEND", "triton")
-    from muscle_fast.kernels import _common
+    from csrc_triton import _common
 
     monkeypatch.setattr(_common, "INTERPRET", False)
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):  # env picked triton over the module's torch
@@ -299,9 +295,10 @@ def test_fp16_intermediates_beyond_fp16_range(backend):
 def test_auto_backend_takes_float64_to_the_torch_path():
     """On CUDA "auto" means the kernels, which take fp32/bf16/fp16 only: float64 goes to the exact
     torch path instead of failing (no GPU needed: the choice is made on the device type)."""
-    from muscle_fast.ops import lowrank, lowrank_torch
+    from muscle_fast.ops import lowrank
 
     cuda = torch.device("cuda", 0)
-    assert lowrank.get_ops("auto", cuda, torch.float64) is lowrank_torch
-    assert lowrank.get_ops("auto", cuda, torch.float32) is not lowrank_torch
-    assert lowrank.get_ops("torch", cuda, torch.float32) is lowrank_torch
+    assert lowrank.get_ops("auto", cuda, torch.float64) is lowrank.TORCH_OPS
+    assert lowrank.get_ops("auto", cuda, torch.float32).kernels
+    assert lowrank.get_ops("torch", cuda, torch.float32) is lowrank.TORCH_OPS
+    assert lowrank.get_ops("auto", torch.device("cpu"), torch.float32) is lowrank.TORCH_OPS

@@ -14,10 +14,23 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from muscle_fast.nf4 import SUPPORTED_BLOCKSIZES, dequantize_4bit, dequantize_4bit_ref, get_4bit_code
+import muscle_fast.ops.nf4 as mnf4
+from muscle_fast.ops.nf4 import SUPPORTED_BLOCKSIZES, dequantize_4bit_ref, get_4bit_code
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 NF4 = get_4bit_code("nf4")
+#: The kernel path: on the CPU it runs under the interpreter (``auto`` would take the torch path there).
+KERNEL = "triton"
+
+
+def dequantize_4bit(*args, **kwargs) -> torch.Tensor:
+    """``muscle_fast.dequantize_4bit`` through the Triton kernel."""
+    return mnf4.dequantize_4bit(*args, backend=KERNEL, **kwargs)
+
+
+def matmul_4bit(*args, **kwargs) -> torch.Tensor:
+    """``muscle_fast.matmul_4bit`` through the Triton kernel."""
+    return mnf4.matmul_4bit(*args, backend=KERNEL, **kwargs)
 
 
 def _state(
@@ -67,7 +80,7 @@ def _state(
 @pytest.fixture(params=["gather", "select"])
 def lookup(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """Both ways the kernel reads the code table (csrc_triton/nf4.py), as the default."""
-    from muscle_fast.kernels import nf4 as knf4
+    from csrc_triton import nf4 as knf4
 
     monkeypatch.setattr(knf4, "LOOKUP", request.param)
     return request.param
@@ -176,11 +189,34 @@ def test_empty(device: str) -> None:
 
 
 def test_cpu_without_interpreter_is_reference(monkeypatch: pytest.MonkeyPatch) -> None:
-    from muscle_fast.kernels import _common
+    from csrc_triton import _common
 
     monkeypatch.setattr(_common, "INTERPRET", False)
+    monkeypatch.delenv("MUSCLE_FAST_BACKEND", raising=False)
     packed, qs = _state((9, 33), 32, nested=True, dtype=torch.bfloat16)
-    assert torch.equal(dequantize_4bit(packed, qs), dequantize_4bit_ref(packed, qs))
+    assert torch.equal(mnf4.dequantize_4bit(packed, qs), dequantize_4bit_ref(packed, qs))
+    with pytest.raises(RuntimeError, match="dequantize_4bit: backend 'triton' needs CUDA"):
+        dequantize_4bit(packed, qs)
+
+
+def test_backend_selects_the_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """One dispatcher: auto takes the torch path off CUDA, torch always, MUSCLE_FAST_BACKEND overrides."""
+    calls: list[str] = []
+    real = mnf4.dequantize_4bit_ref
+    monkeypatch.setattr(mnf4, "dequantize_4bit_ref", lambda *a, **k: calls.append("torch") or real(*a, **k))
+    monkeypatch.delenv("MUSCLE_FAST_BACKEND", raising=False)
+    packed, qs = _state((4, 64), 64)
+    mnf4.dequantize_4bit(packed, qs)
+    assert calls == ([] if torch.cuda.is_available() else ["torch"])
+    mnf4.dequantize_4bit(packed, qs, backend="torch")
+    assert calls[-1] == "torch"
+    n = len(calls)
+    monkeypatch.setenv("MUSCLE_FAST_BACKEND", "torch")
+    mnf4.dequantize_4bit(packed, qs, backend="triton")
+    assert len(calls) == n + 1
+    monkeypatch.setenv("MUSCLE_FAST_BACKEND", "bogus")
+    with pytest.raises(ValueError, match="MUSCLE_FAST_BACKEND must be one of"):
+        mnf4.dequantize_4bit(packed, qs)
 
 
 def test_errors(device: str) -> None:
@@ -272,7 +308,7 @@ def test_matches_bitsandbytes_out_and_transposed(device: str) -> None:
 
 
 def test_lookup_argument_checked(device: str) -> None:
-    from muscle_fast.kernels.nf4 import dequantize_4bit_packed
+    from csrc_triton.nf4 import dequantize_4bit_packed
 
     out = torch.empty(8, device=device)
     packed = torch.zeros(4, dtype=torch.uint8, device=device)
@@ -283,7 +319,7 @@ def test_lookup_argument_checked(device: str) -> None:
 
 def test_prepared_dequant_matches_and_tracks_identity(device: str, lookup: str) -> None:
     """The training path's checked-once dequantization: same bits, and a stale cache is detectable."""
-    from muscle_fast.nf4 import PreparedDequant4bit
+    from muscle_fast.ops.nf4 import PreparedDequant4bit
 
     for nested in (False, True):
         packed, qs = _state((33, 128), 64, nested=nested, dtype=torch.bfloat16, device=device)
@@ -301,8 +337,6 @@ def test_prepared_dequant_matches_and_tracks_identity(device: str, lookup: str) 
 
 
 def test_prepared_dequant_refuses_the_torch_path(monkeypatch: pytest.MonkeyPatch) -> None:
-    import muscle_fast.nf4 as mnf4
-
     monkeypatch.setattr(mnf4, "kernels_run_on", lambda device: False)
     packed, qs = _state((4, 64), 64)
     with pytest.raises(ValueError, match="needs the Triton kernels"):
@@ -347,15 +381,13 @@ def _check_matmul(got: torch.Tensor, x: torch.Tensor, packed: torch.Tensor, qs, 
 def test_matmul_4bit_matches_float64(
     device: str, dtype: torch.dtype, nested: bool, m: int, n: int, k: int, blocksize: int, split_k: int
 ) -> None:
-    from muscle_fast.nf4 import matmul_4bit
-
     packed, qs = _state((n, k), blocksize, nested=nested, device=device, seed=m * 1000 + n + k)
     x = torch.randn(m, k, device=device).to(dtype)
     _check_matmul(matmul_4bit(x, packed, qs, split_k=split_k), x, packed, qs)
 
 
 def test_matmul_4bit_leading_dims_bias_and_strides(device: str) -> None:
-    from muscle_fast.nf4 import matmul_4bit, matmul_4bit_ref
+    from muscle_fast.ops.nf4 import matmul_4bit_ref
 
     packed, qs = _state((24, 70), 64, nested=True, device=device)
     x = torch.randn(2, 3, 140, device=device, dtype=torch.float16)[..., ::2]  # non-unit column stride
@@ -368,13 +400,14 @@ def test_matmul_4bit_leading_dims_bias_and_strides(device: str) -> None:
 
 
 def test_matmul_4bit_cpu_without_interpreter_is_reference(monkeypatch: pytest.MonkeyPatch) -> None:
-    from muscle_fast.kernels import _common
-    from muscle_fast.nf4 import matmul_4bit, matmul_4bit_ref
+    from csrc_triton import _common
+    from muscle_fast.ops.nf4 import matmul_4bit_ref
 
     monkeypatch.setattr(_common, "INTERPRET", False)
+    monkeypatch.delenv("MUSCLE_FAST_BACKEND", raising=False)
     packed, qs = _state((9, 34), 32, nested=True)
     x = torch.randn(2, 34)
-    assert torch.equal(matmul_4bit(x, packed, qs), matmul_4bit_ref(x, packed, qs))
+    assert torch.equal(mnf4.matmul_4bit(x, packed, qs), matmul_4bit_ref(x, packed, qs))
 
 
 @pytest.mark.parametrize("path", ["kernel", "torch"])
@@ -384,27 +417,24 @@ def test_matmul_4bit_paths_agree_on_odd_k_transposed_a_and_bias_dtype(
     """Both paths of matmul_4bit take the same inputs and mean the same thing: odd K (the kernel
     cannot split a byte across rows: the torch path runs), A as bitsandbytes' [1, n/2] ``W.t()``
     (the back-compat transpose must not scramble the weight), an fp32 bias with a bf16 x."""
-    import muscle_fast.nf4 as mnf4
-
-    if path == "torch":
-        monkeypatch.setattr(mnf4, "kernels_run_on", lambda device: False)
-    elif device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+    backend = "torch" if path == "torch" else KERNEL
+    if path == "kernel" and device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("the kernel path on the CPU needs the interpreter")
     packed, qs = _state((6, 65), 64, nested=True, device=device, seed=5)  # odd K: 390 values
     x = torch.randn(3, 65, device=device)
-    _check_matmul(mnf4.matmul_4bit(x, packed, qs), x, packed, qs)
+    _check_matmul(mnf4.matmul_4bit(x, packed, qs, backend=backend), x, packed, qs)
     packed, qs = _state((8, 64), 64, device=device, seed=6)
     x = torch.randn(2, 64, device=device)
     assert packed.shape == (256, 1)
-    _check_matmul(mnf4.matmul_4bit(x, packed.t(), qs), x, packed, qs)
+    _check_matmul(mnf4.matmul_4bit(x, packed.t(), qs, backend=backend), x, packed, qs)
     xb, bias = x.bfloat16(), torch.randn(8, device=device)
-    _check_matmul(mnf4.matmul_4bit(xb, packed, qs, bias), xb, packed, qs, bias)
+    _check_matmul(mnf4.matmul_4bit(xb, packed, qs, bias, backend=backend), xb, packed, qs, bias)
 
 
 def test_prepared_dequant_tracks_state_fields_replaced_in_place(device: str) -> None:
     """A QuantState whose fields were reassigned (another quantization's absmax, state2, offset,
     code) is not the state the prepared launch was built from: ``matches`` must say so."""
-    from muscle_fast.nf4 import PreparedDequant4bit
+    from muscle_fast.ops.nf4 import PreparedDequant4bit
 
     if device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("PreparedDequant4bit needs the kernels")
@@ -424,8 +454,6 @@ def test_prepared_dequant_tracks_state_fields_replaced_in_place(device: str) -> 
 
 
 def test_matmul_4bit_errors(device: str) -> None:
-    from muscle_fast.nf4 import matmul_4bit
-
     packed, qs = _state((8, 64), 64, device=device)
     x = torch.randn(2, 64, device=device)
     with pytest.raises(ValueError, match=r"x.shape \(2, 63\) does not end in in_features 64"):
@@ -460,7 +488,7 @@ def test_matmul_4bit_launcher_errors(device: str) -> None:
     """The low-level launcher names the argument at fault (muscle_fast.nf4 checks QuantStates first)."""
     if device != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("the launcher needs CUDA or the interpreter")
-    from muscle_fast.kernels.nf4_matmul import matmul_4bit_packed
+    from csrc_triton.nf4_matmul import matmul_4bit_packed
 
     code = get_4bit_code("nf4", device)
     packed = torch.zeros(8 * 32, dtype=torch.uint8, device=device)

@@ -1,4 +1,4 @@
-"""The wheel carries the Triton kernels (csrc_triton/ installed as muscle_fast.kernels)."""
+"""The wheel carries the Triton kernels (the top-level csrc_triton package) beside muscle_fast."""
 
 from __future__ import annotations
 
@@ -39,26 +39,29 @@ def wheel(tmp_path_factory) -> Path:
 
 
 def test_wheel_contains_kernels(wheel):
-    names = zipfile.ZipFile(wheel).namelist()
-    kernels = {Path(n).name for n in names if n.startswith("muscle_fast/kernels/")}
-    expected = {p.name for p in (ROOT / "csrc_triton").glob("*.py")}
-    assert expected and expected <= kernels, f"missing from the wheel: {sorted(expected - kernels)}"
+    names = set(zipfile.ZipFile(wheel).namelist())
+    kernels = {p.relative_to(ROOT).as_posix() for p in (ROOT / "csrc_triton").glob("*.py")}
+    assert kernels and kernels <= names, f"missing from the wheel: {sorted(kernels - names)}"
     presets = {p.relative_to(ROOT).as_posix() for p in (ROOT / "muscle_fast" / "presets").glob("*.json")}
-    assert presets and presets <= set(names), f"missing from the wheel: {sorted(presets - set(names))}"
+    assert presets and presets <= names, f"missing from the wheel: {sorted(presets - names)}"
     sources = {p.relative_to(ROOT).as_posix() for p in (ROOT / "muscle_fast").rglob("*.py")}
-    sources.discard("muscle_fast/kernels/__init__.py")  # the source-tree stand-in; csrc_triton's ships
-    assert sources <= set(names), f"missing from the wheel: {sorted(sources - set(names))}"
-    shipped = zipfile.ZipFile(wheel).read("muscle_fast/kernels/__init__.py").decode()
-    assert shipped == (ROOT / "csrc_triton" / "__init__.py").read_text()
-    assert not any(n.startswith(("csrc_triton/", "tests/")) for n in names)
+    assert sources <= names, f"missing from the wheel: {sorted(sources - names)}"
+    assert not any(n.startswith("tests/") for n in names)
     entry = [n for n in names if n.endswith("entry_points.txt")]
     assert entry and "muscle-fast" in zipfile.ZipFile(wheel).read(entry[0]).decode()
 
 
 def test_installed_wheel_imports_kernels(wheel, tmp_path):
+    """The installed kernels import from the wheel, and the deprecated muscle_fast.kernels alias
+    resolves to the very same module objects (one copy of each kernel and its autotune cache)."""
     zipfile.ZipFile(wheel).extractall(tmp_path / "site")
     code = (
-        "import muscle_fast, muscle_fast.kernels._common as k; print(muscle_fast.__file__); print(k.__file__)"
+        "import warnings; warnings.simplefilter('error', DeprecationWarning)\n"
+        "import muscle_fast, csrc_triton._common as k\n"
+        "print(muscle_fast.__file__); print(k.__file__)\n"
+        "warnings.simplefilter('ignore', DeprecationWarning)\n"
+        "import muscle_fast.kernels._common as old\n"
+        "assert old is k, (old, k)\n"
     )
     env = {**os.environ, "PYTHONPATH": str(tmp_path / "site")}
     proc = subprocess.run(
@@ -66,4 +69,4 @@ def test_installed_wheel_imports_kernels(wheel, tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     lines = proc.stdout.split()
-    assert all(line.startswith(str(tmp_path / "site")) for line in lines), lines
+    assert len(lines) == 2 and all(line.startswith(str(tmp_path / "site")) for line in lines), lines

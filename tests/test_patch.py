@@ -235,7 +235,7 @@ class TestFourBit:
     @pytest.fixture(params=["torch", "triton"])
     def model(self, request):
         pytest.importorskip("bitsandbytes")
-        from muscle_fast.kernels._common import kernels_run_on
+        from csrc_triton._common import kernels_run_on
 
         if request.param == "triton" and not kernels_run_on(torch.device("cpu")):
             pytest.skip("a CPU model: the kernels run on it only under the interpreter")
@@ -245,7 +245,7 @@ class TestFourBit:
         return model
 
     def test_backend_picks_the_dequantizer(self, model, monkeypatch):
-        import muscle_fast.nf4 as nf4
+        import muscle_fast.ops.nf4 as nf4
 
         seen = []
         for name in ("dequantize_4bit_ref", "PreparedDequant4bit"):
@@ -271,15 +271,14 @@ class TestFourBit:
         """With MUSCLE_FAST_FUSED_4BIT_MAX_M set, inputs of up to that many rows go through the fused
         dequantize + matmul kernel (interpreter on the CPU) and larger ones through dequantize + GEMM;
         both match the float64 reference, and the backward (the same code either way) trains."""
-        import muscle_fast.nf4 as nf4
-        from muscle_fast.ops import lowrank
+        import muscle_fast.ops.nf4 as nf4
 
         if model.model.layers[0].self_attn.q_proj.backend == "torch":
             pytest.skip("the fused kernel belongs to the triton backend")
         calls = []
         real = nf4.matmul_4bit
         monkeypatch.setattr(nf4, "matmul_4bit", lambda *a, **k: calls.append(a[0].shape[0]) or real(*a, **k))
-        monkeypatch.setattr(lowrank, "FUSED_4BIT_MAX_M", 14)
+        monkeypatch.setattr(nf4, "FUSED_4BIT_MAX_M", 14)
         ref = reference_model(model)
         small, large = tiny_batch("llama", batch=2), tiny_batch("llama", batch=3)  # 14 and 21 rows
         for batch, fused in ((small, True), (large, False)):
@@ -299,14 +298,14 @@ class TestFourBit:
         assert q.lora_A.grad is not None and float(q.lora_A.grad.abs().sum()) > 0
 
     def test_fused_threshold_env_is_checked(self, monkeypatch):
-        from muscle_fast.ops import lowrank
+        from muscle_fast.ops import nf4
 
         monkeypatch.setenv("MUSCLE_FAST_FUSED_4BIT_MAX_M", "16")
-        assert lowrank._fused_4bit_max_m() == 16
+        assert nf4._fused_4bit_max_m() == 16
         for bad in ("-1", "x"):
             monkeypatch.setenv("MUSCLE_FAST_FUSED_4BIT_MAX_M", bad)
             with pytest.raises(ValueError, match="MUSCLE_FAST_FUSED_4BIT_MAX_M must be an integer >= 0"):
-                lowrank._fused_4bit_max_m()
+                nf4._fused_4bit_max_m()
 
     def test_report_counts_4bit_params(self, model):
         assert model.muscle_report.total_params > model.muscle_report.trainable_params > 0
@@ -343,7 +342,7 @@ class TestFourBitLayer:
 
     @pytest.fixture(params=["torch", "triton"])
     def backend(self, request):
-        from muscle_fast.kernels._common import kernels_run_on
+        from csrc_triton._common import kernels_run_on
 
         if request.param == "triton" and not kernels_run_on(torch.device("cpu")):
             pytest.skip("a CPU layer: the kernels run on it only under the interpreter")
@@ -380,14 +379,14 @@ class TestFourBitLayer:
 
     def test_workspace_is_freed_on_request(self, backend):
         import muscle_fast
-        from muscle_fast.ops import lowrank
+        from muscle_fast.ops import nf4
 
         muscle_fast.free_4bit_workspaces()  # what other tests left
         m = MuScleLinear(self._linear4bit(64, 32), r=2, backend=backend)
         m(torch.randn(2, 64))
-        assert bool(lowrank._workspace) == (backend == "triton")
+        assert bool(nf4._workspace) == (backend == "triton")
         muscle_fast.free_4bit_workspaces()
-        assert not lowrank._workspace and not len(lowrank._prepared)
+        assert not nf4._workspace and not len(nf4._prepared)
         m(torch.randn(2, 64))  # allocates again
 
     def test_param_count_any_storage_and_odd_sizes(self):
@@ -592,6 +591,6 @@ def test_4bit_weight_repacked_by_bnb_cpu_inference_still_dequantizes():
 
 
 def dequantize(layer):
-    from muscle_fast.nf4 import dequantize_4bit
+    from muscle_fast.ops.nf4 import dequantize_4bit
 
     return dequantize_4bit(layer.weight.data, layer.weight.quant_state)

@@ -2,40 +2,13 @@
 
 from __future__ import annotations
 
-import random
-
 import pytest
 import torch
+from helpers import WordTokenizer, make_rows
 from tiny_models import tiny_model
 
 from muscle_fast import patch_model
 from muscle_fast.train import TrainConfig, accuracy, train_muscle
-
-WORDS = [f"w{i}" for i in range(40)]
-
-
-class WordTokenizer:
-    """A deterministic whitespace tokenizer with the HF call signature (ids 3..)."""
-
-    pad_token_id = 0
-
-    def __call__(self, texts, padding=True, truncation=True, max_length=32, return_tensors="pt"):
-        ids = [[3 + WORDS.index(w) for w in t.split()][:max_length] for t in texts]
-        n = max(len(x) for x in ids)
-        input_ids = torch.tensor([x + [0] * (n - len(x)) for x in ids])
-        mask = torch.tensor([[1] * len(x) + [0] * (n - len(x)) for x in ids])
-        return {"input_ids": input_ids, "attention_mask": mask}
-
-
-def make_rows(n: int, seed: int):
-    """Label 1 iff the sentence contains a word from the first half of the vocabulary more often."""
-    rng = random.Random(seed)
-    rows = []
-    for _ in range(n):
-        words = [rng.choice(WORDS) for _ in range(rng.randint(3, 9))]
-        lab = int(sum(WORDS.index(w) < 20 for w in words) * 2 > len(words))
-        rows.append((" ".join(words), lab))
-    return rows
 
 
 def _model(family="bert"):

@@ -4,22 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_train import WordTokenizer, make_rows
+from helpers import make_rows, word_dataset
 from tiny_models import tiny_model
 from transformers import TrainerCallback, TrainingArguments
 
 from muscle_fast import patch_model
 from muscle_fast.trainer import MuScleTrainer
-
-
-def _dataset(rows, length=12):
-    from datasets import Dataset
-
-    enc = WordTokenizer()([t for t, _ in rows], max_length=length)
-    pad = length - enc["input_ids"].shape[1]
-    ids = torch.nn.functional.pad(enc["input_ids"], (0, pad)).tolist()
-    mask = torch.nn.functional.pad(enc["attention_mask"], (0, pad)).tolist()
-    return Dataset.from_dict({"input_ids": ids, "attention_mask": mask, "labels": [lab for _, lab in rows]})
 
 
 class CheckParallel(TrainerCallback):
@@ -61,8 +51,8 @@ def test_trainer_aligns_every_step(tmp_path):
     trainer = MuScleTrainer(
         model=model,
         args=args,
-        train_dataset=_dataset(make_rows(32, 0)),
-        ref_dataset=_dataset(make_rows(12, 1)),
+        train_dataset=word_dataset(make_rows(32, 0)),
+        ref_dataset=word_dataset(make_rows(12, 1)),
         callbacks=[cb],
         align_kwargs=dict(min_ref_loss=0.0),
     )
@@ -84,8 +74,8 @@ def _trainer(tmp_path, trainer_kwargs=None, **overrides) -> MuScleTrainer:
     return MuScleTrainer(
         model=model,
         args=TrainingArguments(**kw),
-        train_dataset=_dataset(make_rows(32, 0)),
-        ref_dataset=_dataset(make_rows(12, 1)),
+        train_dataset=word_dataset(make_rows(32, 0)),
+        ref_dataset=word_dataset(make_rows(12, 1)),
         **(trainer_kwargs or {}),
     )
 

@@ -34,7 +34,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .fourier import _check_deltas, frequency_deviations
+from ..distributed import unwrap_model, world
+from ..evaluation import Row, as_rows
+from .fourier import check_deltas, frequency_deviations
 
 __all__ = ["DEFAULT_NEIGHBOURS", "FourierTracker", "embedding_module", "neighbourhood_size", "plot_fourier"]
 
@@ -124,7 +126,7 @@ def _jsonable(obj: Any) -> Any:
 class _Fixed:
     """One named set: the tokenised sample (CPU), labels, real lengths, length-sorted batch order."""
 
-    def __init__(self, rows: list[tuple[str, int]], enc: dict[str, torch.Tensor], side: str | None) -> None:
+    def __init__(self, rows: list[Row], enc: dict[str, torch.Tensor], side: str | None) -> None:
         self.rows = rows
         self.enc = enc
         self.labels = torch.tensor([lab for _, lab in rows], dtype=torch.long)
@@ -160,8 +162,6 @@ class FourierTracker:
         neighbours: Sequence[float] = DEFAULT_NEIGHBOURS,
         backend: str = "auto",
     ) -> None:
-        from ..train import as_rows
-
         if not sets:
             raise ValueError("FourierTracker: no sets to track")
         for name, v in (("every", every), ("max_length", max_length), ("batch_size", batch_size)):
@@ -171,7 +171,7 @@ class FourierTracker:
             raise ValueError(f"FourierTracker: max_samples must be an integer >= 2, got {max_samples!r}")
         self.deltas: list[float] | None = None
         if deltas is not None:
-            self.deltas = _check_deltas(deltas)
+            self.deltas = check_deltas(deltas)
             keys = [_delta_key(d) for d in self.deltas]
             if len(set(keys)) != len(keys):
                 raise ValueError(f"FourierTracker: deltas {self.deltas} repeat a width")
@@ -181,7 +181,7 @@ class FourierTracker:
         self.neighbours_targets = [float(k) for k in neighbours]
         self.backend = backend
 
-        picked: dict[str, list[tuple[str, int]]] = {}
+        picked: dict[str, list[Row]] = {}
         for name, raw in sets.items():
             rows = as_rows(raw, f"sets[{name!r}]")
             if len(rows) < 2:
@@ -230,7 +230,7 @@ class FourierTracker:
     def set_names(self) -> list[str]:
         return list(self._sets)
 
-    def sample(self, name: str) -> list[tuple[str, int]]:
+    def sample(self, name: str) -> list[Row]:
         """The fixed rows of set ``name`` (in the order of the recorded x and predictions)."""
         return list(self._sets[name].rows)
 
@@ -241,9 +241,7 @@ class FourierTracker:
         x: (n, T * hidden) float32, flattened embeddings-module outputs, zeros at padding; probs:
         (n, classes) softmax outputs; labels: (n,) integer targets. One forward pass per batch.
         """
-        from ..train import _unwrap
-
-        model = _unwrap(model)
+        model = unwrap_model(model)
         fs = self._sets[name]
         device = next(model.parameters()).device
         mod_name, module = embedding_module(model)
@@ -332,12 +330,10 @@ class FourierTracker:
 
     def record(self, step: int, model: nn.Module) -> bool:
         """Record now: eval mode and no grad for the pass, the previous mode restored; rank 0 only."""
-        from ..train import _unwrap, world
-
         if world()[0] != 0 or (self.steps and self.steps[-1] == step):
             return False
         t0 = time.perf_counter()
-        core = _unwrap(model)
+        core = unwrap_model(model)
         was = core.training
         core.eval()
         try:

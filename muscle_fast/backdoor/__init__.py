@@ -3,13 +3,13 @@
 Poisoned data comes either from OpenBackdoor-format folders (what the paper released)
 or from a clean set poisoned here with BadNets / AddSent; both give a ``BackdoorDataset``
 with the five splits the protocol needs.
+
+Modules, each importing only those above it: ``dataset`` (the structure and ``DataError``),
+``poison`` (BadNets, AddSent, ``make_poisoned``), ``data`` (file and hub loaders,
+``load_backdoor_sets``), ``metrics`` (CACC, ASR).
 """
 
 from .data import (
-    SETTINGS,
-    SPLITS,
-    BackdoorDataset,
-    DataError,
     load_backdoor_sets,
     load_clean_dir,
     load_clean_file,
@@ -17,6 +17,7 @@ from .data import (
     load_openbackdoor,
     resolve_train_file,
 )
+from .dataset import SETTINGS, SPLITS, BackdoorDataset, DataError
 from .metrics import attack_success_rate, clean_accuracy, evaluate_backdoor
 from .poison import POISONERS, AddSent, BadNets, get_poisoner, make_poisoned, poison_eval, poison_train
 

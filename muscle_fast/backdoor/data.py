@@ -12,20 +12,42 @@ from __future__ import annotations
 import csv
 import logging
 import math
-import random
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from ..config import DEFAULT_SEED
+from .dataset import SETTINGS, SPLITS, BackdoorDataset, DataError, Row
+from .poison import POISONERS, make_poisoned
+
+# SETTINGS, SPLITS, BackdoorDataset, DataError and Row live in .dataset and stay importable from here
+__all__ = [
+    "CLEAN_SPLIT_FILES",
+    "DEFAULT_RATE",
+    "HUB_SST2",
+    "OB_COLUMNS",
+    "OB_FILES",
+    "OB_TRAIN_FILE",
+    "SETTINGS",
+    "SPLITS",
+    "BackdoorDataset",
+    "DataError",
+    "Row",
+    "find_attack_dirs",
+    "is_attack_dir",
+    "is_clean_dir",
+    "load_backdoor_sets",
+    "load_clean_dir",
+    "load_clean_file",
+    "load_hub_sst2",
+    "load_openbackdoor",
+    "parse_attacks",
+    "read_openbackdoor_file",
+    "resolve_train_file",
+]
+
 logger = logging.getLogger("muscle_fast")
 
-Row = tuple[str, int]
-
-#: The five splits of the evaluation protocol.
-SPLITS = ("train", "dev_clean", "dev_poison", "test_clean", "test_poison")
-#: Poisoning settings: clean-label (only target rows), mix (any rows), dirty (only non-target rows).
-SETTINGS = ("clean", "mix", "dirty")
 DEFAULT_RATE = 0.1
 
 OB_FILES = {
@@ -43,108 +65,6 @@ CLEAN_SPLIT_FILES = {
     "test": ("test.tsv", "test.csv"),
 }
 HUB_SST2 = "SetFit/sst2"  # the OpenBackdoor split of SST-2: 6,920 / 872 / 1,821 rows
-
-
-class DataError(ValueError):
-    """Bad input data: the message names the folder, file or column at fault."""
-
-
-@dataclass
-class BackdoorDataset:
-    """One attack on one dataset: the five splits as (text, label) rows plus per-row poison flags.
-
-    ``dev_poison`` / ``test_poison`` hold only triggered rows whose original label is not the
-    target, labelled with the target, so their accuracy is the attack success rate.
-    """
-
-    dataset: str
-    attack: str
-    target_label: int
-    num_labels: int
-    train: list[Row]
-    dev_clean: list[Row]
-    dev_poison: list[Row]
-    test_clean: list[Row]
-    test_poison: list[Row]
-    poison_flags: dict[str, list[bool]] = field(default_factory=dict)
-    setting: str | None = None
-    rate: float | None = None
-    source: str = ""
-    sources: dict[str, str] = field(default_factory=dict)  # split -> file it came from (for errors)
-
-    def __post_init__(self) -> None:
-        for name in SPLITS:
-            rows = getattr(self, name)
-            flags = self.poison_flags.setdefault(name, [name.endswith("_poison")] * len(rows))
-            if len(flags) != len(rows):
-                raise DataError(f"{self._where(name)}: {len(flags)} poison flags for {len(rows)} rows")
-
-    def _where(self, split: str) -> str:
-        return self.sources.get(split) or f"{self.dataset}/{self.attack} split {split!r}"
-
-    def split(self, name: str) -> list[Row]:
-        if name not in SPLITS:
-            raise DataError(f"unknown split {name!r}; splits: {list(SPLITS)}")
-        return getattr(self, name)
-
-    @property
-    def train_poison_flags(self) -> list[bool]:
-        return self.poison_flags["train"]
-
-    def validate(self) -> BackdoorDataset:
-        """Reject empty splits and labels outside [0, num_labels); returns self."""
-        if not 0 <= self.target_label < self.num_labels:
-            raise DataError(
-                f"{self.dataset}/{self.attack}: target label {self.target_label} is outside the "
-                f"{self.num_labels} classes [0, {self.num_labels})"
-            )
-        for name in SPLITS:
-            rows = getattr(self, name)
-            if not rows:
-                raise DataError(f"{self._where(name)}: split {name!r} is empty")
-            bad = sorted({lab for _, lab in rows if not 0 <= lab < self.num_labels})
-            if bad:
-                raise DataError(
-                    f"{self._where(name)}: labels {bad[:5]} are outside the {self.num_labels} classes "
-                    f"[0, {self.num_labels})"
-                )
-        return self
-
-    def summary(self) -> dict[str, Any]:
-        """Row counts per split and the number of poisoned training rows (for logs and results)."""
-        out: dict[str, Any] = {name: len(getattr(self, name)) for name in SPLITS}
-        out["train_poisoned"] = sum(self.train_poison_flags)
-        return out
-
-    def subsample(
-        self, max_train_rows: int | None = None, max_eval_rows: int | None = None, seed: int = 42
-    ) -> BackdoorDataset:
-        """A seeded random subset for smoke runs; the training subset keeps the poison share.
-
-        Each split has its own generator, so the evaluation subsets do not depend on
-        ``max_train_rows`` (a later ``eval`` with the same seed sees the same rows).
-        """
-        for name, v in (("max_train_rows", max_train_rows), ("max_eval_rows", max_eval_rows)):
-            if v is not None and v < 1:
-                raise DataError(f"{name} must be >= 1, got {v}")
-        changes: dict[str, Any] = {}
-        flags = dict(self.poison_flags)
-        if max_train_rows is not None and max_train_rows < len(self.train):
-            rng = random.Random(f"{seed}:train")
-            poisoned = [i for i, f in enumerate(self.train_poison_flags) if f]
-            clean = [i for i, f in enumerate(self.train_poison_flags) if not f]
-            n_p = round(max_train_rows * len(poisoned) / len(self.train))
-            keep = sorted(rng.sample(poisoned, n_p) + rng.sample(clean, max_train_rows - n_p))
-            changes["train"] = [self.train[i] for i in keep]
-            flags["train"] = [self.train_poison_flags[i] for i in keep]
-        if max_eval_rows is not None:
-            for name in SPLITS[1:]:
-                rows = getattr(self, name)
-                if max_eval_rows < len(rows):
-                    keep = sorted(random.Random(f"{seed}:{name}").sample(range(len(rows)), max_eval_rows))
-                    changes[name] = [rows[i] for i in keep]
-                    flags[name] = [self.poison_flags[name][i] for i in keep]
-        return replace(self, poison_flags=flags, **changes)
 
 
 # ---------------------------------------------------------------------------------------------- files
@@ -460,7 +380,8 @@ def load_hub_sst2(cache_dir: str | None = None) -> dict[str, list[Row]]:
     return out
 
 
-def _parse_attacks(attacks: Sequence[str] | str | None) -> list[str] | None:
+def parse_attacks(attacks: Sequence[str] | str | None) -> list[str] | None:
+    """The ``--attacks`` names (a comma list or a sequence), each once and in order; None for none."""
     if attacks is None:
         return None
     items = attacks.split(",") if isinstance(attacks, str) else list(attacks)
@@ -475,7 +396,7 @@ def load_backdoor_sets(
     rate: float | None = None,
     target_label: int | None = None,
     num_labels: int | None = None,
-    seed: int = 42,
+    seed: int = DEFAULT_SEED,
 ) -> list[BackdoorDataset]:
     """Every (dataset, attack) a ``--data-dir`` describes, ready for the defense runs.
 
@@ -483,9 +404,7 @@ def load_backdoor_sets(
     some), or a clean dataset folder; with no folder SST-2 comes from the hub. Clean data is
     poisoned here with the built-in attacks (default BadNets, mix setting, rate 0.1, target 1).
     """
-    from .poison import POISONERS, make_poisoned
-
-    wanted = _parse_attacks(attacks)
+    wanted = parse_attacks(attacks)
     if data_dir is None or is_clean_dir(data_dir):
         if data_dir is None:
             clean, name, src = load_hub_sst2(), "sst-2", f"hub:{HUB_SST2}"

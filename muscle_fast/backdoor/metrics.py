@@ -7,7 +7,8 @@ from typing import Any
 
 import torch
 
-from .data import BackdoorDataset, Row
+from ..evaluation import Row, predict
+from .dataset import BackdoorDataset
 
 
 def _as_list(x: Sequence[int] | torch.Tensor) -> list[int]:
@@ -55,8 +56,6 @@ def evaluate_backdoor(
     splits: tuple[str, str] = ("test_clean", "test_poison"),
 ) -> dict[str, float]:
     """``{"cacc", "asr"}`` of ``model`` on the clean and poisoned splits named in ``splits``."""
-    from ..train import predict
-
     clean: list[Row] = ds.split(splits[0])
     poison: list[Row] = ds.split(splits[1])
     pc = predict(model, tokenizer, clean, batch_size, max_length)

@@ -13,7 +13,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from .data import SETTINGS, BackdoorDataset, DataError, Row
+from ..config import DEFAULT_SEED
+from .dataset import SETTINGS, BackdoorDataset, DataError, Row
 
 
 class Poisoner(Protocol):
@@ -135,7 +136,7 @@ def make_poisoned(
     setting: str = "mix",
     rate: float = 0.1,
     target: int = 1,
-    seed: int = 42,
+    seed: int = DEFAULT_SEED,
     num_labels: int | None = None,
     dataset: str = "custom",
 ) -> BackdoorDataset:

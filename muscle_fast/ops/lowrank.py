@@ -1,28 +1,172 @@
-"""Autograd wiring of the multi-scale low-rank linear (SPEC §2), backend-agnostic.
+"""The multi-scale low-rank linear (SPEC §2): torch reference, dispatch and autograd wiring.
 
-One ``torch.autograd.Function`` owns the frozen base GEMM and the low-rank
-path, so the low-rank output is added into the base output in place and the
-low-rank input gradient into the base input gradient in place. It saves only
-x and S = (x @ A^T) * scale (plus the small adapter weights): not y0, not a
-dropped-out copy of x (the dropout mask is regenerated from a seed).
+Kernels: ``csrc_triton/lowrank.py``. Reference: the pure-PyTorch twins below, with the same
+signatures and semantics as the Triton launchers (they accumulate in place with ``addmm_`` and skip
+M x N temporaries, so they are also the fast CPU path). fp16 is the exception: its range (65504)
+cannot hold the low-rank intermediates or the weight-gradient sums the kernels keep in fp32, so fp16
+operands are upcast and results rounded once.
 
-The same function runs the torch ops (``lowrank_torch``) or the Triton
-launchers (``muscle_fast.kernels.lowrank``): they share signatures.
+One ``torch.autograd.Function`` owns the frozen base GEMM and the low-rank path, so the low-rank
+output is added into the base output in place and the low-rank input gradient into the base input
+gradient in place. It saves only x and S = (x @ A^T) * scale (plus the small adapter weights): not
+y0, not a dropped-out copy of x (the dropout mask is regenerated from a seed).
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
-import weakref
+import functools
 from collections.abc import Callable, Iterator
-from types import ModuleType
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
 
-from . import lowrank_torch
+from . import nf4
+from .dispatch import use_kernels
+
+# --------------------------------------------------------------------------------------------------
+# Reference: pure-PyTorch twins of the csrc_triton.lowrank launchers
+# --------------------------------------------------------------------------------------------------
+
+
+def dropout_mask(m: int, k: int, p: float, seed: int, device: torch.device | str) -> torch.Tensor:
+    """Keep-mask of the torch path, regenerated from ``seed`` in backward (never saved)."""
+    gen = torch.Generator(device=device)
+    gen.manual_seed(int(seed))
+    return torch.rand((m, k), generator=gen, device=device) >= p
+
+
+def _dropped(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
+    if p <= 0.0:
+        return x
+    mask = dropout_mask(x.shape[0], x.shape[1], p, seed, x.device)
+    return x * mask.to(x.dtype) * (1.0 / (1.0 - p))
+
+
+def _groups(m: int, row_split: int | None) -> list[slice]:
+    if row_split is None:
+        return [slice(0, m)]
+    if not 0 <= row_split <= m:
+        raise ValueError(f"row_split={row_split} outside [0, {m}]")
+    return [slice(0, row_split), slice(row_split, m)]
+
+
+def _wide(t: torch.Tensor) -> torch.Tensor:
+    """fp16 -> fp32 (fp16's range overflows where the kernels' fp32 accumulators do not); else as is."""
+    return t.float() if t.dtype == torch.float16 else t
+
+
+def _grouped_tn(a: torch.Tensor, b: torch.Tensor, groups: list[slice]) -> torch.Tensor:
+    """out[g] = a[rows_g]^T @ b[rows_g] in float32, (G, a.shape[1], b.shape[1]); fp32 writes in place."""
+    a, b = _wide(a), _wide(b)
+    out = torch.empty((len(groups), a.shape[1], b.shape[1]), dtype=torch.float32, device=a.device)
+    for g, rows in enumerate(groups):
+        if a.dtype == torch.float32:
+            torch.mm(a[rows].t(), b[rows], out=out[g])
+        else:
+            out[g].copy_(a[rows].t() @ b[rows])
+    return out
+
+
+def lowrank_shrink(
+    x: torch.Tensor, A: torch.Tensor, scale: torch.Tensor, *, dropout_p: float = 0.0, seed: int = 0
+) -> torch.Tensor:
+    """S = (drop(x) @ A^T) * scale, float32 (M, R)."""
+    xd = _wide(_dropped(x, dropout_p, seed))
+    s = xd @ A.to(xd.dtype).t()
+    return s.float().mul_(scale)
+
+
+def lowrank_expand_(y: torch.Tensor, S: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+    """y += S @ B^T in place."""
+    if y.dtype == torch.float32:
+        return y.addmm_(S, B.float().t())
+    if y.dtype == torch.float16:
+        return y.copy_(y.float().addmm_(S, B.float().t()))  # one rounding, as the kernel does
+    return y.addmm_(S.to(y.dtype), B.to(y.dtype).t())
+
+
+def lowrank_backward_dS_dB(
+    dY: torch.Tensor, B: torch.Tensor, S: torch.Tensor, scale: torch.Tensor, *, row_split: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """dS = (dY @ B) * scale (M, R) and dB = dY^T @ S per row group, (G, N, R), both float32."""
+    dY = _wide(dY)
+    dS = (dY @ B.to(dY.dtype)).float().mul_(scale)
+    groups = _groups(dY.shape[0], row_split)
+    return dS, _grouped_tn(dY, S.to(dY.dtype), groups)
+
+
+def lowrank_grad_A(
+    dS: torch.Tensor, x: torch.Tensor, *, row_split: int | None = None, dropout_p: float = 0.0, seed: int = 0
+) -> torch.Tensor:
+    """dA = dS^T @ drop(x) per row group, (G, R, K) float32."""
+    xd = _wide(_dropped(x, dropout_p, seed))
+    groups = _groups(x.shape[0], row_split)
+    return _grouped_tn(dS.to(xd.dtype), xd, groups)
+
+
+def lowrank_dx_(
+    dX: torch.Tensor, dS: torch.Tensor, A: torch.Tensor, *, dropout_p: float = 0.0, seed: int = 0
+) -> torch.Tensor:
+    """dX += drop'(dS @ A) in place."""
+    if dropout_p <= 0.0:
+        if dX.dtype == torch.float32:
+            return dX.addmm_(dS, A.float())
+        if dX.dtype == torch.float16:
+            return dX.copy_(dX.float().addmm_(dS, A.float()))
+        return dX.addmm_(dS.to(dX.dtype), A.to(dX.dtype))
+    if dX.dtype == torch.float16:
+        return dX.copy_(dX.float().add_(_dropped(dS @ A.float(), dropout_p, seed)))
+    return dX.add_(_dropped((dS @ A.float()).to(dX.dtype), dropout_p, seed))
+
+
+# --------------------------------------------------------------------------------------------------
+# Op table and dispatch
+# --------------------------------------------------------------------------------------------------
+
+
+class LowRankOps(NamedTuple):
+    """One implementation of the five low-rank steps; ``kernels`` tells the Triton one apart."""
+
+    shrink: Callable[..., torch.Tensor]
+    expand_: Callable[..., torch.Tensor]
+    backward_dS_dB: Callable[..., tuple[torch.Tensor, torch.Tensor]]
+    grad_A: Callable[..., torch.Tensor]
+    dx_: Callable[..., torch.Tensor]
+    dropout_mask: Callable[..., torch.Tensor]  # the keep-mask the other steps regenerate (for tests)
+    kernels: bool
+
+
+TORCH_OPS = LowRankOps(
+    lowrank_shrink, lowrank_expand_, lowrank_backward_dS_dB, lowrank_grad_A, lowrank_dx_, dropout_mask, False
+)
+
+
+@functools.cache
+def triton_ops() -> LowRankOps:
+    """The Triton launchers (imported on first use: ``TRITON_INTERPRET`` is read when triton loads)."""
+    from csrc_triton import lowrank as k
+
+    return LowRankOps(
+        k.lowrank_shrink,
+        k.lowrank_expand_,
+        k.lowrank_backward_dS_dB,
+        k.lowrank_grad_A,
+        k.lowrank_dx_,
+        k.dropout_mask,
+        True,
+    )
+
+
+def get_ops(backend: str, device: torch.device, dtype: torch.dtype | None = None) -> LowRankOps:
+    """The implementation ``muscle_fast.ops.dispatch`` picks for this backend, device and dtype."""
+    return triton_ops() if use_kernels(backend, device, (dtype,), op="MuScleLinear") else TORCH_OPS
+
+
+# --------------------------------------------------------------------------------------------------
+# Row groups for single-pass gradient alignment (SPEC §4)
+# --------------------------------------------------------------------------------------------------
 
 
 class _SplitState:
@@ -35,40 +179,6 @@ class _SplitState:
 
 _state = _SplitState()
 
-
-def _fused_4bit_max_m() -> int:
-    raw = os.environ.get("MUSCLE_FAST_FUSED_4BIT_MAX_M", "0")
-    try:
-        value = int(raw)
-    except ValueError:
-        value = -1
-    if value < 0:
-        raise ValueError(f"MUSCLE_FAST_FUSED_4BIT_MAX_M must be an integer >= 0, got {raw!r}")
-    return value
-
-
-#: Input rows up to which a 4-bit base's forward runs the fused dequantize + matmul kernel
-#: (``muscle_fast.nf4.matmul_4bit``: the 16-bit weight is never written) instead of dequantize +
-#: cuBLAS. 0, i.e. off, until a GPU benchmark shows it faster (bench_nf4.py::test_small_m_matmul);
-#: ``MUSCLE_FAST_FUSED_4BIT_MAX_M`` sets it at import. The backward is the same either way.
-FUSED_4BIT_MAX_M: int = _fused_4bit_max_m()
-
-
-def get_ops(backend: str, device: torch.device, dtype: torch.dtype | None = None) -> ModuleType:
-    """The op table for a resolved backend ("auto", "torch" or "triton"), a device and a compute dtype.
-
-    "auto" takes the torch path off CUDA and for float64, which the kernels do not take (the
-    torch path is exact there; "triton" with float64 stays an error naming the dtype)."""
-    if backend == "torch" or (backend == "auto" and (device.type != "cuda" or dtype == torch.float64)):
-        return lowrank_torch
-    from muscle_fast.kernels import lowrank as lowrank_triton  # lazy: TRITON_INTERPRET is read at import
-
-    return lowrank_triton
-
-
-# --------------------------------------------------------------------------------------------------
-# Row groups for single-pass gradient alignment (SPEC §4)
-# --------------------------------------------------------------------------------------------------
 
 RefSink = Callable[[nn.Module, torch.Tensor, torch.Tensor], None]
 
@@ -116,15 +226,9 @@ def _is_conv1d(module: nn.Module) -> bool:
     return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
 
 
-def _is_linear4bit(module: nn.Module) -> bool:
-    return type(module).__name__ in ("Linear4bit", "LinearNF4", "LinearFP4") and type(
-        module
-    ).__module__.startswith("bitsandbytes")
-
-
 def base_kind(module: nn.Module) -> str | None:
     """ "linear", "conv1d", "4bit", or None for a layer MuScleLinear cannot wrap."""
-    if _is_linear4bit(module):
+    if nf4.is_linear4bit(module):
         return "4bit"
     if type(module).__module__.startswith("bitsandbytes"):
         return None  # 8-bit and other quantized layers: their weight is not a plain matrix
@@ -146,96 +250,10 @@ def base_weight(module: nn.Module, kind: str, dtype: torch.dtype, kernels: bool 
     elif kind == "conv1d":
         w = module.weight.t()
     elif kind == "4bit":
-        return _dequantize_4bit(module, dtype, kernels)
+        return nf4.dequantize_weight(module, dtype, kernels)
     else:  # pragma: no cover - guarded by MuScleLinear
         raise TypeError(kind)
     return w if w.dtype == dtype else w.to(dtype)
-
-
-_workspace: dict[tuple, torch.Tensor] = {}
-# per 4-bit module: its dequantization with the arguments checked once (host time per call)
-_prepared: weakref.WeakKeyDictionary[nn.Module, Any] = weakref.WeakKeyDictionary()
-
-
-def free_4bit_workspaces() -> None:
-    """Release the shared dequantization buffers and per-layer prepared launches of 4-bit layers.
-
-    They outlive the model (one buffer per weight shape, dtype and device: ~90 MB per shape for a
-    7B model in bf16); call this after ``del model`` to hand the memory back. The next forward of a
-    4-bit layer allocates again."""
-    _workspace.clear()
-    _prepared.clear()
-
-
-def _dequantize_4bit(module: nn.Module, dtype: torch.dtype, kernels: bool = True) -> torch.Tensor:
-    """The dequantized weight, written into a workspace reused by every 4-bit layer of that shape.
-
-    Forward and backward use the weight at once and drop it, so one buffer per (shape, dtype,
-    device) serves all layers; nothing of size N x K stays alive between forward and backward.
-    The buffer makes the 4-bit path single-threaded per device: layers of one shape must not run
-    their forwards/backwards concurrently from several threads (or streams) on the same device.
-    ``free_4bit_workspaces()`` releases the buffers (e.g. after ``del model``).
-    """
-    from muscle_fast.nf4 import PreparedDequant4bit, dequantize_4bit_ref
-
-    w = _standard_4bit_weight(module)
-    qs = w.quant_state
-    from muscle_fast.kernels._common import kernels_run_on
-
-    # Results are read from the ``out`` buffer, never from the return value: a packed weight stored
-    # as [1, 1] (a 2-element layer) would get bitsandbytes' back-compat transpose there.
-    if not (kernels and kernels_run_on(w.device)):
-        out = torch.empty(tuple(qs.shape), dtype=dtype, device=w.device)
-        dequantize_4bit_ref(w.data, qs, dtype=dtype, out=out)  # the exact torch path
-        return out
-    key = (tuple(qs.shape), dtype, w.device)
-    buf = _workspace.get(key)
-    if buf is None:
-        buf = _workspace[key] = torch.empty(tuple(qs.shape), dtype=dtype, device=w.device)
-    prepared = _prepared.get(module)
-    if prepared is None or not prepared.matches(w.data, qs, buf):
-        _prepared[module] = PreparedDequant4bit(w.data, qs, dtype, buf)  # fills buf
-    else:
-        prepared()
-    return buf
-
-
-def _standard_4bit_weight(module: nn.Module) -> nn.Parameter:
-    """The Linear4bit's weight in bitsandbytes' standard packed layout, with its quant_state."""
-    w = module.weight
-    if getattr(w, "quant_state", None) is None:
-        # FSDP (and anything else that re-wraps the Parameter) drops the state; bitsandbytes' own
-        # forward restores it from the module, so do the same rather than fail where it works
-        qs = getattr(module, "quant_state", None)
-        if qs is None:
-            raise RuntimeError(
-                f"{type(module).__name__}({module.in_features}, {module.out_features}): the 4-bit weight has "
-                "no quant_state (neither weight.quant_state nor module.quant_state); was it quantized "
-                "(moved to its device)?"
-            )
-        if type(w).__name__ != "Params4bit":
-            from bitsandbytes.nn import Params4bit
-
-            w = module.weight = Params4bit(
-                w.data, requires_grad=False, quant_storage=w.dtype, bnb_quantized=True, module=module
-            )
-        w.quant_state = qs
-    if getattr(w.quant_state, "packing_format_for_cpu", False):
-        # bitsandbytes' CPU inference path repacked this weight; restore the standard layout, as its
-        # own state_dict saving does
-        from bitsandbytes.nn.modules import _convert_weight_packed_for_cpu_inverse
-
-        w.data, w.quant_state = _convert_weight_packed_for_cpu_inverse(w.data, w.quant_state)
-    return w
-
-
-def _fused_4bit_forward(base: nn.Module, kind: str, x2: torch.Tensor, kernels: bool) -> bool:
-    m = x2.shape[0]
-    if not kernels or kind != "4bit" or m == 0 or m > FUSED_4BIT_MAX_M or x2.shape[-1] % 2:
-        return False
-    from muscle_fast.kernels._common import kernels_run_on
-
-    return kernels_run_on(x2.device)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -255,7 +273,7 @@ class MuScleLinearFunction(torch.autograd.Function):
         scale: torch.Tensor,
         base: nn.Module,
         kind: str,
-        ops: ModuleType,
+        ops: LowRankOps,
         dropout_p: float,
         seed: int,
         split: tuple[int, RefSink, int | None] | None,
@@ -268,17 +286,14 @@ class MuScleLinearFunction(torch.autograd.Function):
         if bias is not None and bias.dtype != dtype:
             bias = bias.to(dtype)
         Ac, Bc = A.to(dtype), B.to(dtype)
-        S = ops.lowrank_shrink(x2, Ac, scale, dropout_p=dropout_p, seed=seed)
-        kernels = ops is not lowrank_torch
-        if _fused_4bit_forward(base, kind, x2, kernels):  # small M: no 16-bit copy of the weight at all
-            from muscle_fast.nf4 import matmul_4bit
-
-            w = _standard_4bit_weight(base)
-            y = matmul_4bit(x2, w.data, w.quant_state, bias)
+        S = ops.shrink(x2, Ac, scale, dropout_p=dropout_p, seed=seed)
+        if nf4.use_fused_forward(kind, x2, ops.kernels):  # small M: no 16-bit copy of the weight at all
+            w = nf4.standard_4bit_weight(base)
+            y = nf4.matmul_4bit(x2, w.data, w.quant_state, bias, backend="triton")
         else:
-            W = base_weight(base, kind, dtype, kernels)
+            W = base_weight(base, kind, dtype, ops.kernels)
             y = x2 @ W.t() if bias is None else torch.addmm(bias, x2, W.t())
-        ops.lowrank_expand_(y, S, Bc)
+        ops.expand_(y, S, Bc)
         row_split = None if split is None else _row_split(x, x2.shape[0], split, module)
         ctx.save_for_backward(x2, Ac, Bc, scale, S)
         ctx.meta = (
@@ -302,18 +317,22 @@ class MuScleLinearFunction(torch.autograd.Function):
         dY2 = dY.reshape(-1, dY.shape[-1])
         if dY2.dtype != x2.dtype:
             dY2 = dY2.to(x2.dtype)
-        dS, dB = ops.lowrank_backward_dS_dB(dY2, Bc, S, scale, row_split=row_split)
+        dS, dB = ops.backward_dS_dB(dY2, Bc, S, scale, row_split=row_split)
         dA = None
         if ctx.needs_input_grad[1] or sink is not None:
-            dA = ops.lowrank_grad_A(dS, x2, row_split=row_split, dropout_p=dropout_p, seed=seed)
+            dA = ops.grad_A(dS, x2, row_split=row_split, dropout_p=dropout_p, seed=seed)
         dX = None
         if ctx.needs_input_grad[0]:
-            W = base_weight(base, kind, x2.dtype, ops is not lowrank_torch)
+            W = base_weight(base, kind, x2.dtype, ops.kernels)
             dX = dY2 @ W
-            ops.lowrank_dx_(dX, dS, Ac, dropout_p=dropout_p, seed=seed)
+            ops.dx_(dX, dS, Ac, dropout_p=dropout_p, seed=seed)
             dX = dX.reshape(*dY.shape[:-1], dX.shape[-1])
         if sink is not None and row_split is not None:
             sink(module, dA[1], dB[1])
         gA = dA[0].to(a_dtype) if ctx.needs_input_grad[1] else None
         gB = dB[0].to(b_dtype) if ctx.needs_input_grad[2] else None
         return dX, gA, gB, None, None, None, None, None, None, None, None
+
+
+# Deprecated location (the 4-bit workspace lives in muscle_fast.ops.nf4).
+free_4bit_workspaces = nf4.free_4bit_workspaces

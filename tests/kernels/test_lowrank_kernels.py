@@ -11,8 +11,9 @@ import math
 
 import pytest
 import torch
+from helpers import assert_rel_close as _assert_close
 
-from muscle_fast.kernels import _common, lowrank
+from csrc_triton import _common, lowrank
 
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
 DT_NAME = {F32: "fp32", F16: "fp16", BF16: "bf16"}
@@ -68,14 +69,6 @@ def _d(t: torch.Tensor) -> torch.Tensor:
     return t.detach().to(torch.float64)
 
 
-def _assert_close(out: torch.Tensor, ref: torch.Tensor, tol: float) -> None:
-    assert out.shape == ref.shape, (out.shape, ref.shape)
-    assert torch.isfinite(out).all()
-    denom = max(ref.abs().max().item(), 1e-30) if ref.numel() else 1.0
-    err = (_d(out) - ref).abs().max().item() / denom if ref.numel() else 0.0
-    assert err <= tol, f"relative error {err:.3g} > {tol:.3g}"
-
-
 def _keep(M: int, K: int, p: float, seed: int, device: str) -> torch.Tensor:
     """Float64 dropout multiplier (mask / (1 - p)) taken from the kernels' own mask."""
     return lowrank.dropout_mask(M, K, p, seed, device).to(torch.float64) / (1.0 - p)
@@ -106,22 +99,6 @@ def test_expand(case: tuple, device: str) -> None:
     ref = _d(y) + _d(S) @ _d(B).T
     out = lowrank.lowrank_expand_(y, S, B)
     assert out is y and y.dtype == dt
-    _assert_close(y, ref, TOL_OUT[dt])
-
-
-@case_params
-def test_fused_linear(case: tuple, device: str) -> None:
-    M, K, N, R, dt, layout = case
-    x = _rand(M, K, dt, device, layout)
-    W = _rand(N, K, dt, device, layout)
-    bias = torch.randn(N, device=device).to(dt) if M % 2 else None
-    S = _rand(M, R, F32, device)
-    B = _rand(N, R, dt, device)
-    y = lowrank.fused_linear_lowrank(x, W, bias, S, B)
-    ref = _d(x) @ _d(W).T + _d(S) @ _d(B).T
-    if bias is not None:
-        ref = ref + _d(bias)
-    assert y.dtype == dt
     _assert_close(y, ref, TOL_OUT[dt])
 
 
@@ -160,20 +137,6 @@ def test_dx(case: tuple, device: str) -> None:
     _assert_close(dX, ref, TOL_OUT[dt])
 
 
-def test_fused_linear_without_lowrank_and_forward_helper(device: str) -> None:
-    x = _rand(17, 67, BF16, device, "t")
-    W = _rand(131, 67, BF16, device)
-    y = lowrank.fused_linear_lowrank(x, W, None, None, None)
-    _assert_close(y, _d(x) @ _d(W).T, TOL_OUT[BF16])
-
-    A, B, scale = _rand(3, 67, BF16, device), _rand(131, 3, BF16, device), _scale(3, device)
-    y0 = _rand(17, 131, F32, device)
-    ref = _d(y0) + ((_d(x) @ _d(A).T) * _d(scale)) @ _d(B).T
-    out, S = lowrank.lowrank_forward(x, A, B, scale, y0)
-    assert out is y0 and S.shape == (17, 3)
-    _assert_close(y0, ref, TOL_F32_OUT[BF16])
-
-
 def test_mixed_dtypes(device: str) -> None:
     """Adapters in fp32 while the activations are bf16 (cast in-kernel, fp32 IEEE dot)."""
     M, K, N, R = 17, 67, 131, 3
@@ -187,9 +150,6 @@ def test_mixed_dtypes(device: str) -> None:
     ref = _d(y) + _d(S) @ _d(B).T
     lowrank.lowrank_expand_(y, S, B)
     _assert_close(y, ref, TOL_OUT[BF16])
-    W = _rand(N, K, F16, device)  # different 16-bit dtype than x: fp32 main loop
-    yf = lowrank.fused_linear_lowrank(x, W, torch.randn(N, device=device), S, B)
-    assert yf.dtype == BF16
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -257,7 +217,6 @@ def test_empty_rows(device: str) -> None:
     assert S.shape == (0, R) and S.dtype == F32
     y = torch.empty(0, N, device=device, dtype=BF16)
     assert lowrank.lowrank_expand_(y, S, B).shape == (0, N)
-    assert lowrank.fused_linear_lowrank(x, _rand(N, K, BF16, device), None, S, B).shape == (0, N)
     dS, dB = lowrank.lowrank_backward_dS_dB(y, B, S, scale, row_split=0)
     assert dS.shape == (0, R) and dB.shape == (2, N, R) and not dB.any()
     dA = lowrank.lowrank_grad_A(dS, x)
@@ -344,25 +303,37 @@ def test_cpu_without_interpreter_raises(monkeypatch: pytest.MonkeyPatch) -> None
 
 def test_config_choice(monkeypatch: pytest.MonkeyPatch) -> None:
     """Interpreter: its one small config; GPU: the autotune list, or one safe config when it is off."""
-    from muscle_fast.kernels import nf4
+    from csrc_triton import configs
 
-    expected = lowrank.SHRINK_CONFIGS if _common.AUTOTUNE else lowrank.UNTUNED_CONFIGS["shrink"]
-    assert lowrank._configs(lowrank.SHRINK_CONFIGS, "shrink") == (
-        lowrank.INTERPRET_CONFIGS["shrink"] if _common.INTERPRET else expected
-    )
+    assert configs.mode() == ("interpret" if _common.INTERPRET else "gpu" if _common.AUTOTUNE else "untuned")
     monkeypatch.setattr(_common, "INTERPRET", False)
     monkeypatch.setattr(_common, "AUTOTUNE", True)
-    assert lowrank._configs(lowrank.BWD_CONFIGS, "bwd") is lowrank.BWD_CONFIGS
+    assert configs.configs("lowrank.bwd_ds_db") is configs.CONFIGS["lowrank.bwd_ds_db"]["gpu"]
     monkeypatch.setattr(_common, "AUTOTUNE", False)
-    for name in lowrank.UNTUNED_CONFIGS:
-        (cfg,) = lowrank._configs([], name)
+    for name, table in configs.CONFIGS.items():
+        assert set(table) == {"gpu", "untuned", "interpret"}, name
+        for mode, cfgs in table.items():
+            assert cfgs, (name, mode)
+            for c in cfgs:
+                assert {"num_warps", "num_stages"} <= set(c) and configs.meta(c), (name, c)
+        if not name.startswith("lowrank."):
+            continue
+        (cfg,) = configs.configs(name)
         # fits shared memory at fp32 and R <= 64: stages * (tile + 64-wide operand) * 4 bytes
-        kw = cfg.kwargs
-        if name == "matmul":  # x and W tiles, plus the 64-wide low-rank operand
-            tile = kw["BLOCK_M"] * kw["BLOCK_K"] + kw["BLOCK_K"] * kw["BLOCK_N"]
-        else:
-            tile = math.prod(v for k, v in kw.items() if k.startswith("BLOCK_"))
-        assert cfg.num_stages * (tile + 64 * 64) * 4 <= 160 * 1024, name
-    monkeypatch.setattr(nf4, "INTERPRET", False)
-    monkeypatch.setattr(nf4, "AUTOTUNE", False)
-    assert len(nf4._configs()) == 1
+        tile = math.prod(v for k, v in configs.meta(cfg).items() if k.startswith("BLOCK_"))
+        assert cfg["num_stages"] * (tile + 64 * 64) * 4 <= 160 * 1024, name
+    assert len(configs.triton_configs("nf4.dequant")) == 1
+    with pytest.raises(KeyError, match="known"):
+        configs.configs("nope")
+
+
+def test_launch_config_selectors() -> None:
+    """Heuristic tables pick the last candidate whose selectors match (rows: a lower bound)."""
+    from csrc_triton import configs
+
+    small = configs.launch_config("gaussian_filter", rows=100, tc=1)
+    large = configs.launch_config("gaussian_filter", rows=1 << 20, tc=1)
+    assert (small["BLOCK"], small["BLOCK_D"]) == (32, 64) and (large["BLOCK"], large["BLOCK_D"]) == (64, 64)
+    assert configs.launch_config("gaussian_filter", rows=1 << 20, tc=0)["BLOCK_D"] == 32
+    with pytest.raises(KeyError, match="no gaussian_filter config"):
+        configs.launch_config("gaussian_filter", rows=10, tc=7)

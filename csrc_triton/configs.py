@@ -1,0 +1,165 @@
+"""Launch configurations of every kernel, as data, in one format.
+
+``CONFIGS[kernel][mode]`` is a list of dicts: the kernel's meta-parameters (upper case) plus
+``num_warps`` and ``num_stages``. The mode in force is picked once, at import:
+
+* ``"gpu"``: the autotune space on CUDA (or the ordered candidates of a heuristic, see below);
+* ``"untuned"``: with ``MUSCLE_FAST_AUTOTUNE=0``, one conservative config valid for every shape
+  (test runs over hundreds of odd shapes, where autotuning each would cost minutes);
+* ``"interpret"``: under Triton's CPU interpreter, one config with small tiles, so that the small
+  odd-sized test tensors still span several programs and partial blocks.
+
+Kernels launched without the autotuner (alignment, Gaussian filter) read their single config, or
+pick among candidates by lower-case selector keys (``min_rows``, ``tc``): the rule that uses them
+is documented at the launcher. This module imports triton only inside :func:`triton_configs`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from . import _common
+
+Config = dict[str, int]
+
+
+def _c(num_warps: int, num_stages: int, **meta: int) -> Config:
+    return {**meta, "num_warps": num_warps, "num_stages": num_stages}
+
+
+CONFIGS: dict[str, dict[str, list[Config]]] = {
+    # -- low-rank layer (lowrank.py) --------------------------------------------------------------------
+    "lowrank.shrink": {
+        "gpu": [
+            _c(4, 4, BLOCK_M=64, BLOCK_K=128),
+            _c(8, 3, BLOCK_M=64, BLOCK_K=256),
+            _c(8, 3, BLOCK_M=128, BLOCK_K=128),
+            _c(4, 4, BLOCK_M=128, BLOCK_K=64),
+            _c(4, 4, BLOCK_M=32, BLOCK_K=256),
+            _c(4, 5, BLOCK_M=32, BLOCK_K=128),
+        ],
+        "untuned": [_c(4, 2, BLOCK_M=64, BLOCK_K=64)],
+        "interpret": [_c(4, 1, BLOCK_M=32, BLOCK_K=32)],
+    },
+    "lowrank.expand": {
+        "gpu": [
+            _c(4, 2, BLOCK_M=64, BLOCK_N=128),
+            _c(8, 2, BLOCK_M=128, BLOCK_N=128),
+            _c(8, 2, BLOCK_M=64, BLOCK_N=256),
+            _c(8, 2, BLOCK_M=128, BLOCK_N=256),
+            _c(4, 2, BLOCK_M=32, BLOCK_N=128),
+        ],
+        "untuned": [_c(4, 2, BLOCK_M=64, BLOCK_N=64)],
+        "interpret": [_c(4, 1, BLOCK_M=32, BLOCK_N=32)],
+    },
+    "lowrank.bwd_ds_db": {
+        "gpu": [
+            _c(4, 3, BLOCK_M=64, BLOCK_N=64),
+            _c(4, 3, BLOCK_M=64, BLOCK_N=128),
+            _c(8, 3, BLOCK_M=128, BLOCK_N=64),
+            _c(8, 3, BLOCK_M=128, BLOCK_N=128),
+            _c(8, 2, BLOCK_M=256, BLOCK_N=64),
+        ],
+        "untuned": [_c(4, 2, BLOCK_M=64, BLOCK_N=64)],
+        "interpret": [_c(4, 1, BLOCK_M=32, BLOCK_N=32)],
+    },
+    "lowrank.grad_a": {
+        "gpu": [
+            _c(4, 4, BLOCK_M=64, BLOCK_K=64),
+            _c(4, 4, BLOCK_M=64, BLOCK_K=128),
+            _c(8, 3, BLOCK_M=128, BLOCK_K=128),
+            _c(8, 3, BLOCK_M=64, BLOCK_K=256),
+            _c(4, 4, BLOCK_M=128, BLOCK_K=64),
+        ],
+        "untuned": [_c(4, 2, BLOCK_M=64, BLOCK_K=64)],
+        "interpret": [_c(4, 1, BLOCK_M=32, BLOCK_K=32)],
+    },
+    # -- NF4 / FP4 dequantization (nf4.py): packed bytes per program (x2 output elements) ----------------
+    "nf4.dequant": {
+        "gpu": [
+            _c(4, 1, BYTES=1024),
+            _c(4, 1, BYTES=2048),
+            _c(8, 1, BYTES=2048),
+            _c(8, 1, BYTES=4096),
+            _c(16, 1, BYTES=4096),
+        ],
+        "untuned": [_c(4, 1, BYTES=2048)],
+        "interpret": [_c(4, 1, BYTES=512)],
+    },
+    # -- fused 4-bit matmul (nf4_matmul.py): decode shapes are memory-bound, wide N tiles ----------------
+    "nf4.matmul": {
+        "gpu": [
+            _c(4, 1, BLOCK_N=64, BLOCK_K=128),
+            _c(4, 1, BLOCK_N=64, BLOCK_K=256),
+            _c(4, 1, BLOCK_N=128, BLOCK_K=128),
+            _c(8, 1, BLOCK_N=128, BLOCK_K=256),
+            _c(4, 1, BLOCK_N=32, BLOCK_K=512),
+        ],
+        "untuned": [_c(4, 1, BLOCK_N=64, BLOCK_K=128)],
+        "interpret": [_c(4, 1, BLOCK_N=16, BLOCK_K=32)],
+    },
+    # -- gradient alignment (align.py): elements per vector step, steps per chunk, reduction width --------
+    "align.fused": {
+        "gpu": [_c(4, 1, BLOCK=1024, ITERS=8, RBLOCK=128)],
+        "untuned": [_c(4, 1, BLOCK=1024, ITERS=8, RBLOCK=128)],
+        "interpret": [_c(4, 1, BLOCK=1024, ITERS=8, RBLOCK=128)],
+    },
+    # -- Gaussian filter (gaussian_filter.py): the last candidate whose ``tc`` (16-bit tensor-core
+    # input) matches and whose ``min_rows`` <= n wins; sized with ptxas to avoid spills -----------------
+    "gaussian_filter": {
+        mode: [
+            {"tc": 0, "min_rows": 0, "BLOCK": 32, "BLOCK_D": 32, "num_warps": 4, "num_stages": 1},
+            {"tc": 1, "min_rows": 0, "BLOCK": 32, "BLOCK_D": 64, "num_warps": 4, "num_stages": 1},
+            {"tc": 0, "min_rows": 16384, "BLOCK": 64, "BLOCK_D": 32, "num_warps": 8, "num_stages": 1},
+            {"tc": 1, "min_rows": 16384, "BLOCK": 64, "BLOCK_D": 64, "num_warps": 8, "num_stages": 1},
+        ]
+        for mode in ("gpu", "untuned", "interpret")
+    },
+}
+
+
+def mode() -> str:
+    """The config list in force: ``"interpret"``, ``"gpu"`` or ``"untuned"``."""
+    if _common.INTERPRET:
+        return "interpret"
+    return "gpu" if _common.AUTOTUNE else "untuned"
+
+
+def configs(kernel: str) -> list[Config]:
+    """The configs in force for ``kernel`` (a KeyError names the known kernels)."""
+    try:
+        table = CONFIGS[kernel]
+    except KeyError:
+        raise KeyError(f"no launch configs for kernel {kernel!r}; known: {sorted(CONFIGS)}") from None
+    return table[mode()]
+
+
+def launch_config(kernel: str, **selectors: int) -> Config:
+    """The one config of a kernel launched without the autotuner.
+
+    With ``selectors``: the last candidate whose ``min_rows`` is at most ``rows`` and whose other
+    lower-case keys equal the given values."""
+    rows = selectors.pop("rows", None)
+    chosen: Config | None = None
+    for c in configs(kernel):
+        if rows is not None and c.get("min_rows", 0) > rows:
+            continue
+        if all(c.get(k) == v for k, v in selectors.items()):
+            chosen = c
+    if chosen is None:
+        raise KeyError(f"no {kernel} config matches {selectors} (rows={rows})")
+    return chosen
+
+
+def meta(config: Config) -> dict[str, Any]:
+    """The kernel meta-parameters of a config (upper-case keys)."""
+    return {k: v for k, v in config.items() if k.isupper()}
+
+
+def triton_configs(kernel: str) -> list[Any]:
+    """``triton.Config`` objects for ``@triton.autotune``."""
+    import triton
+
+    return [
+        triton.Config(meta(c), num_warps=c["num_warps"], num_stages=c["num_stages"]) for c in configs(kernel)
+    ]

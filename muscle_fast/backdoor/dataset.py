@@ -1,0 +1,124 @@
+"""The structure every backdoor data source is loaded into, and the error bad data raises.
+
+It sits below both the file loaders (``data``) and the built-in poisoners (``poison``), so
+either can build a ``BackdoorDataset`` without importing the other.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from ..config import DEFAULT_SEED
+from ..errors import MuscleFastError
+from ..evaluation import Row
+
+__all__ = ["SETTINGS", "SPLITS", "BackdoorDataset", "DataError", "Row"]
+
+#: The five splits of the evaluation protocol.
+SPLITS = ("train", "dev_clean", "dev_poison", "test_clean", "test_poison")
+#: Poisoning settings: clean-label (only target rows), mix (any rows), dirty (only non-target rows).
+SETTINGS = ("clean", "mix", "dirty")
+
+
+class DataError(MuscleFastError, ValueError):
+    """Bad input data: the message names the folder, file or column at fault."""
+
+
+@dataclass
+class BackdoorDataset:
+    """One attack on one dataset: the five splits as (text, label) rows plus per-row poison flags.
+
+    ``dev_poison`` / ``test_poison`` hold only triggered rows whose original label is not the
+    target, labelled with the target, so their accuracy is the attack success rate.
+    """
+
+    dataset: str
+    attack: str
+    target_label: int
+    num_labels: int
+    train: list[Row]
+    dev_clean: list[Row]
+    dev_poison: list[Row]
+    test_clean: list[Row]
+    test_poison: list[Row]
+    poison_flags: dict[str, list[bool]] = field(default_factory=dict)
+    setting: str | None = None
+    rate: float | None = None
+    source: str = ""
+    sources: dict[str, str] = field(default_factory=dict)  # split -> file it came from (for errors)
+
+    def __post_init__(self) -> None:
+        for name in SPLITS:
+            rows = getattr(self, name)
+            flags = self.poison_flags.setdefault(name, [name.endswith("_poison")] * len(rows))
+            if len(flags) != len(rows):
+                raise DataError(f"{self._where(name)}: {len(flags)} poison flags for {len(rows)} rows")
+
+    def _where(self, split: str) -> str:
+        return self.sources.get(split) or f"{self.dataset}/{self.attack} split {split!r}"
+
+    def split(self, name: str) -> list[Row]:
+        if name not in SPLITS:
+            raise DataError(f"unknown split {name!r}; splits: {list(SPLITS)}")
+        return getattr(self, name)
+
+    @property
+    def train_poison_flags(self) -> list[bool]:
+        return self.poison_flags["train"]
+
+    def validate(self) -> BackdoorDataset:
+        """Reject empty splits and labels outside [0, num_labels); returns self."""
+        if not 0 <= self.target_label < self.num_labels:
+            raise DataError(
+                f"{self.dataset}/{self.attack}: target label {self.target_label} is outside the "
+                f"{self.num_labels} classes [0, {self.num_labels})"
+            )
+        for name in SPLITS:
+            rows = getattr(self, name)
+            if not rows:
+                raise DataError(f"{self._where(name)}: split {name!r} is empty")
+            bad = sorted({lab for _, lab in rows if not 0 <= lab < self.num_labels})
+            if bad:
+                raise DataError(
+                    f"{self._where(name)}: labels {bad[:5]} are outside the {self.num_labels} classes "
+                    f"[0, {self.num_labels})"
+                )
+        return self
+
+    def summary(self) -> dict[str, Any]:
+        """Row counts per split and the number of poisoned training rows (for logs and results)."""
+        out: dict[str, Any] = {name: len(getattr(self, name)) for name in SPLITS}
+        out["train_poisoned"] = sum(self.train_poison_flags)
+        return out
+
+    def subsample(
+        self, max_train_rows: int | None = None, max_eval_rows: int | None = None, seed: int = DEFAULT_SEED
+    ) -> BackdoorDataset:
+        """A seeded random subset for smoke runs; the training subset keeps the poison share.
+
+        Each split has its own generator, so the evaluation subsets do not depend on
+        ``max_train_rows`` (a later ``eval`` with the same seed sees the same rows).
+        """
+        for name, v in (("max_train_rows", max_train_rows), ("max_eval_rows", max_eval_rows)):
+            if v is not None and v < 1:
+                raise DataError(f"{name} must be >= 1, got {v}")
+        changes: dict[str, Any] = {}
+        flags = dict(self.poison_flags)
+        if max_train_rows is not None and max_train_rows < len(self.train):
+            rng = random.Random(f"{seed}:train")
+            poisoned = [i for i, f in enumerate(self.train_poison_flags) if f]
+            clean = [i for i, f in enumerate(self.train_poison_flags) if not f]
+            n_p = round(max_train_rows * len(poisoned) / len(self.train))
+            keep = sorted(rng.sample(poisoned, n_p) + rng.sample(clean, max_train_rows - n_p))
+            changes["train"] = [self.train[i] for i in keep]
+            flags["train"] = [self.train_poison_flags[i] for i in keep]
+        if max_eval_rows is not None:
+            for name in SPLITS[1:]:
+                rows = getattr(self, name)
+                if max_eval_rows < len(rows):
+                    keep = sorted(random.Random(f"{seed}:{name}").sample(range(len(rows)), max_eval_rows))
+                    changes[name] = [rows[i] for i in keep]
+                    flags[name] = [self.poison_flags[name][i] for i in keep]
+        return replace(self, poison_flags=flags, **changes)

@@ -1,0 +1,79 @@
+"""Rows in, labels out: the one way every part of the package tokenises and scores a text set.
+
+Training (dev selection), the backdoor metrics (CACC / ASR) and the Fourier tracker all read rows
+through ``as_rows`` and predict through ``predict``, so a number in a report means the same thing
+wherever it was computed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from .distributed import unwrap_model
+
+#: One labelled text: (text, class index).
+Row = tuple[str, int]
+
+__all__ = ["Row", "accuracy", "as_rows", "encode", "predict"]
+
+
+def as_rows(rows: Sequence[Any], what: str) -> list[Row]:
+    """Accept (text, label) pairs or dicts with text/sentence and label; ``what`` names the set in errors."""
+    out: list[Row] = []
+    for i, r in enumerate(rows):
+        if isinstance(r, Mapping):
+            text = r.get("text", r.get("sentence"))
+            label = r.get("label")
+        else:
+            text, label = r[0], r[1]
+        if not isinstance(text, str) or label is None:
+            raise ValueError(f"{what}: row {i} has no text/label: {r!r}")
+        out.append((text, int(label)))
+    return out
+
+
+def encode(
+    tokenizer: Any, rows: Sequence[Row], max_length: int, device: torch.device
+) -> dict[str, torch.Tensor]:
+    """A padded model batch of ``rows`` on ``device``, labels included (the loss needs them)."""
+    enc = tokenizer(
+        [t for t, _ in rows], padding=True, truncation=True, max_length=max_length, return_tensors="pt"
+    )
+    batch = {k: v.to(device) for k, v in enc.items()}
+    batch["labels"] = torch.tensor([lab for _, lab in rows], dtype=torch.long, device=device)
+    return batch
+
+
+@torch.no_grad()
+def predict(
+    model: nn.Module, tokenizer: Any, rows: Sequence[Row], batch_size: int = 64, max_length: int = 128
+) -> torch.Tensor:
+    """Predicted labels for ``rows`` (eval mode for the call, the previous mode restored)."""
+    core = unwrap_model(model)
+    was = core.training
+    core.eval()
+    device = next(core.parameters()).device
+    preds = []
+    try:
+        for i in range(0, len(rows), batch_size):
+            batch = encode(tokenizer, rows[i : i + batch_size], max_length, device)
+            batch.pop("labels")
+            preds.append(core(**batch).logits.argmax(-1).cpu())
+    finally:
+        core.train(was)
+    return torch.cat(preds) if preds else torch.empty(0, dtype=torch.long)
+
+
+def accuracy(
+    model: nn.Module, tokenizer: Any, rows: Sequence[Row], batch_size: int = 64, max_length: int = 128
+) -> float:
+    """Share of rows predicted as their label (on a poisoned set labelled with the target: the ASR)."""
+    if not rows:
+        raise ValueError("accuracy: empty evaluation set")
+    pred = predict(model, tokenizer, rows, batch_size, max_length)
+    gold = torch.tensor([lab for _, lab in rows])
+    return float((pred == gold).float().mean())

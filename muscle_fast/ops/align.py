@@ -1,0 +1,247 @@
+"""Gradient alignment (SPEC §4): the torch path, the paper's loop (reference) and the rho schedule.
+
+Kernels: ``csrc_triton/align.py``; the user-facing ``GradientAligner`` (``muscle_fast.align``)
+dispatches between them and this torch path.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from csrc_triton._common import round_f32 as _f32
+from muscle_fast.config import ALIGN_DEFAULTS
+
+__all__ = [
+    "align_fused",
+    "align_loop_reference",
+    "align_torch",
+    "build_fused_plan",
+    "mixed_open",
+    "raw_grad_ratio",
+]
+
+
+def raw_grad_ratio(epoch: float, max_raw_grad_ratio: float, ga_epoch: float, epochs: float) -> float:
+    """Weight ``rho`` of the raw gradient in the mixed branch (host-side: it depends on the epoch only).
+
+    ``rho = max_raw_grad_ratio * (epoch - ga_epoch) / (epochs - ga_epoch)``, clamped to
+    ``[0, 1]``. When ``epochs <= ga_epoch`` the schedule has no length (the paper's code
+    divides by zero); we then use ``rho = max_raw_grad_ratio``, the value the schedule ends at.
+    """
+    if epochs > ga_epoch:
+        rho = max_raw_grad_ratio * (epoch - ga_epoch) / (epochs - ga_epoch)
+    else:
+        rho = max_raw_grad_ratio
+    return min(max(float(rho), 0.0), 1.0)
+
+
+def mixed_open(epoch: float, max_raw_grad_ratio: float, ga_epoch: float) -> bool:
+    """Whether the mixed branch (mode 2) may run at this epoch."""
+    return max_raw_grad_ratio > 0 and epoch >= ga_epoch
+
+
+# -- torch path ---------------------------------------------------------------------------------------------
+def align_torch(
+    grads: list[torch.Tensor | None],
+    refs: list[torch.Tensor | None],
+    ref_loss: torch.Tensor | float,
+    min_ref_grad_norm: float,
+    min_ref_loss: float,
+    rho: float,
+    mixed: bool,
+    device: torch.device,
+) -> torch.Tensor:
+    """Torch implementation, no host sync: the readable fast-enough path for CPU and for checking.
+
+    ||g||, ||c||: ``torch._foreach_norm`` (fp32 accumulation, fp32 inputs: bf16/fp16 are
+    upcast first). <g, c>: ``torch._foreach_mul`` products summed per tensor in fp64.
+    Decision and coefficients: float64 [T] tensors combined with ``torch.where``. Update:
+    per-tensor ``torch.where`` (so that a kept tensor is never touched by a NaN in c).
+    """
+    T = len(grads)
+    f64 = dict(dtype=torch.float64, device=device)
+    zero32 = torch.zeros((), dtype=torch.float32, device=device)
+    g32 = [None if g is None else g.float() for g in grads]
+    c32 = [None if c is None else c.float() for c in refs]
+    gi = [i for i in range(T) if g32[i] is not None]
+    ci = [i for i in range(T) if c32[i] is not None]
+    pi = [i for i in range(T) if g32[i] is not None and c32[i] is not None]
+
+    def stack_at(idx: list[int], vals: Sequence[torch.Tensor]) -> torch.Tensor:
+        """[T] float64 vector from 0-d values at positions ``idx`` (0 elsewhere), one stack."""
+        if len(idx) == T:
+            return torch.stack(list(vals)).to(torch.float64)
+        zero = zero32.to(vals[0].dtype)
+        full: list[torch.Tensor] = [zero] * T
+        for i, v in zip(idx, vals, strict=True):
+            full[i] = v
+        return torch.stack(full).to(torch.float64)
+
+    gn = stack_at(gi, torch._foreach_norm([g32[i] for i in gi])) if gi else torch.zeros(T, **f64)
+    cn = stack_at(ci, torch._foreach_norm([c32[i] for i in ci])) if ci else torch.zeros(T, **f64)
+    if pi:
+        # Products multi-tensor; the signed sums per tensor in fp64 (a sum of mixed-sign terms
+        # has no foreach form that stays accurate when g and c are nearly orthogonal).
+        prods = torch._foreach_mul([g32[i] for i in pi], [c32[i] for i in pi])
+        dots = [p.sum(dtype=torch.float64) for p in prods]
+        del prods
+        dot = stack_at(pi, dots)
+    else:
+        dot = torch.zeros(T, **f64)
+    gg, cc = gn * gn, cn * cn
+
+    g_fin, c_fin, d_fin = torch.isfinite(gg), torch.isfinite(cc), torch.isfinite(dot)
+    c_ok = c_fin & (cc > 0)
+    n_ref = c_ok.sum().to(torch.float64)
+    mean_norm = torch.where(c_ok, cn, 0.0).sum() / n_ref.clamp_min(1.0)
+    if isinstance(ref_loss, torch.Tensor) and ref_loss.device == device:
+        loss = ref_loss.detach().reshape(()).to(torch.float32).to(torch.float64)
+    else:
+        loss = torch.full((), _f32(float(ref_loss)), **f64)  # a fill, not a host->device copy
+    aligned = (mean_norm > _f32(min_ref_grad_norm)) & (loss > _f32(min_ref_loss))
+    mode = torch.where(aligned, 1.0, 2.0 if mixed else 0.0).to(torch.float64)
+    w_raw = torch.where(aligned, 0.0, float(rho)).to(torch.float64)
+    ok = g_fin & c_fin & d_fin & (gg > 0) & (cc > 0)
+    coef = dot.abs() / torch.where(ok, cc, 1.0)
+    ok = ok & torch.isfinite(coef) & (mode != 0)
+    a = torch.where(ok, (1.0 - w_raw) * coef, 0.0).to(torch.float32)
+    b = torch.where(ok, w_raw, 1.0).to(torch.float32)
+    for i in pi:
+        g, gf, cf = grads[i], g32[i], c32[i]
+        assert g is not None and gf is not None and cf is not None
+        g.copy_(torch.where(ok[i], a[i] * cf + b[i] * gf, gf))
+
+    n_nf = (~(g_fin & c_fin & d_fin)).sum().to(torch.float64)
+    n_nf_g = (~g_fin).sum().to(torch.float64)
+    rho_out = torch.where(mode == 2.0, w_raw, 0.0)
+    return torch.stack([mode, mean_norm, rho_out, n_nf, n_nf_g, ok.sum().to(torch.float64), loss, n_ref])
+
+
+# -- the paper's loop (baseline and oracle) ------------------------------------------------------------------
+def align_loop_reference(
+    params: Sequence[torch.Tensor],
+    ref_grads: Sequence[torch.Tensor | None],
+    ref_loss: torch.Tensor | float,
+    epoch: float,
+    *,
+    min_ref_grad_norm: float = ALIGN_DEFAULTS.min_ref_grad_norm,
+    min_ref_loss: float = ALIGN_DEFAULTS.min_ref_loss,
+    max_raw_grad_ratio: float = ALIGN_DEFAULTS.max_raw_grad_ratio,
+    ga_epoch: float = ALIGN_DEFAULTS.ga_epoch,
+    epochs: float = ALIGN_DEFAULTS.epochs,
+) -> dict[str, float]:
+    """The rule as the paper's code runs it: a Python loop, ``.item()`` per tensor, CPU round trips.
+
+    Kept as the readable statement of the rule, the benchmark baseline and, since it
+    works in float64, the test oracle. Same guards as the fast paths (zero / missing /
+    non-finite tensors keep g). Returns host stats with the keys of ``AlignStats.to_dict``.
+    """
+    if len(ref_grads) != len(params):
+        raise ValueError(f"ref_grads has {len(ref_grads)} entries but there are {len(params)} params")
+    # The paper accumulates reference gradients on the CPU and moves them back per step.
+    refs64 = [None if c is None else c.detach().cpu().to(torch.float64) for c in ref_grads]
+    cnorms = [None if c is None else c.norm().item() for c in refs64]
+    valid = [n for n in cnorms if n is not None and math.isfinite(n) and n > 0]
+    mean_norm = sum(valid) / len(valid) if valid else 0.0
+    loss = _f32(float(ref_loss))
+    if mean_norm > _f32(min_ref_grad_norm) and loss > _f32(min_ref_loss):
+        mode, w_raw = 1, 0.0
+    elif mixed_open(epoch, max_raw_grad_ratio, ga_epoch):
+        mode, w_raw = 2, raw_grad_ratio(epoch, max_raw_grad_ratio, ga_epoch, epochs)
+    else:
+        mode, w_raw = 0, 0.0
+    n_nf = n_nf_g = n_upd = 0
+    for p, c, cn in zip(params, refs64, cnorms, strict=True):
+        g = None if p.grad is None else p.grad.detach().to(torch.float64).flatten()
+        gn = 0.0 if g is None else g.norm().item()
+        cn = 0.0 if cn is None else cn
+        if g is not None and c is not None:
+            c = c.to(g.device).flatten()  # ... and back to the device, per tensor
+            dot = torch.dot(g, c).item()
+        else:
+            dot = 0.0
+        finite = math.isfinite(gn) and math.isfinite(cn) and math.isfinite(dot)
+        n_nf += not finite
+        n_nf_g += not math.isfinite(gn)
+        if g is None or c is None or not finite or mode == 0 or gn == 0 or cn == 0:
+            continue  # keep g
+        coef = abs(dot) / (cn * cn)
+        if not math.isfinite(coef):
+            continue
+        new = (1.0 - w_raw) * coef * c + w_raw * g
+        p.grad.copy_(new.reshape(p.grad.shape).to(p.grad.dtype))
+        n_upd += 1
+    return {
+        "mode": mode,
+        "mean_ref_norm": mean_norm,
+        "rho": w_raw if mode == 2 else 0.0,
+        "n_nonfinite": n_nf,
+        "n_nonfinite_grad": n_nf_g,
+        "n_updated": n_upd,
+        "ref_loss": loss,
+    }
+
+
+# -- fused path (csrc_triton/align.py) ---------------------------------------------------------------------
+def build_fused_plan(
+    shapes: Sequence[Sequence[int]],
+    device: torch.device,
+    block: int | None = None,
+    iters: int | None = None,
+    num_warps: int | None = None,
+    rblock: int | None = None,
+) -> Any:
+    """The kernels' chunk table and workspace for one parameter list (built once per aligner)."""
+    from csrc_triton import align as kalign  # lazy: triton must be imported after TRITON_INTERPRET
+
+    return kalign.build_plan(shapes, device, block, iters, num_warps, rblock)
+
+
+def align_fused(
+    plan: Any,
+    params: Sequence[torch.Tensor],
+    grads: list[torch.Tensor | None],
+    refs: list[torch.Tensor | None],
+    ref_loss: torch.Tensor | float,
+    *,
+    min_ref_grad_norm: float,
+    min_ref_loss: float,
+    rho: float,
+    mixed: bool,
+    fallback: bool,
+) -> torch.Tensor | None:
+    """The rule in two Triton launches over all tensors; returns the stats vector.
+
+    With ``fallback`` a dtype the kernels lack (float64) returns None, so the caller runs
+    ``align_torch``; without it the kernel's error stands.
+    """
+    from csrc_triton import align as kalign
+
+    if not all([g is None or g.is_contiguous() for g in grads]):
+        for i, g in enumerate(grads):
+            if g is not None and not g.is_contiguous():
+                # rare (non-dense parameter layouts): the kernels address g flat, so give p a dense grad
+                grads[i] = params[i].grad = g.contiguous()
+    if not all([c is None or c.is_contiguous() for c in refs]):
+        refs = [c if c is None or c.is_contiguous() else c.contiguous() for c in refs]
+    if isinstance(ref_loss, torch.Tensor) and ref_loss.device.type == "cpu" and plan.device.type == "cuda":
+        ref_loss = float(ref_loss)  # host memory: reading it does not sync the device
+    try:
+        return kalign.align_fused(
+            plan,
+            grads,
+            refs,
+            ref_loss,
+            min_ref_grad_norm=min_ref_grad_norm,
+            min_ref_loss=min_ref_loss,
+            rho=rho,
+            mixed_ok=mixed,
+        )
+    except kalign.UnsupportedDtypeError:
+        if fallback:
+            return None
+        raise
