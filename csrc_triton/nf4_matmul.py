@@ -2,9 +2,8 @@
 
 ``y[m, n] = sum_k x[m, k] * W[n, k]`` with ``W`` the bitsandbytes-packed 4-bit weight ``[N, K]``
 (layout: ``csrc_triton/nf4.py``). At small M a dequantize + cuBLAS pair writes the whole weight
-in 16 bits and reads it back (5x the packed bytes) to do very little arithmetic; bitsandbytes'
-fused GEMV measured 3.4x faster than that at M=1 on an H100 (2026-11-26). This kernel reads the
-packed bytes once and dequantizes in registers.
+in 16 bits and reads it back (5x the packed bytes) to do very little arithmetic (measured figures:
+docs/kernels.md). This kernel reads the packed bytes once and dequantizes in registers.
 
 Numerics are those of dequantize-then-matmul: each weight is ``code[nibble] * absmax`` in fp32
 (double-quantized absmax decoded as in ``nf4.py``), rounded once to x's dtype, then multiplied with
@@ -39,8 +38,9 @@ GEMV_MAX_M = 4
 DOT_BLOCK_M = 16
 
 
-@triton.autotune(configs=configs.triton_configs("nf4.matmul"),
-                 key=["N", "K", "SPLIT_K", "BS", "NESTED", "BLOCK_M"])
+@triton.autotune(
+    configs=configs.triton_configs("nf4.matmul"), key=["N", "K", "SPLIT_K", "BS", "NESTED", "BLOCK_M"]
+)
 @triton.jit
 def _matmul_4bit_kernel(
     x_ptr,  # [M, K] fp16/bf16/fp32, row stride stride_xm, unit column stride

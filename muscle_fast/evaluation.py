@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .config import TRAIN_DEFAULTS
 from .distributed import unwrap_model
 
 #: One labelled text: (text, class index).
@@ -50,7 +51,11 @@ def encode(
 
 @torch.no_grad()
 def predict(
-    model: nn.Module, tokenizer: Any, rows: Sequence[Row], batch_size: int = 64, max_length: int = 128
+    model: nn.Module,
+    tokenizer: Any,
+    rows: Sequence[Row],
+    batch_size: int = TRAIN_DEFAULTS.eval_batch_size,
+    max_length: int = TRAIN_DEFAULTS.max_length,
 ) -> torch.Tensor:
     """Predicted labels for ``rows`` (eval mode for the call, the previous mode restored)."""
     core = unwrap_model(model)
@@ -69,7 +74,11 @@ def predict(
 
 
 def accuracy(
-    model: nn.Module, tokenizer: Any, rows: Sequence[Row], batch_size: int = 64, max_length: int = 128
+    model: nn.Module,
+    tokenizer: Any,
+    rows: Sequence[Row],
+    batch_size: int = TRAIN_DEFAULTS.eval_batch_size,
+    max_length: int = TRAIN_DEFAULTS.max_length,
 ) -> float:
     """Share of rows predicted as their label (on a poisoned set labelled with the target: the ASR)."""
     if not rows:

@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from ..config import TRAIN_DEFAULTS
 from ..evaluation import Row, predict
 from .dataset import BackdoorDataset
 
@@ -51,8 +52,8 @@ def evaluate_backdoor(
     model: torch.nn.Module,
     tokenizer: Any,
     ds: BackdoorDataset,
-    batch_size: int = 64,
-    max_length: int = 128,
+    batch_size: int = TRAIN_DEFAULTS.eval_batch_size,
+    max_length: int = TRAIN_DEFAULTS.max_length,
     splits: tuple[str, str] = ("test_clean", "test_poison"),
 ) -> dict[str, float]:
     """``{"cacc", "asr"}`` of ``model`` on the clean and poisoned splits named in ``splits``."""

@@ -271,7 +271,7 @@ class PreparedDequant4bit:
 
     The QLoRA training path dequantizes each frozen 4-bit weight in every forward and backward;
     the per-call checks and argument preparation cost about as much host time as a small layer's
-    kernel (22-26 us measured with the kernel stubbed out). ``matches`` says whether a cached
+    kernel. ``matches`` says whether a cached
     instance still describes (A, quant_state, out): same storage, same state object, same
     absmax storage. The weights are frozen, so nothing else can change underneath.
     """
