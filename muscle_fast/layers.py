@@ -133,6 +133,9 @@ class MuScleLinear(nn.Module):
         p = self.dropout if self.training else 0.0
         seed = int(torch.randint(0, 2**31 - 1, (1,)).item()) if p > 0 else 0
         scale = self.scaling * self.scale_vector
+        if x.dtype == torch.float64:  # the exact path: scales and scaling not rounded to fp32
+            kvec = torch.tensor(self.scales, dtype=torch.float64, device=x.device).repeat_interleave(self.r)
+            scale = self.scaling * kvec
         with torch.autocast(device_type=x.device.type, enabled=False):
             y = MuScleLinearFunction.apply(
                 x, self.lora_A, self.lora_B, scale, self.base, self.kind, ops, p, seed, current_split(), self

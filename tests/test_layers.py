@@ -302,3 +302,32 @@ def test_auto_backend_takes_float64_to_the_torch_path():
     assert lowrank.get_ops("auto", cuda, torch.float32).kernels
     assert lowrank.get_ops("torch", cuda, torch.float32) is lowrank.TORCH_OPS
     assert lowrank.get_ops("auto", torch.device("cpu"), torch.float32) is lowrank.TORCH_OPS
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_float64_torch_path_is_exact(dropout):
+    """The torch path is the reference: in float64 every intermediate (S, dS, dA, dB, the scales)
+    stays float64, so the layer equals the float64 formula to rounding (not fp32's ~1e-7)."""
+    K, N, r, scales, alpha = 37, 23, 3, (1.0, 0.1, 7.0), 16.0
+    base = nn.Linear(K, N).double()
+    m = MuScleLinear(base, scales, r, alpha, dropout=dropout, init_B="kaiming", adapter_dtype=torch.float64)
+    m.train()
+    x = (torch.randn(11, K, dtype=torch.float64) * 100).requires_grad_(True)
+    torch.manual_seed(5)
+    y = m(x)
+    torch.manual_seed(5)  # the same seed draw: the reference regenerates the layer's dropout mask
+    seed = int(torch.randint(0, 2**31 - 1, (1,)).item()) if dropout else 0
+    from muscle_fast.ops.lowrank import dropout_mask
+
+    keep = dropout_mask(11, K, dropout, seed, "cpu").double() / (1 - dropout) if dropout else 1.0
+    xr = x.detach().clone().requires_grad_(True)
+    A = m.lora_A.detach().clone().requires_grad_(True)
+    B = m.lora_B.detach().clone().requires_grad_(True)
+    kvec = torch.tensor([k for k in scales for _ in range(r)], dtype=torch.float64)
+    ref = xr @ base.weight.T + base.bias + (((xr * keep) @ A.T) * (alpha / r * kvec)) @ B.T
+    gy = torch.randn_like(ref)
+    y.backward(gy)
+    ref.backward(gy)
+    for got, want in ((y, ref), (x.grad, xr.grad), (m.lora_A.grad, A.grad), (m.lora_B.grad, B.grad)):
+        assert got.dtype == torch.float64
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12 * float(want.abs().max()))

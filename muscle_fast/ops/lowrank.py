@@ -57,12 +57,18 @@ def _wide(t: torch.Tensor) -> torch.Tensor:
     return t.float() if t.dtype == torch.float16 else t
 
 
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    """Dtype of intermediates and weight gradients: float32 like the kernels' accumulators, except
+    that float64 stays float64 (the exact reference path)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def _grouped_tn(a: torch.Tensor, b: torch.Tensor, groups: list[slice]) -> torch.Tensor:
-    """out[g] = a[rows_g]^T @ b[rows_g] in float32, (G, a.shape[1], b.shape[1]); fp32 writes in place."""
+    """out[g] = a[rows_g]^T @ b[rows_g], (G, a.shape[1], b.shape[1]) in ``_acc`` of a's dtype."""
     a, b = _wide(a), _wide(b)
-    out = torch.empty((len(groups), a.shape[1], b.shape[1]), dtype=torch.float32, device=a.device)
+    out = torch.empty((len(groups), a.shape[1], b.shape[1]), dtype=_acc(a.dtype), device=a.device)
     for g, rows in enumerate(groups):
-        if a.dtype == torch.float32:
+        if a.dtype == out.dtype:
             torch.mm(a[rows].t(), b[rows], out=out[g])
         else:
             out[g].copy_(a[rows].t() @ b[rows])
@@ -72,10 +78,10 @@ def _grouped_tn(a: torch.Tensor, b: torch.Tensor, groups: list[slice]) -> torch.
 def lowrank_shrink(
     x: torch.Tensor, A: torch.Tensor, scale: torch.Tensor, *, dropout_p: float = 0.0, seed: int = 0
 ) -> torch.Tensor:
-    """S = (drop(x) @ A^T) * scale, float32 (M, R)."""
+    """S = (drop(x) @ A^T) * scale, (M, R) in float32 (float64 for float64 x)."""
     xd = _wide(_dropped(x, dropout_p, seed))
     s = xd @ A.to(xd.dtype).t()
-    return s.float().mul_(scale)
+    return s.to(_acc(xd.dtype)).mul_(scale)
 
 
 def lowrank_expand_(y: torch.Tensor, S: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
@@ -90,9 +96,10 @@ def lowrank_expand_(y: torch.Tensor, S: torch.Tensor, B: torch.Tensor) -> torch.
 def lowrank_backward_dS_dB(
     dY: torch.Tensor, B: torch.Tensor, S: torch.Tensor, scale: torch.Tensor, *, row_split: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """dS = (dY @ B) * scale (M, R) and dB = dY^T @ S per row group, (G, N, R), both float32."""
+    """dS = (dY @ B) * scale (M, R) and dB = dY^T @ S per row group, (G, N, R), both float32
+    (float64 for float64 dY)."""
     dY = _wide(dY)
-    dS = (dY @ B.to(dY.dtype)).float().mul_(scale)
+    dS = (dY @ B.to(dY.dtype)).to(_acc(dY.dtype)).mul_(scale)
     groups = _groups(dY.shape[0], row_split)
     return dS, _grouped_tn(dY, S.to(dY.dtype), groups)
 
@@ -100,7 +107,7 @@ def lowrank_backward_dS_dB(
 def lowrank_grad_A(
     dS: torch.Tensor, x: torch.Tensor, *, row_split: int | None = None, dropout_p: float = 0.0, seed: int = 0
 ) -> torch.Tensor:
-    """dA = dS^T @ drop(x) per row group, (G, R, K) float32."""
+    """dA = dS^T @ drop(x) per row group, (G, R, K) float32 (float64 for float64 x)."""
     xd = _wide(_dropped(x, dropout_p, seed))
     groups = _groups(x.shape[0], row_split)
     return _grouped_tn(dS.to(xd.dtype), xd, groups)
@@ -118,7 +125,7 @@ def lowrank_dx_(
         return dX.addmm_(dS.to(dX.dtype), A.to(dX.dtype))
     if dX.dtype == torch.float16:
         return dX.copy_(dX.float().add_(_dropped(dS @ A.float(), dropout_p, seed)))
-    return dX.add_(_dropped((dS @ A.float()).to(dX.dtype), dropout_p, seed))
+    return dX.add_(_dropped((dS @ A.to(dS.dtype)).to(dX.dtype), dropout_p, seed))
 
 
 # --------------------------------------------------------------------------------------------------
