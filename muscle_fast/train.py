@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from .checkpoint import CKPT, check_same_run, load_train_state, run_key, save_train_state
-from .config import ALIGN_DEFAULTS, DEFAULT_SEED, TRAIN_DEFAULTS, model_family
+from .config import ALIGN_DEFAULTS, BACKENDS, DEFAULT_SEED, TRAIN_DEFAULTS, model_family
 from .distributed import average_across_ranks, rank_share, unwrap_model, world
 from .dual import default_loss, dual_gradients, trainable_params
 from .evaluation import Row, accuracy, as_rows, encode, predict
@@ -85,7 +85,7 @@ class TrainConfig:
     min_ref_loss: float = ALIGN_DEFAULTS.min_ref_loss
     max_raw_grad_ratio: float = ALIGN_DEFAULTS.max_raw_grad_ratio
     ga_epoch: int = ALIGN_DEFAULTS.ga_epoch
-    grad_clip: float = 1.0
+    grad_clip: float = 1.0  # max gradient norm; 0 turns clipping off
     weight_decay: float = 0.0
     single_pass: bool | None = None  # None: single pass when every trainable param is in a MuScleLinear
     backend: str = "auto"
@@ -105,6 +105,13 @@ class TrainConfig:
         for name in ("lr", "batch_size", "epochs", "eval_batch_size", "max_length"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"TrainConfig.{name} must be > 0, got {getattr(self, name)!r}")
+        # a negative max norm flips the gradient's sign in clip_grad_norm_ (gradient ascent)
+        for name in ("grad_clip", "weight_decay", "checkpoint_every"):
+            v = getattr(self, name)
+            if not (math.isfinite(v) and v >= 0):
+                raise ValueError(f"TrainConfig.{name} must be a finite number >= 0, got {v!r}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"TrainConfig.backend must be one of {BACKENDS}, got {self.backend!r}")
 
     @classmethod
     def for_model(cls, model: nn.Module, **overrides: Any) -> TrainConfig:
@@ -378,7 +385,8 @@ class _Run:
         mine, share = rank_share(idx, self.rank, self.nranks)
         batch = encode(self.tokenizer, [self.data.train[i] for i in mine], cfg.max_length, self.device)
         loss, bad_step = self._gradients(batch, len(idx), share, epoch)
-        norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip)
+        # grad_clip 0: no clipping (the norm is still taken, to skip non-finite steps)
+        norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip or math.inf)
         if bad_step or not torch.isfinite(norm):
             self.result.skipped_steps += 1  # never write NaN into the parameters
             if self.result.skipped_steps == 1:

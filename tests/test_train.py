@@ -117,6 +117,35 @@ def test_bad_input(kw, match):
         )
 
 
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        (dict(grad_clip=-1.0), r"grad_clip must be a finite number >= 0, got -1.0"),
+        (dict(grad_clip=float("nan")), "grad_clip must be a finite number >= 0"),
+        (dict(weight_decay=-0.1), "weight_decay must be a finite number >= 0"),
+        (dict(checkpoint_every=-2), "checkpoint_every must be a finite number >= 0"),
+        (dict(backend="cuda-fast"), r"TrainConfig.backend must be one of \('auto', 'torch', 'triton'\)"),
+    ],
+)
+def test_bad_config_values(kw, match):
+    """Values that would silently train wrongly (a negative max norm is gradient ascent) or fail late."""
+    with pytest.raises(ValueError, match=match):
+        _cfg(**kw)
+
+
+def test_grad_clip_zero_turns_clipping_off():
+    """grad_clip=0 means no clipping: the run equals one whose max norm no gradient reaches."""
+    tok = WordTokenizer()
+    train, ref, dev = make_rows(24, 0), make_rows(8, 1), make_rows(8, 2)
+    params = []
+    for clip in (0.0, 1e9):
+        model = _model()
+        train_muscle(model, tok, train, ref, dev, _cfg(grad_clip=clip, epochs=1))
+        params.append([p.detach().clone() for p in model.parameters() if p.requires_grad])
+    assert params[0] and all(torch.equal(a, b) for a, b in zip(*params, strict=True))
+    assert any(float(p.abs().sum()) > 0 for p in params[0])
+
+
 def test_activation_checkpointing_switch():
     from muscle_fast.train import set_activation_checkpointing
 
