@@ -304,3 +304,19 @@ def test_metrics_on_hand_made_predictions():
         attack_success_rate([1], target=1, orig_labels=[1])
     with pytest.raises(ValueError, match="3 predictions for 2 labels"):
         clean_accuracy([1, 0, 1], [1, 0])
+
+
+def test_a_stray_training_label_is_an_error_not_a_bigger_head(tmp_path):
+    """The classes come from dev/test: a 7 in binary training data names its file and row, rather
+    than growing the classifier to 8 classes; an explicit num_labels that covers it is accepted."""
+    d = ob_folder(tmp_path)
+    train = d / "clean" / "0.1" / "train-poison.csv"
+    write_ob_csv(train, [("a cf good film", 1, 1), ("a bad film", 0, 0), ("odd row", 7, 0)])
+    with pytest.raises(
+        DataError, match=r"train-poison.csv: row 3 has label 7, which is not a class of the dev/test"
+    ):
+        load_openbackdoor(d)
+    assert load_openbackdoor(d, num_labels=8).num_labels == 8
+    clean = {"train": [("x", 0), ("y", 7)], "dev": [("x", 0), ("y", 1)], "test": [("x", 1), ("z", 0)]}
+    with pytest.raises(DataError, match=r"make_poisoned: split 'train': row 2 has label 7"):
+        make_poisoned(clean, "badnets", target=1)

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import DEFAULT_SEED
-from .dataset import SETTINGS, SPLITS, BackdoorDataset, DataError, Row
+from .dataset import SETTINGS, SPLITS, BackdoorDataset, DataError, Row, infer_num_labels
 from .poison import POISONERS, make_poisoned
 
 # SETTINGS, SPLITS, BackdoorDataset, DataError and Row live in .dataset and stay importable from here
@@ -317,8 +317,8 @@ def load_openbackdoor(
                 f"target, but the target label given is {target}"
             )
     if num_labels is None:
-        seen = max(lab for k in ("train", "dev_clean", "test_clean") for _, lab in loaded[k][0])
-        num_labels = max(2, seen + 1, target + 1)
+        evals = [loaded[k][0] for k in ("dev_clean", "test_clean")]
+        num_labels = infer_num_labels(train, str(train_path), evals, target)
     for k in ("train", "dev_clean", "test_clean"):
         _check_labels(loaded[k][0], num_labels, str(paths[k]))
     for k in ("dev_poison", "test_poison"):

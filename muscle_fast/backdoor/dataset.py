@@ -14,7 +14,7 @@ from ..config import DEFAULT_SEED
 from ..errors import MuscleFastError
 from ..evaluation import Row
 
-__all__ = ["SETTINGS", "SPLITS", "BackdoorDataset", "DataError", "Row"]
+__all__ = ["SETTINGS", "SPLITS", "BackdoorDataset", "DataError", "Row", "infer_num_labels"]
 
 #: The five splits of the evaluation protocol.
 SPLITS = ("train", "dev_clean", "dev_poison", "test_clean", "test_poison")
@@ -24,6 +24,20 @@ SETTINGS = ("clean", "mix", "dirty")
 
 class DataError(MuscleFastError, ValueError):
     """Bad input data: the message names the folder, file or column at fault."""
+
+
+def infer_num_labels(train: list[Row], train_where: str, evals: list[list[Row]], target: int) -> int:
+    """The class count the evaluation splits define: their largest label + 1 (at least 2, and the
+    target's). A training label outside it is an error naming the row: one stray label (a ``7`` in
+    binary data) would otherwise grow the classifier head silently."""
+    n = max(2, target + 1, *(lab + 1 for rows in evals for _, lab in rows))
+    for i, (_, lab) in enumerate(train):
+        if not 0 <= lab < n:
+            raise DataError(
+                f"{train_where}: row {i + 1} has label {lab}, which is not a class of the dev/test splits "
+                f"([0, {n})); fix the row, or pass num_labels (--num-labels) if the data has more classes"
+            )
+    return n
 
 
 @dataclass

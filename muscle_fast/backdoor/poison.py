@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from ..config import DEFAULT_SEED
-from .dataset import SETTINGS, BackdoorDataset, DataError, Row
+from .dataset import SETTINGS, BackdoorDataset, DataError, Row, infer_num_labels
 
 
 class Poisoner(Protocol):
@@ -153,7 +153,9 @@ def make_poisoned(
         if not rows:
             raise DataError(f"make_poisoned: split {k!r} is empty")
     if num_labels is None:
-        num_labels = max(2, target + 1, *(lab + 1 for rows in clean.values() for _, lab in rows))
+        num_labels = infer_num_labels(
+            clean["train"], "make_poisoned: split 'train'", [clean["dev"], clean["test"]], target
+        )
     for k, rows in clean.items():
         bad = sorted({lab for _, lab in rows if not 0 <= lab < num_labels})
         if bad:
