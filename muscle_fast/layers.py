@@ -128,8 +128,7 @@ class MuScleLinear(nn.Module):
         dtype = _compute_dtype(self, x)
         if x.dtype != dtype:
             x = x.to(dtype)
-        backend = resolve_backend(self.backend)
-        ops = get_ops(backend, x.device, x.dtype)
+        ops = get_ops(self.backend, x.device, x.dtype)  # resolves MUSCLE_FAST_BACKEND once
         p = self.dropout if self.training else 0.0
         seed = int(torch.randint(0, 2**31 - 1, (1,)).item()) if p > 0 else 0
         scale = self.scaling * self.scale_vector
