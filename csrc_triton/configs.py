@@ -29,24 +29,28 @@ def _c(num_warps: int, num_stages: int, **meta: int) -> Config:
 
 CONFIGS: dict[str, dict[str, list[Config]]] = {
     # -- low-rank layer (lowrank.py) --------------------------------------------------------------------
+    # Sized with ptxas (tests/test_compile_sm90.py, figures in docs/kernels.md) to run without spills
+    # at R = 64 with dropout, in every dtype. The rules that measure out: at most 32 elements of an
+    # elementwise tile per thread (the Philox dropout mask is computed per element in registers); 16
+    # warps cap a thread at 128 registers, which only shrink's 128 x 128 tile fits; and fp32
+    # dots (FMA units) reduce 16 deep at a time whatever the tile (``lowrank._CHUNK``).
     "lowrank.shrink": {
         "gpu": [
-            _c(4, 4, BLOCK_M=64, BLOCK_K=128),
-            _c(8, 3, BLOCK_M=64, BLOCK_K=256),
-            _c(8, 3, BLOCK_M=128, BLOCK_K=128),
-            _c(4, 4, BLOCK_M=128, BLOCK_K=64),
-            _c(4, 4, BLOCK_M=32, BLOCK_K=256),
+            _c(8, 4, BLOCK_M=64, BLOCK_K=128),
+            _c(16, 3, BLOCK_M=128, BLOCK_K=128),
+            _c(8, 4, BLOCK_M=128, BLOCK_K=64),
+            _c(8, 4, BLOCK_M=32, BLOCK_K=256),
             _c(4, 5, BLOCK_M=32, BLOCK_K=128),
+            _c(4, 3, BLOCK_M=64, BLOCK_K=64),
         ],
         "untuned": [_c(4, 2, BLOCK_M=64, BLOCK_K=64)],
         "interpret": [_c(4, 1, BLOCK_M=32, BLOCK_K=32)],
     },
     "lowrank.expand": {
         "gpu": [
-            _c(4, 2, BLOCK_M=64, BLOCK_N=128),
-            _c(8, 2, BLOCK_M=128, BLOCK_N=128),
-            _c(8, 2, BLOCK_M=64, BLOCK_N=256),
-            _c(8, 2, BLOCK_M=128, BLOCK_N=256),
+            _c(8, 2, BLOCK_M=64, BLOCK_N=128),
+            _c(8, 2, BLOCK_M=128, BLOCK_N=64),
+            _c(4, 2, BLOCK_M=64, BLOCK_N=64),
             _c(4, 2, BLOCK_M=32, BLOCK_N=128),
         ],
         "untuned": [_c(4, 2, BLOCK_M=64, BLOCK_N=64)],
@@ -58,20 +62,17 @@ CONFIGS: dict[str, dict[str, list[Config]]] = {
             _c(4, 3, BLOCK_M=64, BLOCK_N=128),
             _c(8, 3, BLOCK_M=128, BLOCK_N=64),
             _c(8, 3, BLOCK_M=128, BLOCK_N=128),
-            _c(8, 2, BLOCK_M=256, BLOCK_N=64),
         ],
         "untuned": [_c(4, 2, BLOCK_M=64, BLOCK_N=64)],
         "interpret": [_c(4, 1, BLOCK_M=32, BLOCK_N=32)],
     },
     "lowrank.grad_a": {
         "gpu": [
-            _c(4, 4, BLOCK_M=64, BLOCK_K=64),
-            _c(4, 4, BLOCK_M=64, BLOCK_K=128),
-            _c(8, 3, BLOCK_M=128, BLOCK_K=128),
-            _c(8, 3, BLOCK_M=64, BLOCK_K=256),
-            _c(4, 4, BLOCK_M=128, BLOCK_K=64),
+            _c(8, 4, BLOCK_M=64, BLOCK_K=64),
+            _c(8, 4, BLOCK_M=64, BLOCK_K=128),
+            _c(8, 4, BLOCK_M=128, BLOCK_K=64),
         ],
-        "untuned": [_c(4, 2, BLOCK_M=64, BLOCK_K=64)],
+        "untuned": [_c(8, 2, BLOCK_M=64, BLOCK_K=64)],
         "interpret": [_c(4, 1, BLOCK_M=32, BLOCK_K=32)],
     },
     # -- NF4 / FP4 dequantization (nf4.py): packed bytes per program (x2 output elements) ----------------
@@ -90,10 +91,10 @@ CONFIGS: dict[str, dict[str, list[Config]]] = {
     "nf4.matmul": {
         "gpu": [
             _c(4, 1, BLOCK_N=64, BLOCK_K=128),
-            _c(4, 1, BLOCK_N=64, BLOCK_K=256),
-            _c(4, 1, BLOCK_N=128, BLOCK_K=128),
+            _c(8, 1, BLOCK_N=64, BLOCK_K=256),
+            _c(8, 1, BLOCK_N=128, BLOCK_K=128),
             _c(8, 1, BLOCK_N=128, BLOCK_K=256),
-            _c(4, 1, BLOCK_N=32, BLOCK_K=512),
+            _c(4, 1, BLOCK_N=32, BLOCK_K=256),
         ],
         "untuned": [_c(4, 1, BLOCK_N=64, BLOCK_K=128)],
         "interpret": [_c(4, 1, BLOCK_N=16, BLOCK_K=32)],

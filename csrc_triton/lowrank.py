@@ -60,6 +60,12 @@ _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # so that the tests exercise both the split (atomic) and the unsplit (plain store) paths.
 _INTERPRET_TARGET_PROGRAMS = 8
 
+# Width of the reduction steps of fp32 dots. Those run on the FMA units with both operands held whole
+# in registers per thread, so a 64-deep reduction spills (``tests/test_compile_sm90.py``): the kernels
+# reduce CHUNK at a time instead (the minimum of tl.dot; below the interpreter's 32-wide tiles too, so
+# the tests take the chunk loops more than once).
+_CHUNK = 16
+
 
 def _split_count(t: torch.Tensor, programs: int, max_split: int) -> int:
     """Power-of-two split of a reduction so that ``programs * split`` fills the GPU (about 2 waves).
@@ -195,13 +201,19 @@ def _shrink_kernel(
     stride_xm, stride_xk, stride_ar, stride_ak, stride_sm, stride_sr,
     seed, p_drop, inv_keep,
     BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
-    DROPOUT: tl.constexpr, F32_DOT: tl.constexpr,
+    DROPOUT: tl.constexpr, F32_DOT: tl.constexpr, CHUNK: tl.constexpr,
 ):
     """S[rows] = (drop(x[rows]) @ A.T) * scale: each program streams BLOCK_M rows of x once.
 
     x is the only big operand, so the kernel is a bandwidth-bound stream over x; A (R x K) stays in
     L2. When M is small the K loop is split over SPLIT_K programs that atomically add into S.
+    An fp32 dot runs on the FMA units, whose operands sit in registers whole: it steps through K
+    ``CHUNK`` columns at a time (``_CHUNK``), or it would spill.
     """
+    if F32_DOT:
+        STEP: tl.constexpr = CHUNK
+    else:
+        STEP: tl.constexpr = BLOCK_K
     pid_m = tl.program_id(0)
     pid_k = tl.program_id(1)
     rows = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -212,8 +224,8 @@ def _shrink_kernel(
     k_start = pid_k * k_per
     k_stop = tl.minimum(k_start + k_per, K)
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    for k0 in range(k_start, k_stop, BLOCK_K):
-        cols = (k0 + tl.arange(0, BLOCK_K)).to(tl.int64)
+    for k0 in range(k_start, k_stop, STEP):
+        cols = (k0 + tl.arange(0, STEP)).to(tl.int64)
         k_mask = cols < K
         x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xk,
                     mask=row_mask[:, None] & k_mask[None, :], other=0.0)
@@ -241,29 +253,35 @@ def _expand_kernel(
     stride_ym, stride_yn, stride_sm, stride_sr, stride_br, stride_bn,
     seed, p_drop, inv_keep,
     BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    DROPOUT: tl.constexpr, MODE: tl.constexpr, UPCAST: tl.constexpr,
+    DROPOUT: tl.constexpr, MODE: tl.constexpr, UPCAST: tl.constexpr, CHUNK: tl.constexpr,
 ):
     """y[M, N] += drop'(S @ Bt) with Bt (R, N) given by strides (B.T for expand, A for dx).
 
     One program per (BLOCK_M, BLOCK_N) tile of y: y is read and written once, the sum is formed in fp32
-    and rounded once on store; S and Bt are tiny and come from L2.
+    and rounded once on store; S and Bt are tiny and come from L2. An fp32 dot (FMA units) takes R
+    ``CHUNK`` at a time.
     """
+    if MODE == 0 or UPCAST:
+        STEP: tl.constexpr = CHUNK
+    else:
+        STEP: tl.constexpr = BLOCK_R
     pid = tl.program_id(0)
     num_n = tl.cdiv(N, BLOCK_N)
     pid_m = pid // num_n
     pid_n = pid % num_n
     rows = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_r = tl.arange(0, BLOCK_R)
     row_mask = rows < M
     col_mask = cols < N
-    r_mask = offs_r < R
-    s = tl.load(s_ptr + rows[:, None] * stride_sm + offs_r[None, :] * stride_sr,
-                mask=row_mask[:, None] & r_mask[None, :], other=0.0).to(tl.float32)
-    bt = tl.load(b_ptr + offs_r[:, None] * stride_br + cols[None, :] * stride_bn,
-                 mask=r_mask[:, None] & col_mask[None, :], other=0.0)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    acc = _dot_split(acc, s, bt, MODE, UPCAST)
+    for r0 in tl.static_range(0, BLOCK_R, STEP):
+        offs_r = r0 + tl.arange(0, STEP)
+        r_mask = offs_r < R
+        s = tl.load(s_ptr + rows[:, None] * stride_sm + offs_r[None, :] * stride_sr,
+                    mask=row_mask[:, None] & r_mask[None, :], other=0.0).to(tl.float32)
+        bt = tl.load(b_ptr + offs_r[:, None] * stride_br + cols[None, :] * stride_bn,
+                     mask=r_mask[:, None] & col_mask[None, :], other=0.0)
+        acc = _dot_split(acc, s, bt, MODE, UPCAST)
     if DROPOUT:
         acc = tl.where(_keep_mask(seed, rows, cols, N, p_drop), acc * inv_keep, 0.0)
     y_ptrs = y_ptr + rows[:, None] * stride_ym + cols[None, :] * stride_yn
@@ -287,7 +305,7 @@ def _bwd_ds_db_kernel(
     stride_dym, stride_dyn, stride_bn, stride_br, stride_sm, stride_sr,
     stride_dsm, stride_dsr, stride_dbg, stride_dbn, stride_dbr,
     BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_N: tl.constexpr,
-    F32_DOT: tl.constexpr, MODE: tl.constexpr, UPCAST: tl.constexpr,
+    F32_DOT: tl.constexpr, MODE: tl.constexpr, UPCAST: tl.constexpr, CHUNK: tl.constexpr,
 ):
     """One pass over dY: dS = (dY @ B) * scale and dB[g] += dY.T @ S, each dY tile loaded once.
 
@@ -297,7 +315,16 @@ def _bwd_ds_db_kernel(
     the block accumulates in registers over its columns (stored, or atomically added when SPLIT_N > 1);
     the dB partial of each (BLOCK_M x BLOCK_N) tile is atomically added in fp32 into the L2-resident
     dB (N x R), which avoids a second pass over dY or an (M/BLOCK_M) x N x R workspace.
+
+    fp32 dots (FMA units) reduce over N (dS) and over the rows (dB): they run on CHUNK x CHUNK
+    sub-tiles, the block's rows taken CHUNK at a time, each over all its columns (or they would spill).
     """
+    if F32_DOT or MODE == 0 or UPCAST:
+        SUB_M: tl.constexpr = CHUNK
+        STEP_N: tl.constexpr = CHUNK
+    else:
+        SUB_M: tl.constexpr = BLOCK_M
+        STEP_N: tl.constexpr = BLOCK_N
     pid_m = tl.program_id(0)
     pid_s = tl.program_id(1)
     nb0 = tl.cdiv(m1, BLOCK_M)
@@ -306,38 +333,39 @@ def _bwd_ds_db_kernel(
     row_end = tl.where(in_g1, M, m1)
     g = in_g1.to(tl.int64)
 
-    rows = row0 + tl.arange(0, BLOCK_M)
     offs_r = tl.arange(0, BLOCK_R)
-    row_mask = rows < row_end
     r_mask = offs_r < R
-    # S.T tile (BLOCK_R, BLOCK_M): the fp32 operand of the dB dot, loaded once.
-    s_t = tl.load(s_ptr + rows[None, :] * stride_sm + offs_r[:, None] * stride_sr,
-                  mask=r_mask[:, None] & row_mask[None, :], other=0.0).to(tl.float32)
+    sc = tl.load(scale_ptr + offs_r, mask=r_mask, other=0.0).to(tl.float32)
     n_per = tl.cdiv(tl.cdiv(N, SPLIT_N), BLOCK_N) * BLOCK_N
     n_start = pid_s * n_per
     n_stop = tl.minimum(n_start + n_per, N)
-    ds_acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     db_base = db_ptr + g * stride_dbg
-    for n0 in range(n_start, n_stop, BLOCK_N):
-        cols = (n0 + tl.arange(0, BLOCK_N)).to(tl.int64)
-        col_mask = cols < N
-        dy = tl.load(dy_ptr + rows[:, None] * stride_dym + cols[None, :] * stride_dyn,
-                     mask=row_mask[:, None] & col_mask[None, :], other=0.0)
-        b = tl.load(b_ptr + cols[:, None] * stride_bn + offs_r[None, :] * stride_br,
-                    mask=col_mask[:, None] & r_mask[None, :], other=0.0)
-        ds_acc = _dot_plain(ds_acc, dy, b, F32_DOT)
-        db_t = tl.zeros((BLOCK_R, BLOCK_N), dtype=tl.float32)
-        db_t = _dot_split(db_t, s_t, dy, MODE, UPCAST)
-        tl.atomic_add(db_base + cols[None, :] * stride_dbn + offs_r[:, None] * stride_dbr, db_t,
-                      mask=r_mask[:, None] & col_mask[None, :])
-    sc = tl.load(scale_ptr + offs_r, mask=r_mask, other=0.0).to(tl.float32)
-    ds_acc = ds_acc * sc[None, :]
-    ds_ptrs = ds_ptr + rows[:, None] * stride_dsm + offs_r[None, :] * stride_dsr
-    ds_mask = row_mask[:, None] & r_mask[None, :]
-    if SPLIT_N == 1:
-        tl.store(ds_ptrs, ds_acc, mask=ds_mask)
-    else:
-        tl.atomic_add(ds_ptrs, ds_acc, mask=ds_mask)
+    for m0 in range(0, tl.minimum(row_end - row0, BLOCK_M), SUB_M):  # one trip unless SUB_M < BLOCK_M
+        rows = row0 + m0 + tl.arange(0, SUB_M)
+        row_mask = rows < row_end
+        # S.T tile (BLOCK_R, SUB_M): the fp32 operand of the dB dot, loaded once.
+        s_t = tl.load(s_ptr + rows[None, :] * stride_sm + offs_r[:, None] * stride_sr,
+                      mask=r_mask[:, None] & row_mask[None, :], other=0.0).to(tl.float32)
+        ds_acc = tl.zeros((SUB_M, BLOCK_R), dtype=tl.float32)
+        for n0 in range(n_start, n_stop, STEP_N):
+            cols = (n0 + tl.arange(0, STEP_N)).to(tl.int64)
+            col_mask = cols < N
+            dy = tl.load(dy_ptr + rows[:, None] * stride_dym + cols[None, :] * stride_dyn,
+                         mask=row_mask[:, None] & col_mask[None, :], other=0.0)
+            b = tl.load(b_ptr + cols[:, None] * stride_bn + offs_r[None, :] * stride_br,
+                        mask=col_mask[:, None] & r_mask[None, :], other=0.0)
+            ds_acc = _dot_plain(ds_acc, dy, b, F32_DOT)
+            db_t = tl.zeros((BLOCK_R, STEP_N), dtype=tl.float32)
+            db_t = _dot_split(db_t, s_t, dy, MODE, UPCAST)
+            tl.atomic_add(db_base + cols[None, :] * stride_dbn + offs_r[:, None] * stride_dbr, db_t,
+                          mask=r_mask[:, None] & col_mask[None, :])
+        ds_acc = ds_acc * sc[None, :]
+        ds_ptrs = ds_ptr + rows[:, None] * stride_dsm + offs_r[None, :] * stride_dsr
+        ds_mask = row_mask[:, None] & r_mask[None, :]
+        if SPLIT_N == 1:
+            tl.store(ds_ptrs, ds_acc, mask=ds_mask)
+        else:
+            tl.atomic_add(ds_ptrs, ds_acc, mask=ds_mask)
 
 
 def _grad_a_split(a: dict) -> int:
@@ -355,14 +383,19 @@ def _grad_a_kernel(
     stride_dsm, stride_dsr, stride_xm, stride_xk, stride_dag, stride_dar, stride_dak,
     seed, p_drop, inv_keep,
     BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_M: tl.constexpr,
-    DROPOUT: tl.constexpr, MODE: tl.constexpr, UPCAST: tl.constexpr,
+    DROPOUT: tl.constexpr, MODE: tl.constexpr, UPCAST: tl.constexpr, CHUNK: tl.constexpr,
 ):
     """dA[g][:, cols] = sum over the group's rows of dS.T @ drop(x): a reduction over M.
 
     Program (j, s) owns a BLOCK_K column strip and the (s % SPLIT_M)-th row range of group
     s // SPLIT_M, so x is read once. The (R x BLOCK_K) result is stored, or atomically added when
     the rows are split over SPLIT_M programs (small K would otherwise leave the GPU idle).
+    An fp32 dot (FMA units) takes the rows ``CHUNK`` at a time.
     """
+    if MODE == 0 or UPCAST:
+        STEP: tl.constexpr = CHUNK
+    else:
+        STEP: tl.constexpr = BLOCK_M
     pid_k = tl.program_id(0)
     pid_s = tl.program_id(1)
     g = pid_s // SPLIT_M
@@ -378,8 +411,8 @@ def _grad_a_kernel(
     k_mask = cols < K
     r_mask = offs_r < R
     acc = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
-    for m0 in range(m_start, m_stop, BLOCK_M):
-        rows = (m0 + tl.arange(0, BLOCK_M)).to(tl.int64)
+    for m0 in range(m_start, m_stop, STEP):
+        rows = (m0 + tl.arange(0, STEP)).to(tl.int64)
         row_mask = rows < m_stop
         ds_t = tl.load(ds_ptr + rows[None, :] * stride_dsm + offs_r[:, None] * stride_dsr,
                        mask=r_mask[:, None] & row_mask[None, :], other=0.0).to(tl.float32)
@@ -437,7 +470,7 @@ def lowrank_shrink(x: torch.Tensor, A: torch.Tensor, scale: torch.Tensor, *, dro
         x, A, scale, S, M, K, R, triton.next_power_of_2(M),
         x.stride(0), x.stride(1), A.stride(0), A.stride(1), S.stride(0), S.stride(1),
         seed, p, inv_keep,
-        BLOCK_R=_block_r(R), DROPOUT=dropout, F32_DOT=_plain_f32(x.dtype, A.dtype),
+        BLOCK_R=_block_r(R), DROPOUT=dropout, F32_DOT=_plain_f32(x.dtype, A.dtype), CHUNK=_CHUNK,
     )
     return S
 
@@ -459,6 +492,7 @@ def _expand_launch(y: torch.Tensor, S: torch.Tensor, bt: torch.Tensor, dropout_p
         y.stride(0), y.stride(1), S.stride(0), S.stride(1), bt.stride(0), bt.stride(1),
         seed, p, inv_keep,
         BLOCK_R=_block_r(R), DROPOUT=dropout, MODE=_split_mode(bt.dtype), UPCAST=_split_upcast(bt.dtype),
+        CHUNK=_CHUNK,
     )
 
 
@@ -506,7 +540,7 @@ def lowrank_backward_dS_dB(dY: torch.Tensor, B: torch.Tensor, S: torch.Tensor, s
         dY.stride(0), dY.stride(1), B.stride(0), B.stride(1), S.stride(0), S.stride(1),
         dS.stride(0), dS.stride(1), dB.stride(0), dB.stride(1), dB.stride(2),
         BLOCK_R=_block_r(R), F32_DOT=_plain_f32(dY.dtype, B.dtype),
-        MODE=_split_mode(dY.dtype), UPCAST=_split_upcast(dY.dtype),
+        MODE=_split_mode(dY.dtype), UPCAST=_split_upcast(dY.dtype), CHUNK=_CHUNK,
     )
     return dS, dB
 
@@ -538,6 +572,7 @@ def lowrank_grad_A(dS: torch.Tensor, x: torch.Tensor, *, row_split: int | None =
         dS.stride(0), dS.stride(1), x.stride(0), x.stride(1), dA.stride(0), dA.stride(1), dA.stride(2),
         seed, p, inv_keep,
         BLOCK_R=_block_r(R), DROPOUT=dropout, MODE=_split_mode(x.dtype), UPCAST=_split_upcast(x.dtype),
+        CHUNK=_CHUNK,
     )
     return dA
 
