@@ -11,7 +11,7 @@ from .adapter import export_peft, load_adapter, merge_and_unload, save_adapter
 from .align import AlignStats, GradientAligner, align_loop_reference
 from .config import FAMILIES, MuScleConfig, family_defaults
 from .dual import dual_gradients
-from .errors import ConfigError, MuscleFastError, RunError
+from .errors import ConfigError, FileFormatError, MuscleFastError, RunError
 from .layers import MuScleLinear
 from .ops.nf4 import dequantize_4bit, free_4bit_workspaces, matmul_4bit
 from .patch import DecoderScoreHead, patch_model
@@ -23,6 +23,7 @@ __all__ = [
     "FAMILIES",
     "AlignStats",
     "ConfigError",
+    "FileFormatError",
     "DecoderScoreHead",
     "GradientAligner",
     "MuScleConfig",

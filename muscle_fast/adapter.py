@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from .config import MuScleConfig, model_family
-from .fileio import atomic_write, write_json
+from .fileio import atomic_write, read_json, read_safetensors, write_json
 from .layers import MuScleLinear
 from .patch import (
     DecoderScoreHead,
@@ -99,14 +98,13 @@ def read_adapter_config(directory: str | os.PathLike) -> MuScleConfig:
     path = d / ADAPTER_CONFIG
     if not path.is_file():
         raise FileNotFoundError(f"load_adapter: no {ADAPTER_CONFIG} in {d}")
-    with open(path) as f:
-        meta = json.load(f)
+    meta = read_json(path, "adapter config")
     if meta.get("format_version") != FORMAT_VERSION:
         raise ValueError(
             f"load_adapter: {path} has format_version {meta.get('format_version')!r}, "
             f"this muscle_fast reads {FORMAT_VERSION}"
         )
-    if not isinstance(meta, dict) or not isinstance(meta.get("muscle_config"), dict):
+    if not isinstance(meta.get("muscle_config"), dict):
         raise ValueError(f"load_adapter: {path} has no muscle_config object (not a muscle_fast adapter?)")
     return MuScleConfig.from_dict(meta["muscle_config"])
 
@@ -142,7 +140,7 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, strict: bool = 
     weights = d / ADAPTER_WEIGHTS
     if not weights.is_file():
         raise FileNotFoundError(f"load_adapter: no {ADAPTER_WEIGHTS} in {d}")
-    tensors = load_file(str(weights))
+    tensors = read_safetensors(weights, "adapter weights")
     expected = adapter_state_dict(model)
     missing = sorted(set(expected) - set(tensors))
     extra = sorted(set(tensors) - set(expected))

@@ -7,12 +7,14 @@ parameters) is an error rather than a silent mix of two runs.
 
 from __future__ import annotations
 
+import pickle
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from .errors import FileFormatError
 from .fileio import atomic_write
 
 __all__ = ["CKPT", "RUN_KEY_IGNORES", "check_same_run", "load_train_state", "run_key", "save_train_state"]
@@ -42,7 +44,13 @@ def load_train_state(path: Path) -> dict[str, Any] | None:
     f = path / CKPT
     if not f.is_file():
         return None
-    return torch.load(f, map_location="cpu", weights_only=True)
+    try:
+        return torch.load(f, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, pickle.UnpicklingError) as e:  # truncated or not a torch file
+        raise FileFormatError(
+            f"{f} (a training checkpoint) is truncated or corrupt ({type(e).__name__}); "
+            "delete it to start the run over"
+        ) from None
 
 
 def check_same_run(

@@ -1,6 +1,7 @@
-"""The ``muscle-fast`` command line: ``inspect`` a patched model, ``defend`` (train and compare
-defenses on poisoned data, SPEC §5), ``eval`` a saved checkpoint, ``report`` (merge results) and
-``fourier`` (track the low/high-frequency errors of one method's training, SPEC §6).
+"""The ``muscle-fast`` command line: ``demo`` (the defense in minutes on a CPU), ``inspect`` a
+patched model, ``defend`` (train and compare defenses on poisoned data, SPEC §5), ``eval`` a saved
+checkpoint, ``report`` (merge results) and ``fourier`` (track the low/high-frequency errors of one
+method's training, SPEC §6).
 
 This module only parses arguments, builds the specs of :mod:`muscle_fast.experiment`, prints and
 sets the exit status; the work and its checks live in the library. Heavy imports (torch,
@@ -22,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from . import experiment
-from .errors import ConfigError, MuscleFastError, first_line
+from .errors import ConfigError, FileFormatError, MuscleFastError, first_line
 from .experiment import (
     DEFAULT_METHODS,
     DEFAULT_MODEL_PRESET,
@@ -40,6 +41,7 @@ from .experiment import (
     run_defend,
     run_fourier,
 )
+from .fileio import read_json
 from .report import results_table, write_results
 
 __all__ = [
@@ -115,6 +117,7 @@ def run_spec(args: argparse.Namespace) -> RunSpec:
         max_train_rows=args.max_train_rows,
         max_eval_rows=args.max_eval_rows,
         seed=args.seed,
+        seeds=getattr(args, "seeds", None),
         epochs=args.epochs,
         batch_size=args.batch_size,
         max_length=args.max_length,
@@ -125,6 +128,7 @@ def run_spec(args: argparse.Namespace) -> RunSpec:
         load_in_4bit=getattr(args, "load_in_4bit", False),
         gradient_checkpointing=getattr(args, "gradient_checkpointing", False),
         progress=not args.no_progress,
+        checkpoint_every=getattr(args, "checkpoint_every", None),
     )
 
 
@@ -146,6 +150,26 @@ def eval_spec(args: argparse.Namespace) -> EvalSpec:
         load_in_4bit=args.load_in_4bit,
         device=args.device,
     )
+
+
+def json_object_arg(value: str, flag: str) -> dict[str, Any]:
+    """A flag's JSON object, given inline (``'{"lora_r": 4}'``) or as a file path; ConfigError
+    naming the flag (and the file) when it is neither, does not parse or is not an object."""
+    if value.lstrip()[:1] in ("{", "["):
+        try:
+            obj = json.loads(value)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{flag}: inline JSON does not parse: {e}") from None
+    elif Path(value).is_file():
+        try:
+            obj = read_json(value, f"the {flag} file")
+        except FileFormatError as e:
+            raise ConfigError(f"{flag}: {e}") from None
+    else:
+        raise ConfigError(f"{flag}: {value!r} is neither a JSON object nor an existing file")
+    if not isinstance(obj, dict):
+        raise ConfigError(f"{flag}: must be a JSON object, got {type(obj).__name__}")
+    return obj
 
 
 def parse_deltas(spec: str | None) -> list[float] | None:
@@ -170,10 +194,8 @@ def parse_deltas(spec: str | None) -> list[float] | None:
 def cmd_inspect(args: argparse.Namespace) -> int:
     from . import MuScleConfig, patch_model
 
-    model, _ = load_classifier(args.model or default_model(), args.num_labels)
-    overrides = json.loads(args.config) if args.config else {}
-    if not isinstance(overrides, dict):
-        raise ConfigError(f"--config must be a JSON object of MuScleConfig fields: {args.config}")
+    overrides = json_object_arg(args.config, "--config") if args.config else {}
+    model, _ = experiment.load_classifier(args.model or default_model(), args.num_labels)
     cfg = MuScleConfig.for_model(model, **overrides)
     patch_model(model, cfg)
     rep = model.muscle_report
@@ -191,10 +213,32 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _print_resume(res: Any) -> None:
+    if res.skipped or res.resumed:
+        print(
+            f"\nskipped {len(res.skipped)} pairs finished earlier with the same config"
+            f"{' (' + ', '.join(res.skipped) + ')' if res.skipped else ''}; "
+            f"resumed {', '.join(res.resumed) or 'none'}"
+        )
+
+
 def cmd_defend(args: argparse.Namespace) -> int:
     res = run_defend(run_spec(args))
     print(results_table(res.records))
+    _print_resume(res)
     print(f"\nwrote {res.out / 'results.json'}, results.md, results.png in {res.seconds:.1f} s")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo, verdict
+
+    res = run_demo(args.out, device=args.device, progress=not args.no_progress)
+    print(results_table(res.records))
+    _print_resume(res)
+    print("\n" + verdict(res.records))
+    print(f"\nwrote {res.out / 'results.json'}, results.md, results.png in {res.seconds:.1f} s")
+    print(f"the full run on all four attacks: muscle-fast defend --out {Path(args.out).parent / 'sst2'}")
     return 0
 
 
@@ -248,8 +292,11 @@ def cmd_fourier(args: argparse.Namespace) -> int:
 def _add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--data-dir",
-        help="an OpenBackdoor attack folder, a folder of attack folders, or a clean train/dev/test.tsv "
-        "folder (poisoned here); default: SST-2 from the Hugging Face hub, poisoned with BadNets",
+        help="an OpenBackdoor attack folder, a folder of attack folders, a clean train/dev/test.tsv "
+        "folder (poisoned here), or a named source: embedded:sst2 (the default: the poisoned SST-2 "
+        "shipped with muscle-fast, attacks addsent, badnets, stylebkd, synbkd; offline), "
+        "embedded:sst2-clean (its clean split, poisoned here), hub:sst2 (SST-2 from the Hugging Face "
+        "hub, poisoned here)",
     )
     p.add_argument("--attacks", help="comma-separated attacks to run (attack folders, or badnets,addsent)")
     p.add_argument("--poison-setting", choices=("clean", "mix", "dirty"), help="training file setting")
@@ -261,13 +308,38 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
 
 
+def _default_help(key: str) -> str:
+    """What a run uses for ``key`` when the flag is not given, read from the same data the run reads:
+    the default model's built-in preset (per method where its sections differ), else the family's."""
+    from .config import FAMILIES, TRAIN_DEFAULTS
+
+    enc, dec = FAMILIES["bert"], FAMILIES["llama"]  # the default model is a BERT
+    preset = load_preset(DEFAULT_MODEL_PRESET)
+    top = preset.get(key, getattr(enc, key) if hasattr(enc, key) else getattr(TRAIN_DEFAULTS, key))
+    per = {m: preset["methods"].get(m, {}).get(key, top) for m in DEFAULT_METHODS}
+    if len(set(per.values())) == 1:
+        used = f"{next(iter(per.values()))}"
+    else:
+        used = ", ".join(f"{m} {v}" for m, v in per.items())
+    if hasattr(enc, key):
+        family = f"{getattr(enc, key)} for BERT/RoBERTa, {getattr(dec, key)} for GPT-2/Llama"
+    else:
+        family = f"{getattr(TRAIN_DEFAULTS, key)}"
+    return (
+        f"default: the preset's; with the default model ({DEFAULT_MODEL_PRESET}) {used}; "
+        f"without a preset {family}"
+    )
+
+
 def _add_train_args(p: argparse.ArgumentParser) -> None:
     """Training hyperparameters shared by defend and fourier (flags override the preset file)."""
-    p.add_argument("--epochs", type=int, help="default: the family preset (10 for BERT/RoBERTa)")
-    p.add_argument("--batch-size", type=int, help="default: the family preset (32 for BERT/RoBERTa)")
-    p.add_argument("--max-length", type=int, help="tokens per sample (default 128)")
-    p.add_argument("--lr", type=float, help="default: the family preset (2e-5 for BERT/RoBERTa)")
-    p.add_argument("--ref-samples", type=int, help="clean reference rows from dev-clean (default: preset)")
+    p.add_argument("--epochs", type=int, help=_default_help("epochs"))
+    p.add_argument("--batch-size", type=int, help=_default_help("batch_size"))
+    p.add_argument("--max-length", type=int, help="tokens per sample; " + _default_help("max_length"))
+    p.add_argument("--lr", type=float, help=_default_help("lr"))
+    p.add_argument(
+        "--ref-samples", type=int, help="clean reference rows from dev-clean; " + _default_help("ref_samples")
+    )
     p.add_argument(
         "--ref-overlap",
         action="store_true",
@@ -292,8 +364,25 @@ def build_parser() -> argparse.ArgumentParser:
     ins = sub.add_parser("inspect", help="patch a model with the paper defaults and print what was patched")
     ins.add_argument("--model", help="path or hub id (default: the MiniLM of the demo extra)")
     ins.add_argument("--num-labels", type=int, default=2)
-    ins.add_argument("--config", help="JSON object of MuScleConfig overrides, e.g. '{\"lora_r\": 4}'")
+    ins.add_argument(
+        "--config",
+        help="MuScleConfig overrides: inline JSON (e.g. '{\"lora_r\": 4}') or a JSON file holding the object",
+    )
     ins.set_defaults(func=cmd_inspect)
+
+    dm = sub.add_parser(
+        "demo",
+        help="vanilla vs MuScleLoRA on BadNets-poisoned SST-2 (a subsample, minutes on a CPU)",
+        description="Fine-tune the built-in MiniLM on a seeded subsample of the BadNets-poisoned SST-2 "
+        "shipped with the package, once without a defense and once with MuScleLoRA, and compare clean "
+        "accuracy (CACC) and attack success rate (ASR) on the test set; writes what defend writes.",
+    )
+    dm.add_argument(
+        "--out", default="runs/demo", help="output folder (default runs/demo); run again, it resumes"
+    )
+    dm.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    dm.add_argument("--no-progress", action="store_true", help="no progress bars")
+    dm.set_defaults(func=cmd_demo)
 
     d = sub.add_parser(
         "defend",
@@ -309,8 +398,18 @@ def build_parser() -> argparse.ArgumentParser:
         default=",".join(DEFAULT_METHODS),
         help=f"comma-separated, from {', '.join(METHODS)} (default: {','.join(DEFAULT_METHODS)})",
     )
-    d.add_argument("--out", required=True, help="output folder")
+    d.add_argument(
+        "--out",
+        required=True,
+        help="output folder; the same command again resumes: pairs finished with the same config are "
+        "skipped, an interrupted one continues from its last training checkpoint",
+    )
     _add_train_args(d)
+    d.add_argument(
+        "--seeds",
+        help="comma-separated seeds, e.g. 42,43,44: every (attack, method) once per seed, checkpoints "
+        "under OUT/seed<N>/<attack>/<method>, results.md with mean ± sd over the seeds; not with --seed",
+    )
     d.add_argument(
         "--load-in-4bit",
         action="store_true",
@@ -321,6 +420,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--gradient-checkpointing",
         action="store_true",
         help="recompute each layer's activations in backward (less memory, ~30 %% more compute)",
+    )
+    d.add_argument(
+        "--checkpoint-every",
+        type=int,
+        help="also save the training state every N optimizer steps (default: at each epoch's end), "
+        "so a killed run resumes closer to where it stopped",
     )
     d.add_argument("--no-progress", action="store_true", help="no progress bars")
     d.set_defaults(func=cmd_defend)

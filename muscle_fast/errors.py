@@ -7,7 +7,7 @@ one line that names what is wrong (the flag, key, file or folder), so it can be 
 
 from __future__ import annotations
 
-__all__ = ["ConfigError", "MuscleFastError", "ResultsError", "RunError", "first_line"]
+__all__ = ["ConfigError", "FileFormatError", "MuscleFastError", "ResultsError", "RunError", "first_line"]
 
 
 class MuscleFastError(Exception):
@@ -17,6 +17,11 @@ class MuscleFastError(Exception):
 class ConfigError(MuscleFastError, ValueError):
     """Bad settings: an unknown method, a broken preset, a hyperparameter out of range, a device
     that does not exist, or flags that do not go together."""
+
+
+class FileFormatError(MuscleFastError, ValueError):
+    """A file that exists but cannot be read as what it should be: a truncated or corrupt
+    ``.safetensors``, a JSON file that does not parse or holds the wrong kind of value."""
 
 
 class RunError(MuscleFastError):

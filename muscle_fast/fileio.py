@@ -10,6 +10,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from .errors import FileFormatError
+
 
 def _public_mode(path: str | Path, directory: bool = False) -> None:
     """Give a file made through a private temporary (mode 600/700) the usual umask permissions."""
@@ -86,3 +88,28 @@ def replace_dir(directory: Path, write: Callable[[Path], None]) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     _fsync(directory.parent, directory=True)
+
+
+def read_json(path: str | os.PathLike, what: str, kind: type = dict) -> Any:
+    """Parse a JSON file that must hold a ``kind`` (dict or list); FileFormatError naming the file
+    and ``what`` it is (e.g. "the adapter config") when it is empty, truncated or not JSON."""
+    path = Path(path)
+    try:
+        obj = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise FileFormatError(f"{path} ({what}) is not valid JSON: {e}") from None
+    if not isinstance(obj, kind):
+        raise FileFormatError(f"{path} ({what}) must hold a JSON {kind.__name__}, got {type(obj).__name__}")
+    return obj
+
+
+def read_safetensors(path: str | os.PathLike, what: str, device: str = "cpu") -> dict[str, Any]:
+    """The tensors of a ``.safetensors`` file; FileFormatError naming the file and ``what`` it is
+    when it is empty, truncated or corrupt (safetensors' own error names neither)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path), device=device)
+    except SafetensorError as e:
+        raise FileFormatError(f"{path} ({what}) is not a readable safetensors file: {e}") from None

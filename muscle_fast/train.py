@@ -197,7 +197,7 @@ def train_muscle(
     cfg = config or TrainConfig.for_model(core)
     run = _Run(model, tokenizer, cfg, _checked_data(core, cfg, train_rows, ref_rows, dev_rows, eval_sets))
     run.resume()
-    t0 = time.perf_counter()
+    t0 = run.t0 = time.perf_counter()
     was_training = core.training
     for epoch in range(run.start_epoch, cfg.epochs):
         order = run.epoch_order()
@@ -310,6 +310,8 @@ class _Run:
         self.result = TrainResult(best_epoch=-1, best_dev_acc=-1.0)
         self.start_epoch, self.start_step, self.global_step = 0, 0, 0
         self.resumed_losses: list[float] = []
+        self.t0 = time.perf_counter()  # reset when training starts
+        self.prior_seconds = 0.0  # training time before the resumed checkpoint (earlier processes)
         self.ckpt_dir = Path(cfg.checkpoint_dir) if cfg.checkpoint_dir else None
         self.key = run_key(
             config_dict(cfg), world_size=self.nranks, train_rows=len(data.train), ref_rows=len(data.ref)
@@ -338,6 +340,7 @@ class _Run:
         res.best_state = dict(zip(self.names, best, strict=True)) if best else {}
         res.skipped_steps = state["skipped_steps"]
         self.resumed_losses = list(state.get("epoch_losses", []))
+        self.prior_seconds = float(state.get("elapsed_seconds", 0.0))
         logger.info(
             f"muscle_fast: resumed from {self.ckpt_dir} at epoch {self.start_epoch}, step {self.start_step}"
         )
@@ -368,8 +371,13 @@ class _Run:
                 "best_dev_acc": res.best_dev_acc,
                 "best_params": best,
                 "skipped_steps": res.skipped_steps,
+                "elapsed_seconds": self.elapsed(),  # so a resumed run reports its whole training time
             },
         )
+
+    def elapsed(self) -> float:
+        """Seconds of training so far, those before a resume included."""
+        return self.prior_seconds + time.perf_counter() - self.t0
 
     def epoch_order(self) -> list[int]:
         """The current epoch's shuffle of the training rows (the same again when the epoch is resumed)."""
@@ -438,7 +446,7 @@ class _Run:
         }
         for k, rows in self.data.extra.items():
             record[k] = acc(rows)
-        record["seconds"] = time.perf_counter() - t0
+        record["seconds"] = self.elapsed()
         res.history.append(record)
         if record["dev_acc"] > res.best_dev_acc:
             res.best_dev_acc, res.best_epoch = record["dev_acc"], epoch + 1
@@ -455,7 +463,7 @@ class _Run:
         """The result, with the best state loaded into the model if asked and the model's mode restored."""
         res = self.result
         res.steps = self.global_step
-        res.wall_seconds = time.perf_counter() - t0
+        res.wall_seconds = self.elapsed()
         if load_best and res.best_state:
             with torch.no_grad():
                 for n, p in zip(self.names, self.params, strict=True):

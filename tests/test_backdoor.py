@@ -142,6 +142,31 @@ def test_labels_outside_class_count_and_non_integer(tmp_path):
         load_openbackdoor(d)
 
 
+def test_a_row_with_extra_or_missing_fields_names_its_line(tmp_path):
+    """pandas reports an extra field only as "an error occurred while generating the dataset"."""
+    d = ob_folder(tmp_path)
+    body = '0,"a good film",1,0\n1,"a film\nin two lines",1,0\n\n2,a bad, film,0,0\n'
+    (d / "dev-clean.csv").write_text(OB_HEADER + body)
+    with pytest.raises(DataError, match=r"dev-clean\.csv: line 6 has 5 fields but the header has 4"):
+        load_openbackdoor(d)
+    (d / "dev-clean.csv").write_text(OB_HEADER + '0,"a good film",1,0\n1,"a film",1\n')
+    with pytest.raises(DataError, match=r"dev-clean\.csv: line 3 has 3 fields but the header has 4"):
+        load_openbackdoor(d)
+    (d / "dev-clean.csv").write_text(OB_HEADER + '0,"a good\nfilm",1,0\n\n1,"a film",pos,0\n')
+    with pytest.raises(
+        DataError, match=r"dev-clean\.csv: column '1' \(label\) has a non-integer value 'pos' on line 5"
+    ):
+        load_openbackdoor(d)
+    (d / "dev-clean.csv").write_text(OB_HEADER + '0,"a good film",1,0\n1,"a film",1,3\n')
+    with pytest.raises(
+        DataError, match=r"dev-clean\.csv: column '2' \(poison_label\) must be 0 or 1, found 3 on line 3"
+    ):
+        load_openbackdoor(d)
+    (tmp_path / "c.tsv").write_text("sentence\tlabel\nfine\t1\nodd\ttab\t0\n")
+    with pytest.raises(DataError, match=r"c\.tsv: line 3 has 3 fields .*unquoted tab"):
+        load_clean_file(tmp_path / "c.tsv")
+
+
 def test_empty_split(tmp_path):
     d = ob_folder(tmp_path)
     (d / "dev-poison.csv").write_text(OB_HEADER)

@@ -190,9 +190,10 @@ def test_gradient_checkpointing_unsupported_model_exits(tmp_path, monkeypatch):
         return model, None
 
     monkeypatch.setattr(experiment.BaseModels, "get", no_checkpointing)
+    monkeypatch.setattr(experiment.BaseModels, "config", lambda self: tiny_model("bert").config)
     d = str(_ob_folder(tmp_path))
     argv = ["defend", "--data-dir", d, "--model", "m", "--methods", "lora", "--out", str(tmp_path / "o")]
-    msg = _exit_message(argv + ["--gradient-checkpointing"])
+    msg = _exit_message(argv + ["--ref-samples", "1", "--gradient-checkpointing"])
     assert msg == "muscle-fast: m does not support --gradient-checkpointing"
 
 
@@ -262,7 +263,7 @@ def test_no_data_dir_offline_says_to_pass_one(monkeypatch, tmp_path):
     from muscle_fast.backdoor import data
 
     monkeypatch.setattr(data.load_hub_sst2, "__defaults__", (str(tmp_path / "cache"),))
-    msg = _exit_message(["defend", "--out", str(tmp_path / "o")])
+    msg = _exit_message(["defend", "--data-dir", "hub:sst2", "--out", str(tmp_path / "o")])
     assert "Hugging Face hub" in msg and "pass --data-dir" in msg
 
 
@@ -367,7 +368,7 @@ def test_eval_of_a_full_model_refuses_adapter_flags_and_other_label_counts(smoke
 
 def test_inspect_config_must_be_an_object():
     msg = _exit_message(["inspect", "--model", _minilm(), "--config", "[1]"])
-    assert "--config must be a JSON object of MuScleConfig fields: [1]" in msg
+    assert "--config: must be a JSON object, got list" in msg
     assert "mslr_scales must be a list, got 5" in _exit_message(
         ["inspect", "--model", _minilm(), "--config", '{"mslr_scales": 5}']
     )
@@ -407,7 +408,7 @@ def test_hyperparameter_precedence(tmp_path):
     # any object with the override fields works too (an argparse namespace, for compatibility)
     flags = SimpleNamespace(epochs=None, batch_size=None, max_length=None, lr=5e-5, ref_samples=8, seed=None)
     assert effective_hparams(bert, "muscle", preset, flags) == m
-    assert set(METHODS) == {"vanilla", "lora", "muscle", "lora+mslr", "lora+ga"}
+    assert set(METHODS) == {"vanilla", "lora", "muscle", "lora+mslr", "lora+ga", "oracle", "ref-only"}
 
 
 def test_bad_method_config_fails_before_training(tmp_path):
@@ -497,11 +498,14 @@ class _HashTokenizer:
             "attention_mask": torch.tensor([[1] * len(x) + [0] * (n - len(x)) for x in ids]),
         }
 
+    def save_pretrained(self, path):  # a full fine-tune's checkpoint saves its tokenizer
+        (Path(path) / "tokenizer_config.json").write_text("{}")
+
 
 @pytest.fixture
 def tiny_base(monkeypatch):
     """BaseModels hands out a tiny random BERT and a hash tokenizer: the run path without a download."""
-    from tiny_models import tiny_model
+    from tiny_models import tiny_config, tiny_model
 
     from muscle_fast import experiment
 
@@ -509,6 +513,7 @@ def tiny_base(monkeypatch):
         return tiny_model("bert", seed=self.seed, num_labels=num_labels), _HashTokenizer()
 
     monkeypatch.setattr(experiment.BaseModels, "get", get)
+    monkeypatch.setattr(experiment.BaseModels, "config", lambda self: tiny_config("bert"))
 
 
 def _tiny_spec(tmp_path, **kw) -> RunSpec:
@@ -661,7 +666,8 @@ def test_cli_exit_status_of_the_process(tmp_path):
     p = subprocess.run([*run, "--methods", "fancy", "--out", str(tmp_path)], capture_output=True, text=True)
     assert p.returncode == 1 and p.stdout == ""
     assert p.stderr.strip().splitlines() == [
-        "muscle-fast: unknown method(s) ['fancy']; valid methods: vanilla, lora, muscle, lora+mslr, lora+ga"
+        "muscle-fast: unknown method(s) ['fancy']; valid methods: vanilla, lora, muscle, lora+mslr, lora+ga, "
+        "oracle, ref-only"
     ]
     p = subprocess.run(run, capture_output=True, text=True)  # --out missing
     assert p.returncode == 2 and "required: --out" in p.stderr

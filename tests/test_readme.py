@@ -117,10 +117,14 @@ def test_readme_test_command_is_ci_command() -> None:
     assert 'pip install ".[test]"' in steps
 
 
-def test_readme_keeps_the_main_job_command() -> None:
-    bash_lines = [ln for _, code in _blocks("bash") for ln in code.splitlines()]
-    jobs = [ln for ln in bash_lines if "muscle-fast defend" in ln]
-    assert len(jobs) == 1 and 'pip install ".[demo]"' in jobs[0], jobs
+def test_readme_leads_with_the_demo_then_the_main_job() -> None:
+    """The first command installs and runs the demo (tests/test_fresh_clone.py runs it on a fresh
+    clone); the main job follows, with no data path a fresh clone lacks."""
+    blocks = [code.strip() for _, code in _blocks("bash")]
+    first = blocks[0]
+    assert 'pip install ".[demo]"' in first and first.endswith("muscle-fast demo --out runs/demo"), first
+    jobs = [ln for code in blocks for ln in code.splitlines() if "muscle-fast defend" in ln]
+    assert len(jobs) == 1 and "--data-dir" not in jobs[0] and "../shared" not in jobs[0], jobs
 
 
 def test_readme_links_resolve() -> None:

@@ -62,6 +62,12 @@ class BackdoorDataset:
     rate: float | None = None
     source: str = ""
     sources: dict[str, str] = field(default_factory=dict)  # split -> file it came from (for errors)
+    #: loaded to evaluate a checkpoint: the training file was not read and ``train`` may be empty
+    eval_only: bool = False
+    #: per dev-poison row, the index in ``dev_clean`` of the clean sentence it was made from (None:
+    #: unknown or subsampled away); None when the source gives no reliable pairing. ``defend`` uses it
+    #: to keep the twins of its reference rows out of the dev ASR (SPEC §5).
+    dev_poison_source: list[int | None] | None = None
 
     def __post_init__(self) -> None:
         for name in SPLITS:
@@ -69,6 +75,11 @@ class BackdoorDataset:
             flags = self.poison_flags.setdefault(name, [name.endswith("_poison")] * len(rows))
             if len(flags) != len(rows):
                 raise DataError(f"{self._where(name)}: {len(flags)} poison flags for {len(rows)} rows")
+        src = self.dev_poison_source
+        if src is not None and len(src) != len(self.dev_poison):
+            raise DataError(
+                f"{self._where('dev_poison')}: {len(src)} source indices for {len(self.dev_poison)} rows"
+            )
 
     def _where(self, split: str) -> str:
         return self.sources.get(split) or f"{self.dataset}/{self.attack} split {split!r}"
@@ -83,7 +94,7 @@ class BackdoorDataset:
         return self.poison_flags["train"]
 
     def validate(self) -> BackdoorDataset:
-        """Reject empty splits and labels outside [0, num_labels); returns self."""
+        """Reject empty splits (an eval-only ``train`` aside) and labels outside [0, num_labels)."""
         if not 0 <= self.target_label < self.num_labels:
             raise DataError(
                 f"{self.dataset}/{self.attack}: target label {self.target_label} is outside the "
@@ -91,7 +102,7 @@ class BackdoorDataset:
             )
         for name in SPLITS:
             rows = getattr(self, name)
-            if not rows:
+            if not rows and not (name == "train" and self.eval_only):
                 raise DataError(f"{self._where(name)}: split {name!r} is empty")
             bad = sorted({lab for _, lab in rows if not 0 <= lab < self.num_labels})
             if bad:
@@ -128,11 +139,20 @@ class BackdoorDataset:
             keep = sorted(rng.sample(poisoned, n_p) + rng.sample(clean, max_train_rows - n_p))
             changes["train"] = [self.train[i] for i in keep]
             flags["train"] = [self.train_poison_flags[i] for i in keep]
+        kept: dict[str, list[int]] = {}
         if max_eval_rows is not None:
             for name in SPLITS[1:]:
                 rows = getattr(self, name)
                 if max_eval_rows < len(rows):
                     keep = sorted(random.Random(f"{seed}:{name}").sample(range(len(rows)), max_eval_rows))
+                    kept[name] = keep
                     changes[name] = [rows[i] for i in keep]
                     flags[name] = [self.poison_flags[name][i] for i in keep]
+        src = self.dev_poison_source
+        if src is not None and kept:  # the pairing follows both subsets (a twin sampled away: None)
+            clean_at = {old: new for new, old in enumerate(kept.get("dev_clean", range(len(self.dev_clean))))}
+            rows_kept = kept.get("dev_poison", range(len(src)))
+            changes["dev_poison_source"] = [
+                clean_at.get(src[i]) if src[i] is not None else None for i in rows_kept
+            ]
         return replace(self, poison_flags=flags, **changes)

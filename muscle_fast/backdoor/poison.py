@@ -182,5 +182,7 @@ def make_poisoned(
         setting=setting,
         rate=rate,
         source="built-in",
+        # poison_eval keeps the non-target dev rows in order: row k is the k-th of them, triggered
+        dev_poison_source=[i for i, (_, lab) in enumerate(clean["dev"]) if lab != target],
     )
     return ds.validate()
