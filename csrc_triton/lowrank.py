@@ -67,6 +67,16 @@ _INTERPRET_TARGET_PROGRAMS = 8
 _CHUNK = 16
 
 
+def _cdiv(a: int, b: int) -> int:
+    """Host-side ceil division (triton.cdiv costs ~1.5 us a call on the host; launches make several)."""
+    return -(-a // b)
+
+
+def _pow2(n: int) -> int:
+    """Host-side next power of two, as triton.next_power_of_2 (0 for 0) without its host cost."""
+    return 1 << (n - 1).bit_length() if n > 0 else 0
+
+
 def _split_count(t: torch.Tensor, programs: int, max_split: int) -> int:
     """Power-of-two split of a reduction so that ``programs * split`` fills the GPU (about 2 waves).
 
@@ -75,17 +85,20 @@ def _split_count(t: torch.Tensor, programs: int, max_split: int) -> int:
         target = 2 * _common.sm_count(t.device.index if t.device.index is not None else 0)
     else:
         target = _INTERPRET_TARGET_PROGRAMS
-    want = min(triton.cdiv(target, max(programs, 1)), max(max_split, 1))
+    want = min(_cdiv(target, max(programs, 1)), max(max_split, 1))
     return 1 << (want.bit_length() - 1)
 
 
 def _block_r(R: int) -> int:
-    return max(16, triton.next_power_of_2(R))
+    return max(16, _pow2(R))
+
+
+_SPLIT_MODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 
 def _split_mode(dtype: torch.dtype) -> int:
     """How ``fp32 intermediate @ operand-of-this-dtype`` is computed (see ``_dot_split``)."""
-    return {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}[dtype]
+    return _SPLIT_MODES[dtype]
 
 
 def _split_upcast(dtype: torch.dtype) -> bool:
@@ -192,8 +205,8 @@ def _dot_split(acc, a, b, MODE: tl.constexpr, UPCAST: tl.constexpr):
 
 @triton.autotune(configs=configs.triton_configs("lowrank.shrink"), key=["M_BUCKET", "K", "BLOCK_R"],
                  reset_to_zero=["s_ptr"])
-@triton.heuristics({"SPLIT_K": lambda a: _split_count(a["x_ptr"], triton.cdiv(a["M"], a["BLOCK_M"]),
-                                                      triton.cdiv(a["K"], a["BLOCK_K"]))})
+@triton.heuristics({"SPLIT_K": lambda a: _split_count(a["x_ptr"], _cdiv(a["M"], a["BLOCK_M"]),
+                                                      _cdiv(a["K"], a["BLOCK_K"]))})
 @triton.jit
 def _shrink_kernel(
     x_ptr, a_ptr, scale_ptr, s_ptr,
@@ -291,8 +304,8 @@ def _expand_kernel(
 
 
 def _bwd_split(a: dict) -> int:
-    m_blocks = triton.cdiv(a["m1"], a["BLOCK_M"]) + triton.cdiv(a["M"] - a["m1"], a["BLOCK_M"])
-    return _split_count(a["dy_ptr"], m_blocks, triton.cdiv(a["N"], a["BLOCK_N"]))
+    m_blocks = _cdiv(a["m1"], a["BLOCK_M"]) + _cdiv(a["M"] - a["m1"], a["BLOCK_M"])
+    return _split_count(a["dy_ptr"], m_blocks, _cdiv(a["N"], a["BLOCK_N"]))
 
 
 @triton.autotune(configs=configs.triton_configs("lowrank.bwd_ds_db"), key=["M_BUCKET", "N", "BLOCK_R"],
@@ -369,8 +382,8 @@ def _bwd_ds_db_kernel(
 
 
 def _grad_a_split(a: dict) -> int:
-    programs = triton.cdiv(a["K"], a["BLOCK_K"]) * a["G"]
-    return _split_count(a["x_ptr"], programs, triton.cdiv(a["M"], a["BLOCK_M"]))
+    programs = _cdiv(a["K"], a["BLOCK_K"]) * a["G"]
+    return _split_count(a["x_ptr"], programs, _cdiv(a["M"], a["BLOCK_M"]))
 
 
 @triton.autotune(configs=configs.triton_configs("lowrank.grad_a"), key=["M_BUCKET", "K", "BLOCK_R", "G"],
@@ -464,10 +477,10 @@ def lowrank_shrink(x: torch.Tensor, A: torch.Tensor, scale: torch.Tensor, *, dro
     scale = scale.to(torch.float32).contiguous()
 
     def grid(meta: dict) -> tuple[int, int]:
-        return triton.cdiv(M, meta["BLOCK_M"]), meta["SPLIT_K"]
+        return _cdiv(M, meta["BLOCK_M"]), meta["SPLIT_K"]
 
     _shrink_kernel[grid](
-        x, A, scale, S, M, K, R, triton.next_power_of_2(M),
+        x, A, scale, S, M, K, R, _pow2(M),
         x.stride(0), x.stride(1), A.stride(0), A.stride(1), S.stride(0), S.stride(1),
         seed, p, inv_keep,
         BLOCK_R=_block_r(R), DROPOUT=dropout, F32_DOT=_plain_f32(x.dtype, A.dtype), CHUNK=_CHUNK,
@@ -485,10 +498,10 @@ def _expand_launch(y: torch.Tensor, S: torch.Tensor, bt: torch.Tensor, dropout_p
     dropout, p, inv_keep, seed = _dropout_args(dropout_p, seed)
 
     def grid(meta: dict) -> tuple[int]:
-        return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+        return (_cdiv(M, meta["BLOCK_M"]) * _cdiv(N, meta["BLOCK_N"]),)
 
     _expand_kernel[grid](
-        y, S, bt, M, N, R, triton.next_power_of_2(M),
+        y, S, bt, M, N, R, _pow2(M),
         y.stride(0), y.stride(1), S.stride(0), S.stride(1), bt.stride(0), bt.stride(1),
         seed, p, inv_keep,
         BLOCK_R=_block_r(R), DROPOUT=dropout, MODE=_split_mode(bt.dtype), UPCAST=_split_upcast(bt.dtype),
@@ -533,10 +546,10 @@ def lowrank_backward_dS_dB(dY: torch.Tensor, B: torch.Tensor, S: torch.Tensor, s
 
     def grid(meta: dict) -> tuple[int, int]:
         bm = meta["BLOCK_M"]
-        return triton.cdiv(m1, bm) + triton.cdiv(M - m1, bm), meta["SPLIT_N"]
+        return _cdiv(m1, bm) + _cdiv(M - m1, bm), meta["SPLIT_N"]
 
     _bwd_ds_db_kernel[grid](
-        dY, B, S, scale, dS, dB, M, N, R, m1, triton.next_power_of_2(M),
+        dY, B, S, scale, dS, dB, M, N, R, m1, _pow2(M),
         dY.stride(0), dY.stride(1), B.stride(0), B.stride(1), S.stride(0), S.stride(1),
         dS.stride(0), dS.stride(1), dB.stride(0), dB.stride(1), dB.stride(2),
         BLOCK_R=_block_r(R), F32_DOT=_plain_f32(dY.dtype, B.dtype),
@@ -565,10 +578,10 @@ def lowrank_grad_A(dS: torch.Tensor, x: torch.Tensor, *, row_split: int | None =
         return dA
 
     def grid(meta: dict) -> tuple[int, int]:
-        return triton.cdiv(K, meta["BLOCK_K"]), G * meta["SPLIT_M"]
+        return _cdiv(K, meta["BLOCK_K"]), G * meta["SPLIT_M"]
 
     _grad_a_kernel[grid](
-        dS, x, dA, M, K, R, m1, triton.next_power_of_2(M), G,
+        dS, x, dA, M, K, R, m1, _pow2(M), G,
         dS.stride(0), dS.stride(1), x.stride(0), x.stride(1), dA.stride(0), dA.stride(1), dA.stride(2),
         seed, p, inv_keep,
         BLOCK_R=_block_r(R), DROPOUT=dropout, MODE=_split_mode(x.dtype), UPCAST=_split_upcast(x.dtype),
@@ -598,6 +611,6 @@ def dropout_mask(M: int, K: int, p: float, seed: int, device: torch.device | str
     _, p, _, seed = _dropout_args(p, seed)
     if M == 0 or K == 0:
         return out.bool()
-    grid = (triton.cdiv(M, 32), triton.cdiv(K, 128))
+    grid = (_cdiv(M, 32), _cdiv(K, 128))
     _dropout_mask_kernel[grid](out, M, K, seed, p, BLOCK_M=32, BLOCK_K=128)
     return out.bool()

@@ -29,7 +29,10 @@ KERNEL_DTYPES: tuple[torch.dtype, ...] = (torch.float32, torch.float16, torch.bf
 
 def resolve_backend(backend: str) -> str:
     """The backend in force: ``MUSCLE_FAST_BACKEND`` when set, else ``backend``; validated."""
-    env = os.environ.get("MUSCLE_FAST_BACKEND")
+    return _resolve(backend, os.environ.get("MUSCLE_FAST_BACKEND"))
+
+
+def _resolve(backend: str, env: str | None) -> str:
     chosen = env if env else backend
     if chosen not in BACKENDS:
         src = "MUSCLE_FAST_BACKEND" if env else "backend"
@@ -49,9 +52,31 @@ def use_kernels(
 
     ``"auto"`` answers by device and dtype; ``"triton"`` where the kernels cannot run raises a
     RuntimeError naming the op and the device (a dtype the kernels lack is left to the kernel's own
-    error, which names the tensor).
+    error, which names the tensor). Answers are remembered per argument set, environment value and
+    interpreter switch (every layer asks on every call); errors are not, so they repeat.
     """
-    chosen = resolve_backend(backend)
+    env = os.environ.get("MUSCLE_FAST_BACKEND")
+    dtypes = tuple(dtypes)
+    key = (backend, env, _common.INTERPRET, device, dtypes, supported)
+    hit = _ANSWERS.get(key)
+    if hit is None:
+        hit = _use_kernels(_resolve(backend, env), device, dtypes, op, supported)
+        if len(_ANSWERS) >= 256:  # a handful of keys in practice; bound it anyway
+            _ANSWERS.clear()
+        _ANSWERS[key] = hit
+    return hit
+
+
+_ANSWERS: dict[tuple, bool] = {}
+
+
+def _use_kernels(
+    chosen: str,
+    device: torch.device | str,
+    dtypes: tuple[torch.dtype | None, ...],
+    op: str,
+    supported: tuple[torch.dtype, ...],
+) -> bool:
     if chosen == "torch":
         return False
     device = torch.device(device)

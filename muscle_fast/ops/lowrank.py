@@ -285,14 +285,17 @@ class MuScleLinearFunction(torch.autograd.Function):
         seed: int,
         split: tuple[int, RefSink, int | None] | None,
         module: nn.Module,
+        casts: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
+        """``casts``: A and B already in x's dtype (``MuScleLinear`` caches them between optimizer
+        steps); they are not inputs of the graph, so the gradients still go to A and B."""
         lead = x.shape[:-1]
         x2 = x.reshape(-1, x.shape[-1])
         dtype = x.dtype
         bias = base.bias
         if bias is not None and bias.dtype != dtype:
             bias = bias.to(dtype)
-        Ac, Bc = A.to(dtype), B.to(dtype)
+        Ac, Bc = (A.to(dtype), B.to(dtype)) if casts is None else casts
         S = ops.shrink(x2, Ac, scale, dropout_p=dropout_p, seed=seed)
         if nf4.use_fused_forward(kind, x2, ops.kernels):  # small M: no 16-bit copy of the weight at all
             w = nf4.standard_4bit_weight(base)
@@ -338,7 +341,7 @@ class MuScleLinearFunction(torch.autograd.Function):
             sink(module, dA[1], dB[1])
         gA = dA[0].to(a_dtype) if ctx.needs_input_grad[1] else None
         gB = dB[0].to(b_dtype) if ctx.needs_input_grad[2] else None
-        return dX, gA, gB, None, None, None, None, None, None, None, None
+        return dX, gA, gB, None, None, None, None, None, None, None, None, None
 
 
 # Deprecated location (the 4-bit workspace lives in muscle_fast.ops.nf4).
