@@ -32,8 +32,9 @@ pytestmark = [
 MIN_ASR_DROP = 0.40
 #: ... at a clean accuracy of at least this.
 MIN_CACC = 0.75
-#: Minutes the demo may take on 2 CPU cores, with margin for a loaded CI machine.
-MAX_DEMO_MINUTES = 12
+#: A hang guard, not a speed claim (README states the demo's time; speed lives in benchmarks):
+#: install and demo together, on a slow or shared machine.
+TIMEOUT_MINUTES = 45
 
 
 def _first_command() -> str:
@@ -67,7 +68,7 @@ def test_readme_first_command_on_a_fresh_clone(tmp_path: Path) -> None:
         env=env,
         capture_output=True,
         text=True,
-        timeout=60 * (MAX_DEMO_MINUTES + 8),
+        timeout=60 * TIMEOUT_MINUTES,
     )
     log = done.stdout[-4000:] + done.stderr[-4000:]
     assert done.returncode == 0, log
@@ -79,6 +80,4 @@ def test_readme_first_command_on_a_fresh_clone(tmp_path: Path) -> None:
     assert "MuScleLoRA" in done.stdout and "ASR points lower" in done.stdout, log
     assert by["muscle"]["asr"] <= by["vanilla"]["asr"] - MIN_ASR_DROP, by
     assert by["muscle"]["cacc"] >= MIN_CACC, by
-    seconds = sum(r["wall_seconds"] for r in records)
-    assert seconds <= 60 * MAX_DEMO_MINUTES, f"demo training took {seconds:.0f} s"
     assert by["vanilla"]["config"]["data"]["source"].startswith("embedded"), by["vanilla"]["config"]["data"]
