@@ -115,6 +115,27 @@ def _replace_decoder_head(model: nn.Module, cfg: MuScleConfig) -> None:
     model.score.requires_grad_(False)  # the paper freezes the random output layer
 
 
+def _exact_cpu_4bit(model: nn.Module) -> None:
+    """Turn off bitsandbytes' CPU inference shortcut on every Linear4bit of ``model``.
+
+    On a CPU with AVX512-BF16, bitsandbytes 0.50 repacks a Linear4bit's weight on its first
+    eval-mode no-grad forward and from then on runs a bf16 kernel without autograd, also in
+    training mode: after a dev evaluation (train_muscle runs one every epoch) no gradient flowed
+    through the frozen 4-bit layers (o_proj, the MLP), so every LoRA gradient of the backbone was
+    zero. A weight repacked already is restored to the standard layout, as ``ops.nf4`` does for
+    the layers MuScleLinear wraps (bitsandbytes' inverse; the absmax went through bf16).
+    """
+    for m in model.modules():
+        if not getattr(m, "support_avx512bf16_for_cpu", False):
+            continue
+        m.support_avx512bf16_for_cpu = False
+        w = getattr(m, "weight", None)
+        if getattr(getattr(w, "quant_state", None), "packing_format_for_cpu", False):
+            from bitsandbytes.nn.modules import _convert_weight_packed_for_cpu_inverse
+
+            w.data, w.quant_state = _convert_weight_packed_for_cpu_inverse(w.data, w.quant_state)
+
+
 def patch_model(model: nn.Module, cfg: MuScleConfig | None = None, **overrides: Any) -> nn.Module:
     """Freeze ``model`` and add LoRA/MSLR modules per ``cfg`` (paper defaults when None); in place."""
     if is_patched(model):
@@ -124,6 +145,7 @@ def patch_model(model: nn.Module, cfg: MuScleConfig | None = None, **overrides: 
     elif overrides:
         raise ValueError("patch_model: pass either cfg or keyword overrides, not both")
     cfg.validate()
+    _exact_cpu_4bit(model)
     for p in model.parameters():
         p.requires_grad_(False)
     if cfg.decoder_head:
