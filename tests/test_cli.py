@@ -16,6 +16,7 @@ pytest.importorskip("matplotlib", reason="defend plots results.png with matplotl
 from helpers import OB_HEADER as HEADER  # noqa: E402
 from helpers import exit_message as _exit_message  # noqa: E402
 from helpers import ob_folder as _ob_folder  # noqa: E402
+from helpers import use_tiny_models  # noqa: E402
 from helpers import write_ob_csv as _csv  # noqa: E402
 
 from muscle_fast.cli import METHODS, effective_hparams, main  # noqa: E402
@@ -481,39 +482,10 @@ def test_ref_disjoint_flag_and_preset():
 # ---------------------------------------------------------------------------------------------- library API
 
 
-class _HashTokenizer:
-    """Any text to ids 3..100 by word hash (the tiny models' vocabulary), HF call signature."""
-
-    pad_token_id = 0
-
-    def __call__(self, texts, padding=True, truncation=True, max_length=32, return_tensors="pt"):
-        import zlib
-
-        import torch
-
-        ids = [[3 + zlib.crc32(w.encode()) % 98 for w in t.split()][:max_length] for t in texts]
-        n = max(len(x) for x in ids)
-        return {
-            "input_ids": torch.tensor([x + [0] * (n - len(x)) for x in ids]),
-            "attention_mask": torch.tensor([[1] * len(x) + [0] * (n - len(x)) for x in ids]),
-        }
-
-    def save_pretrained(self, path):  # a full fine-tune's checkpoint saves its tokenizer
-        (Path(path) / "tokenizer_config.json").write_text("{}")
-
-
 @pytest.fixture
 def tiny_base(monkeypatch):
     """BaseModels hands out a tiny random BERT and a hash tokenizer: the run path without a download."""
-    from tiny_models import tiny_config, tiny_model
-
-    from muscle_fast import experiment
-
-    def get(self, num_labels):
-        return tiny_model("bert", seed=self.seed, num_labels=num_labels), _HashTokenizer()
-
-    monkeypatch.setattr(experiment.BaseModels, "get", get)
-    monkeypatch.setattr(experiment.BaseModels, "config", lambda self: tiny_config("bert"))
+    use_tiny_models(monkeypatch.setattr)
 
 
 def _tiny_spec(tmp_path, **kw) -> RunSpec:

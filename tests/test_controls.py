@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import random
-import zlib
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +16,7 @@ import torch
 
 pytest.importorskip("matplotlib", reason="defend plots results.png with matplotlib (test extra)")
 
-from helpers import write_ob_csv  # noqa: E402
+from helpers import use_tiny_models, write_ob_csv  # noqa: E402
 
 from muscle_fast.errors import ConfigError, ResultsError  # noqa: E402
 
@@ -26,35 +25,10 @@ TRIGGER = "cf"
 N_TRAIN, N_POISONED = 40, 6
 
 
-class HashTokenizer:
-    """Any text to ids 3..100 by word hash (the tiny models' vocabulary), HF call signature."""
-
-    pad_token_id = 0
-
-    def __call__(self, texts, padding=True, truncation=True, max_length=32, return_tensors="pt"):
-        ids = [[3 + zlib.crc32(w.encode()) % 98 for w in t.split()][:max_length] for t in texts]
-        n = max(len(x) for x in ids)
-        return {
-            "input_ids": torch.tensor([x + [0] * (n - len(x)) for x in ids]),
-            "attention_mask": torch.tensor([[1] * len(x) + [0] * (n - len(x)) for x in ids]),
-        }
-
-    def save_pretrained(self, path: str | Path) -> None:  # a full fine-tune saves its tokenizer
-        (Path(path) / "tokenizer_config.json").write_text("{}")
-
-
 @pytest.fixture
 def tiny(monkeypatch):
     """BaseModels hands out a tiny random BERT and a hash tokenizer; one thread (shared CI cores)."""
-    from tiny_models import tiny_config, tiny_model
-
-    from muscle_fast import experiment
-
-    def get(self, num_labels):
-        return tiny_model("bert", seed=self.seed, num_labels=num_labels), HashTokenizer()
-
-    monkeypatch.setattr(experiment.BaseModels, "get", get)
-    monkeypatch.setattr(experiment.BaseModels, "config", lambda self: tiny_config("bert"))
+    use_tiny_models(monkeypatch.setattr)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

@@ -16,44 +16,14 @@ import signal
 import subprocess
 import sys
 import time
-import zlib
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from helpers import HashTokenizer, use_tiny_models
 
 TESTS = Path(__file__).resolve().parent
-
-
-class HashTokenizer:
-    """Any text to ids 3..100 by word hash (the tiny models' vocabulary), HF call signature."""
-
-    pad_token_id = 0
-
-    def __call__(self, texts, padding=True, truncation=True, max_length=32, return_tensors="pt"):
-        ids = [[3 + zlib.crc32(w.encode()) % 98 for w in t.split()][:max_length] for t in texts]
-        n = max(len(x) for x in ids)
-        return {
-            "input_ids": torch.tensor([x + [0] * (n - len(x)) for x in ids]),
-            "attention_mask": torch.tensor([[1] * len(x) + [0] * (n - len(x)) for x in ids]),
-        }
-
-    def save_pretrained(self, path: str | Path) -> None:  # a full fine-tune saves its tokenizer
-        (Path(path) / "tokenizer_config.json").write_text("{}")
-
-
-def use_tiny_models(setattr_: Any) -> None:
-    """BaseModels hands out a tiny random BERT (weights and config) and a hash tokenizer."""
-    from tiny_models import tiny_config, tiny_model
-
-    from muscle_fast import experiment
-
-    def get(self, num_labels):
-        return tiny_model("bert", seed=self.seed, num_labels=num_labels), HashTokenizer()
-
-    setattr_(experiment.BaseModels, "get", get)
-    setattr_(experiment.BaseModels, "config", lambda self: tiny_config("bert"))
 
 
 def spec_kwargs(tmp_path: Path, out: str, **kw: Any) -> dict[str, Any]:
