@@ -303,11 +303,12 @@ def test_builtin_preset(tmp_path):
 def test_fourier_uses_the_default_models_preset(tmp_path, monkeypatch):
     """fourier trains like defend: with the default model and no --config, the tuned preset, not
     the family defaults."""
-    from muscle_fast import experiment
+    from muscle_fast.experiment import presets
 
     seen = []
-    real = experiment.load_preset
-    monkeypatch.setattr(experiment, "load_preset", lambda path: seen.append(path) or real(path))
+    real = presets.load_preset
+    # preset_for looks load_preset up in muscle_fast.experiment.presets
+    monkeypatch.setattr(presets, "load_preset", lambda path: seen.append(path) or real(path))
     argv = ["fourier", "--method", "lora", "--data-dir", str(tmp_path / "none"), "--out", str(tmp_path)]
     assert "does not exist" in _exit_message(argv)  # stops at the data, after choosing the preset
     assert seen == ["minilm-sst2"]
@@ -568,7 +569,9 @@ def test_library_modules_speak_no_argparse():
     import muscle_fast
 
     root = Path(muscle_fast.__file__).parent
-    for name in ("experiment.py", "report.py", "config.py", "errors.py"):
+    experiment = sorted(p.relative_to(root).as_posix() for p in (root / "experiment").glob("*.py"))
+    assert "experiment/run.py" in experiment
+    for name in (*experiment, "report.py", "config.py", "errors.py"):
         tree = ast.parse((root / name).read_text())
         imported = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
         imported |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
@@ -708,6 +711,7 @@ def test_run_defend_on_a_tiny_model(tmp_path, tiny_base):
 def test_fourier_trains_through_run_method(tmp_path, tiny_base, monkeypatch):
     """fourier is run_method with hooks (no checkpoint): the tracker sees step 0, every step, the end."""
     from muscle_fast import experiment
+    from muscle_fast.experiment import fourier
 
     seen = []
     real = experiment.run_method
@@ -716,7 +720,7 @@ def test_fourier_trains_through_run_method(tmp_path, tiny_base, monkeypatch):
         seen.append(kwargs)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(experiment, "run_method", spy)
+    monkeypatch.setattr(fourier, "run_method", spy)  # run_fourier looks run_method up in its module
     spec = _tiny_spec(tmp_path, methods="muscle")
     res = experiment.run_fourier(spec, experiment.FourierOptions(every=1, samples=2, deltas=(1.0,)))
     assert len(seen) == 1 and seen[0]["save_checkpoint"] is False

@@ -300,11 +300,12 @@ def test_bad_method_section_fails_before_the_model_loads(tmp_path, monkeypatch):
 
     from muscle_fast import experiment
     from muscle_fast.errors import ConfigError
+    from muscle_fast.experiment import loading
 
     def no_loading(*args, **kwargs):
         raise AssertionError("the model's weights were loaded")
 
-    monkeypatch.setattr(experiment, "load_classifier", no_loading)
+    monkeypatch.setattr(loading, "load_classifier", no_loading)  # what BaseModels.get calls
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     preset = tmp_path / "p.json"
     preset.write_text(json.dumps({"ref_samples": 1, "methods": {"muscle": {"backend": "cuda-fast"}}}))
