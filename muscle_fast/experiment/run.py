@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ..backdoor.data import canonical_data_dir
+from ..checkpoint import RUN_KEY_IGNORES
 from ..errors import ConfigError
 from ..fileio import replace_dir, write_json
 from .data import reference_indices, reference_split, selection_dev_poison, training_rows
@@ -60,17 +61,7 @@ class RunHooks:
 #: reported, not what it computed: a finished pair differing only in these is not retrained, and
 #: ``report`` does not warn about them. The ``train.*`` ones are the training loop's own
 #: (``checkpoint.RUN_KEY_IGNORES``): it resumes a run across them too.
-EXECUTION_KEYS = frozenset(
-    {
-        "method_doc",
-        "gradient_checkpointing",
-        "train.progress",
-        "train.checkpoint_dir",
-        "train.checkpoint_every",
-        "train.backend",
-        "train.eval_batch_size",
-    }
-)
+EXECUTION_KEYS = frozenset({"method_doc", "gradient_checkpointing"} | {f"train.{k}" for k in RUN_KEY_IGNORES})
 
 
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
