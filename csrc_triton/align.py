@@ -44,6 +44,7 @@ is left out of the mean ||c|| and is counted in the step stats.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -152,7 +153,7 @@ def _apply_chunk(gaddr, gcode, caddr, ccode, start, numel, a, b, offs0, READ_G: 
 @triton.jit
 def _finalize(
     tstat_ptr, coef_ptr, out_ptr, ref_loss_ptr, ref_loss_val, T,
-    min_ref_grad_norm, min_ref_loss, rho, mixed_ok,
+    min_ref_grad_norm, min_ref_loss, rho, mixed_ok, keep_cos,
     LOSS_FROM_PTR: tl.constexpr, RBLOCK: tl.constexpr,
 ):
     """Step decision and per-tensor coefficients; run by exactly one program."""
@@ -186,6 +187,8 @@ def _finalize(
     # Upper bound for the coefficient: inf when the step updates, 0 (nothing passes) when g is kept.
     # (A bound rather than `& (mode != 0)`: the interpreter cannot `&` a scalar with a block.)
     coef_lim = tl.where(mode != 0.0, float("inf"), 0.0)
+    # keep_raw_cos: in aligned mode a tensor with cos(g, c) >= keep_cos keeps g (inf: never)
+    cos_lim = tl.where(mode == 1.0, tl.cast(keep_cos, tl.float64), float("inf"))
     n_upd = tl.zeros([RBLOCK], dtype=tl.float64)
     for j in range(0, T, RBLOCK):
         idx = j + r
@@ -195,6 +198,8 @@ def _finalize(
         ok = ok & (tl.abs(dot) < float("inf"))
         coef = tl.abs(dot) / tl.where(ok, cc, 1.0)
         ok = ok & (coef < coef_lim)
+        cos = dot / tl.sqrt(tl.where(ok, gg * cc, 1.0))
+        ok = ok & ~(cos >= cos_lim)
         a = tl.where(ok, (1.0 - w_raw) * coef, 0.0)
         b = tl.where(ok, w_raw, 1.0)
         tl.store(coef_ptr + idx * 3 + 0, a.to(tl.float32), mask=m)
@@ -240,7 +245,7 @@ def _tensor_entry(dyn_ptr, t, G_CODE: tl.constexpr, C_CODE: tl.constexpr):
 def _align_stats_kernel(
     chunk_tid_ptr, chunk_start_ptr, t_cfirst_ptr, t_nch_ptr, t_numel_ptr, dyn_ptr,
     partial_ptr, tstat_ptr, coef_ptr, count_ptr, out_ptr, ref_loss_ptr, ref_loss_val, T,
-    min_ref_grad_norm, min_ref_loss, rho, mixed_ok,
+    min_ref_grad_norm, min_ref_loss, rho, mixed_ok, keep_cos,
     G_CODE: tl.constexpr, C_CODE: tl.constexpr, LOSS_FROM_PTR: tl.constexpr, ALIGNED: tl.constexpr,
     BLOCK: tl.constexpr, ITERS: tl.constexpr, RBLOCK: tl.constexpr,
 ):
@@ -305,7 +310,7 @@ def _align_stats_kernel(
         if finished == T - 1:
             _finalize(
                 tstat_ptr, coef_ptr, out_ptr, ref_loss_ptr, ref_loss_val, T,
-                min_ref_grad_norm, min_ref_loss, rho, mixed_ok, LOSS_FROM_PTR, RBLOCK,
+                min_ref_grad_norm, min_ref_loss, rho, mixed_ok, keep_cos, LOSS_FROM_PTR, RBLOCK,
             )
             tl.store(count_ptr + T, 0)
 
@@ -471,6 +476,7 @@ def align_fused(
     min_ref_loss: float,
     rho: float,
     mixed_ok: bool,
+    keep_raw_cos: float | None = None,
 ) -> torch.Tensor:
     """Apply the SPEC section 4 rule in place to ``grads`` in two launches; no host sync.
 
@@ -478,7 +484,8 @@ def align_fused(
     ``plan.device`` (dtype fp32, bf16 or fp16), or None (no gradient: skipped; no
     reference: kept). ``rho`` is the raw-gradient weight of the mixed branch,
     ``mixed_ok`` whether that branch is open this step (both host-side: they depend
-    only on the epoch). Returns the float64 stats vector (layout: ``STAT_*``).
+    only on the epoch). ``keep_raw_cos``: in aligned mode a tensor with cos(g, c) at or
+    above it keeps ``g`` (None: never). Returns the float64 stats vector (layout: ``STAT_*``).
     """
     T = plan.n_tensors
     if len(grads) != T or len(refs) != T:
@@ -523,6 +530,7 @@ def align_fused(
             plan.chunk_tid, plan.chunk_start, plan.t_cfirst, plan.t_nch, plan.t_numel, dyn,
             plan.partials, plan.tstats, plan.coefs, plan.counters, out, loss_ptr, loss_val, T,
             _f32(min_ref_grad_norm), _f32(min_ref_loss), float(rho), int(bool(mixed_ok)),
+            math.inf if keep_raw_cos is None else float(keep_raw_cos),
             G_CODE=g_code, C_CODE=c_code, LOSS_FROM_PTR=loss_from_ptr, ALIGNED=aligned,
             BLOCK=plan.block, ITERS=plan.iters, RBLOCK=plan.rblock, num_warps=plan.num_warps,
         )

@@ -9,6 +9,10 @@ gradient, ``g_a = |<g, c>| / ||c||^2 * c``. One decision per step, for all tenso
   ``g := (1 - rho) g_a + rho g``, ``rho`` as in :func:`raw_grad_ratio`;
 * mode 0 (kept): else ``g`` is kept.
 
+Option (not in the paper; off by default): ``keep_raw_cos`` -- in mode 1 a tensor whose
+cos(g, c) is at least this keeps its raw ``g`` instead of ``g_a``, so the part of the
+training gradient that already agrees with the reference is not thrown away.
+
 A tensor with ||g|| = 0, ||c|| = 0, no reference gradient, or a non-finite ``g`` /
 ``c`` / ``<g, c>`` keeps its ``g``. The mean ||c|| is over tensors whose ``c`` is
 finite with ||c|| > 0 (0 when there is none). Non-finite tensors are counted in the
@@ -29,6 +33,7 @@ Three implementations of the same rule:
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -126,6 +131,7 @@ class GradientAligner:
         ga_epoch: float = ALIGN_DEFAULTS.ga_epoch,
         epochs: float = ALIGN_DEFAULTS.epochs,
         backend: str = "auto",
+        keep_raw_cos: float | None = None,
     ) -> None:
         self.params: list[torch.Tensor] = list(params)
         if not self.params:
@@ -135,6 +141,9 @@ class GradientAligner:
         self.max_raw_grad_ratio = float(max_raw_grad_ratio)
         self.ga_epoch = ga_epoch
         self.epochs = epochs
+        if keep_raw_cos is not None and not (math.isfinite(keep_raw_cos) and -1.0 <= keep_raw_cos <= 1.0):
+            raise ValueError(f"GradientAligner keep_raw_cos must be None or in [-1, 1], got {keep_raw_cos!r}")
+        self.keep_raw_cos = None if keep_raw_cos is None else float(keep_raw_cos)
         self.backend = resolve_backend(backend)  # MUSCLE_FAST_BACKEND overrides, as everywhere
         self._device_index = self.params[0].get_device()  # -1 on CPU
         self._shapes = tuple(p.shape for p in self.params)  # parameter shapes are fixed for the run
@@ -177,6 +186,7 @@ class GradientAligner:
                     rho,
                     mixed,
                     self.params[0].device,
+                    self.keep_raw_cos,
                 )
         return AlignStats(raw, self)
 
@@ -230,6 +240,7 @@ class GradientAligner:
             rho=rho,
             mixed=mixed,
             fallback=self.backend == "auto",
+            keep_raw_cos=self.keep_raw_cos,
         )
 
     def _warn_nonfinite(self, n_nonfinite: int, n_nonfinite_grad: int) -> None:

@@ -47,7 +47,8 @@ def _check_labels(labels: torch.Tensor, num_labels: int | None, what: str) -> No
     if labels.numel() == 0:
         raise ValueError(f"dual_gradients: the {what} batch is empty")
     if num_labels is not None and labels.dtype in (torch.int64, torch.int32):
-        lo, hi = int(labels.min()), int(labels.max())
+        used = labels[labels != -100]  # -100: a row left out of the loss (transformers' ignore index)
+        lo, hi = (int(used.min()), int(used.max())) if used.numel() else (0, 0)
         if lo < 0 or hi >= num_labels:
             raise ValueError(
                 f"dual_gradients: {what} labels must be in [0, {num_labels}), got values in [{lo}, {hi}]"

@@ -67,6 +67,7 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "str": (str,),
     "str | None": (str, os.PathLike, type(None)),
     "bool | None": (bool, type(None)),
+    "float | None": (int, float, type(None)),
 }
 
 
@@ -85,6 +86,11 @@ class TrainConfig:
     min_ref_loss: float = ALIGN_DEFAULTS.min_ref_loss
     max_raw_grad_ratio: float = ALIGN_DEFAULTS.max_raw_grad_ratio
     ga_epoch: int = ALIGN_DEFAULTS.ga_epoch
+    # not in the paper, off by default (docs/defense.md): an aligned tensor with cos(g, c) >= this keeps g
+    keep_raw_cos: float | None = None
+    # not in the paper, off by default: training rows to which the model (eval mode, before the step)
+    # gives their label a probability below this are left out of the training loss
+    row_filter_min_prob: float = 0.0
     grad_clip: float = 1.0  # max gradient norm; 0 turns clipping off
     weight_decay: float = 0.0
     single_pass: bool | None = None  # None: single pass when every trainable param is in a MuScleLinear
@@ -110,6 +116,14 @@ class TrainConfig:
             v = getattr(self, name)
             if not (math.isfinite(v) and v >= 0):
                 raise ValueError(f"TrainConfig.{name} must be a finite number >= 0, got {v!r}")
+        if self.keep_raw_cos is not None and not -1.0 <= self.keep_raw_cos <= 1.0:
+            raise ValueError(
+                f"TrainConfig.keep_raw_cos must be None or in [-1, 1], got {self.keep_raw_cos!r}"
+            )
+        if not 0.0 <= self.row_filter_min_prob < 1.0:
+            raise ValueError(
+                f"TrainConfig.row_filter_min_prob must be in [0, 1), got {self.row_filter_min_prob!r}"
+            )
         if self.backend not in BACKENDS:
             raise ValueError(f"TrainConfig.backend must be one of {BACKENDS}, got {self.backend!r}")
 
@@ -298,6 +312,7 @@ class _Run:
                 cfg.ga_epoch,
                 cfg.epochs,
                 backend=cfg.backend,
+                keep_raw_cos=cfg.keep_raw_cos,
             )
             if cfg.align
             else None
@@ -310,6 +325,7 @@ class _Run:
         self.result = TrainResult(best_epoch=-1, best_dev_acc=-1.0)
         self.start_epoch, self.start_step, self.global_step = 0, 0, 0
         self.resumed_losses: list[float] = []
+        self.rows_seen = self.rows_kept = 0  # row filter counts of the current epoch (this rank)
         self.t0 = time.perf_counter()  # reset when training starts
         self.prior_seconds = 0.0  # training time before the resumed checkpoint (earlier processes)
         self.ckpt_dir = Path(cfg.checkpoint_dir) if cfg.checkpoint_dir else None
@@ -410,10 +426,14 @@ class _Run:
         self, batch: dict[str, torch.Tensor], global_rows: int, share: float, epoch: int
     ) -> tuple[torch.Tensor, bool]:
         """Set the step's gradients, aligned with a reference batch if configured; (loss, non-finite?)."""
+        loss_fn = default_loss
+        if self.cfg.row_filter_min_prob > 0:
+            batch = self._filter_rows(batch)
+            loss_fn = _masked_loss
         if self.aligner is None:
             self.opt.zero_grad(set_to_none=True)
             inputs = {k: v for k, v in batch.items() if k != "labels"}
-            loss = default_loss(self.model(**inputs).logits, batch["labels"])
+            loss = loss_fn(self.model(**inputs).logits, batch["labels"])
             (loss * share).backward()
             return loss, False
         ref = self.data.ref
@@ -427,10 +447,30 @@ class _Run:
             params=self.params,
             single_pass=self.cfg.single_pass,
             loss_scale=share,
+            loss_fn=loss_fn,
         )
         *ref_grads, ref_loss = average_across_ranks([*ref_grads, ref_loss * share])
         stats = self.aligner.align(ref_grads, ref_loss, epoch)
         return loss, bool(stats.nonfinite_grad > 0)
+
+    def _filter_rows(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The batch with the label of every row the model finds unlikely set to -100 (left out).
+
+        The model is asked in eval mode (no dropout) before the step: a row whose label it gives a
+        probability below ``row_filter_min_prob`` contradicts what it has learned so far, as a
+        relabelled (dirty-label) poisoned row does once the model reads its content.
+        """
+        was_training = self.core.training
+        self.model.eval()
+        with torch.no_grad():
+            inputs = {k: v for k, v in batch.items() if k != "labels"}
+            probs = torch.softmax(self.model(**inputs).logits.float(), dim=-1)
+        self.model.train(was_training)
+        labels = batch["labels"]
+        keep = probs.gather(1, labels[:, None])[:, 0] >= self.cfg.row_filter_min_prob
+        self.rows_seen += labels.numel()
+        self.rows_kept += int(keep.sum())
+        return {**batch, "labels": torch.where(keep, labels, torch.full_like(labels, -100))}
 
     def end_epoch(self, epoch: int, losses: Sequence[float], t0: float) -> None:
         """Evaluate, keep the state if dev accuracy improved, log, and checkpoint the epoch's end."""
@@ -444,6 +484,9 @@ class _Run:
             "train_loss": sum(losses) / max(1, len(losses)),
             "dev_acc": acc(self.data.dev),
         }
+        if cfg.row_filter_min_prob > 0:
+            record["rows_kept"] = self.rows_kept / max(1, self.rows_seen)
+            self.rows_seen = self.rows_kept = 0
         for k, rows in self.data.extra.items():
             record[k] = acc(rows)
         record["seconds"] = self.elapsed()
@@ -470,6 +513,14 @@ class _Run:
                     p.copy_(res.best_state[n])
         self.core.train(was_training)
         return res
+
+
+def _masked_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy summed over the rows not marked -100, divided by all rows: a left-out row adds
+    nothing and the others keep the weight they have in an unfiltered batch."""
+    return torch.nn.functional.cross_entropy(
+        logits.float(), labels, ignore_index=-100, reduction="sum"
+    ) / max(1, labels.numel())
 
 
 def config_dict(cfg: TrainConfig) -> dict[str, Any]:

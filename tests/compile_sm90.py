@@ -328,6 +328,7 @@ def align_cases(full: bool) -> list[Case]:
                     min_ref_loss="fp32",
                     rho="fp32",
                     mixed_ok="i32",
+                    keep_cos="fp32",
                 )
                 consts = dict(G_CODE=g, C_CODE=cc, LOSS_FROM_PTR=loss_ptr, ALIGNED=True)
                 meta = {k: v for k, v in c.items() if k != "RBLOCK"}

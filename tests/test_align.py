@@ -411,7 +411,7 @@ def test_kernels_compile_for_sm90_without_gpu():
         types = dict(chunk_tid_ptr="*i32", chunk_start_ptr="*i32", t_cfirst_ptr="*i32", t_nch_ptr="*i32",
             t_numel_ptr="*i32", dyn_ptr="*i64", partial_ptr="*fp32", tstat_ptr="*fp64", coef_ptr="*fp32",
             count_ptr="*i32", out_ptr="*fp64", ref_loss_ptr="*fp32", ref_loss_val="fp32", T="i32",
-            min_ref_grad_norm="fp32", min_ref_loss="fp32", rho="fp32", mixed_ok="i32")
+            min_ref_grad_norm="fp32", min_ref_loss="fp32", rho="fp32", mixed_ok="i32", keep_cos="fp32")
         for fn, consts in [
             (ka._align_stats_kernel, dict(G_CODE=-1, C_CODE=-1, LOSS_FROM_PTR=True, ALIGNED=True, BLOCK=1024,
                                           ITERS=8, RBLOCK=128)),
@@ -447,3 +447,49 @@ def test_loop_reference_is_the_rule(device):
     rho = 0.1 * 3 / 9
     assert s["mode"] == 2 and math.isclose(s["rho"], rho)
     torch.testing.assert_close(p.grad, torch.tensor([(1 - rho) * 3 - rho * 3, rho * 4], device=device))
+
+
+# -- keep_raw_cos (an option, not the paper's rule) --------------------------------------------------
+@pytest.mark.parametrize("keep", [-1.0, 0.3, 0.55, 1.0])
+@pytest.mark.parametrize("branch", ["aligned", "mixed_epoch4"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_keep_raw_cos_matches_oracle(device, backend, branch, keep):
+    """Tensors whose cos(g, c) reaches the threshold keep g in aligned mode only; the mixed branch
+    ignores the option. make_case's c has cos ~0.45 / ~-0.57 with g, so 0.3 and 0.55 split the tensors."""
+    ref_loss, epoch, c_scale, kw, mode, _ = BRANCHES[branch]
+    before = [p.grad.clone() for p in make_case(SHAPES, device, c_scale=c_scale)[0]]
+    params, oracle, stats, ostats = run_both(
+        SHAPES, device, backend, ref_loss, epoch, c_scale=c_scale, keep_raw_cos=keep, **kw
+    )
+    d = assert_stats_match(stats, ostats)
+    assert d["mode"] == mode
+    assert_grads_close(params, oracle)
+    refs = make_case(SHAPES, device, c_scale=c_scale)[1]
+    cos = [
+        torch.nn.functional.cosine_similarity(b.flatten().double(), c.flatten().double(), dim=0).item()
+        for b, c in zip(before, refs, strict=True)
+    ]
+    kept = [i for i, (p, b) in enumerate(zip(params, before, strict=True)) if torch.equal(p.grad, b)]
+    want = [i for i, x in enumerate(cos) if mode == 1 and x >= keep]
+    assert kept == want, (cos, kept)
+    assert d["n_updated"] == len(SHAPES) - len(want)
+    if backend == "torch" and branch == "aligned" and keep == 0.3:
+        assert 0 < len(want) < len(SHAPES)  # the case really splits the tensors
+
+
+def test_keep_raw_cos_loop_reference_by_hand(device):
+    """g = (3, 4), c = (1, 0): cos 0.6, so 0.59 keeps g and 0.61 projects it to (3, 0). (Thresholds are
+    rounded to fp32 like the kernels' arguments: 0.6 itself becomes 0.60000002 and projects.)"""
+    for keep, want in ((0.59, [3.0, 4.0]), (0.61, [3.0, 0.0])):
+        p = torch.nn.Parameter(torch.zeros(2, device=device))
+        p.grad = torch.tensor([3.0, 4.0], device=device)
+        c = torch.tensor([1.0, 0.0], device=device)
+        s = align_loop_reference([p], [c], 1.0, 3, **DEFAULTS, keep_raw_cos=keep)
+        assert p.grad.tolist() == want and s["n_updated"] == (keep == 0.61)
+
+
+@pytest.mark.parametrize("bad", [1.5, -2.0, float("nan"), float("inf")])
+def test_keep_raw_cos_out_of_range_rejected(device, bad):
+    p = torch.nn.Parameter(torch.zeros(2, device=device))
+    with pytest.raises(ValueError, match="keep_raw_cos"):
+        GradientAligner([p], keep_raw_cos=bad)

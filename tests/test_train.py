@@ -158,3 +158,48 @@ def test_activation_checkpointing_switch():
     set_activation_checkpointing(plain, False)  # nothing to turn off: no error
     with pytest.raises(ValueError, match="Sequential does not support activation"):
         set_activation_checkpointing(plain, True)
+
+
+@pytest.mark.parametrize("align", [False, True])
+def test_row_filter_leaves_out_unlikely_rows(align):
+    """min_prob ~0 keeps every row (same run as no filter); one above every row's probability keeps
+    none, so the parameters never move (AdamW with zero gradients, no weight decay); in between the
+    kept share is recorded per epoch."""
+    tok = WordTokenizer()
+    train, ref, dev = make_rows(32, 0), make_rows(16, 1), make_rows(16, 2)
+    kw = dict(epochs=1, align=align, min_ref_loss=0.0)
+    plain, tiny, none, half = _model(), _model(), _model(), _model()
+    start = [p.detach().clone() for p in none.parameters()]
+    train_muscle(plain, tok, train, ref, dev, _cfg(**kw))
+    res = train_muscle(tiny, tok, train, ref, dev, _cfg(row_filter_min_prob=1e-12, **kw))
+    assert res.history[0]["rows_kept"] == 1.0
+    for (n, p), q in zip(tiny.named_parameters(), plain.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=n)
+    res = train_muscle(none, tok, train, ref, dev, _cfg(row_filter_min_prob=0.999, **kw))
+    assert res.history[0]["rows_kept"] == 0.0
+    assert all(torch.equal(p, s) for p, s in zip(none.parameters(), start, strict=True))
+    res = train_muscle(half, tok, train, ref, dev, _cfg(row_filter_min_prob=0.5, **kw))
+    assert 0.0 < res.history[0]["rows_kept"] < 1.0
+
+
+def test_masked_loss_is_the_kept_rows_share_of_the_mean():
+    from muscle_fast.train import _masked_loss
+
+    logits, labels = torch.randn(6, 3, dtype=torch.float64), torch.tensor([0, 2, 1, 1, 0, 2])
+    masked = torch.tensor([0, -100, 1, -100, -100, 2])
+    keep = masked != -100
+    want = torch.nn.functional.cross_entropy(logits[keep], labels[keep]) * keep.sum() / 6
+    torch.testing.assert_close(_masked_loss(logits, masked), want.float(), rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        (dict(keep_raw_cos=1.5), r"keep_raw_cos must be None or in \[-1, 1\], got 1.5"),
+        (dict(row_filter_min_prob=1.0), r"row_filter_min_prob must be in \[0, 1\), got 1.0"),
+        (dict(row_filter_min_prob="0.5"), "row_filter_min_prob must be number"),
+    ],
+)
+def test_bad_defense_option_values(kw, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        _cfg(**kw)

@@ -54,6 +54,7 @@ def align_torch(
     rho: float,
     mixed: bool,
     device: torch.device,
+    keep_raw_cos: float | None = None,
 ) -> torch.Tensor:
     """Torch implementation, no host sync: the readable fast-enough path for CPU and for checking.
 
@@ -108,6 +109,9 @@ def align_torch(
     ok = g_fin & c_fin & d_fin & (gg > 0) & (cc > 0)
     coef = dot.abs() / torch.where(ok, cc, 1.0)
     ok = ok & torch.isfinite(coef) & (mode != 0)
+    if keep_raw_cos is not None:  # aligned mode: a tensor that agrees this well with c keeps g
+        cos = dot / torch.where(ok, gg * cc, 1.0).sqrt()
+        ok = ok & ~((mode == 1.0) & (cos >= _f32(keep_raw_cos)))
     a = torch.where(ok, (1.0 - w_raw) * coef, 0.0).to(torch.float32)
     b = torch.where(ok, w_raw, 1.0).to(torch.float32)
     for i in pi:
@@ -133,6 +137,7 @@ def align_loop_reference(
     max_raw_grad_ratio: float = ALIGN_DEFAULTS.max_raw_grad_ratio,
     ga_epoch: float = ALIGN_DEFAULTS.ga_epoch,
     epochs: float = ALIGN_DEFAULTS.epochs,
+    keep_raw_cos: float | None = None,
 ) -> dict[str, float]:
     """The rule as the paper's code runs it: a Python loop, ``.item()`` per tensor, CPU round trips.
 
@@ -172,6 +177,8 @@ def align_loop_reference(
         coef = abs(dot) / (cn * cn)
         if not math.isfinite(coef):
             continue
+        if mode == 1 and keep_raw_cos is not None and dot / (gn * cn) >= _f32(keep_raw_cos):
+            continue  # agrees with c at least this well: keep g
         new = (1.0 - w_raw) * coef * c + w_raw * g
         p.grad.copy_(new.reshape(p.grad.shape).to(p.grad.dtype))
         n_upd += 1
@@ -213,6 +220,7 @@ def align_fused(
     rho: float,
     mixed: bool,
     fallback: bool,
+    keep_raw_cos: float | None = None,
 ) -> torch.Tensor | None:
     """The rule in two Triton launches over all tensors; returns the stats vector.
 
@@ -240,6 +248,7 @@ def align_fused(
             min_ref_loss=min_ref_loss,
             rho=rho,
             mixed_ok=mixed,
+            keep_raw_cos=keep_raw_cos,
         )
     except kalign.UnsupportedDtypeError:
         if fallback:
