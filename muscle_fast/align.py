@@ -13,6 +13,13 @@ Option (not in the paper; off by default): ``keep_raw_cos`` -- in mode 1 a tenso
 cos(g, c) is at least this keeps its raw ``g`` instead of ``g_a``, so the part of the
 training gradient that already agrees with the reference is not thrown away.
 
+Option (not in the paper; off by default): ``ref_subspace`` K -- ``g_a`` becomes the projection
+of ``g`` onto the span of the tensor's last K reference gradients (this step's included), so the
+training gradient keeps every component that lies in directions the clean set has asked for
+recently, and loses the rest (a trigger's direction, which no clean batch asks for). Torch path
+only (one host sync per step for the validity of each ``c``); K float64 copies of the trainable
+parameters.
+
 A tensor with ||g|| = 0, ||c|| = 0, no reference gradient, or a non-finite ``g`` /
 ``c`` / ``<g, c>`` keeps its ``g``. The mean ||c|| is over tensors whose ``c`` is
 finite with ||c|| > 0 (0 when there is none). Non-finite tensors are counted in the
@@ -51,6 +58,7 @@ from csrc_triton._common import (
 )
 from muscle_fast.config import ALIGN_DEFAULTS
 from muscle_fast.ops.align import (
+    RefSubspace,
     align_fused,
     align_loop_reference,
     align_torch,
@@ -132,6 +140,7 @@ class GradientAligner:
         epochs: float = ALIGN_DEFAULTS.epochs,
         backend: str = "auto",
         keep_raw_cos: float | None = None,
+        ref_subspace: int = 0,
     ) -> None:
         self.params: list[torch.Tensor] = list(params)
         if not self.params:
@@ -147,6 +156,19 @@ class GradientAligner:
         self.backend = resolve_backend(backend)  # MUSCLE_FAST_BACKEND overrides, as everywhere
         self._device_index = self.params[0].get_device()  # -1 on CPU
         self._shapes = tuple(p.shape for p in self.params)  # parameter shapes are fixed for the run
+        if isinstance(ref_subspace, bool) or not isinstance(ref_subspace, int) or ref_subspace < 0:
+            raise ValueError(f"GradientAligner ref_subspace must be an int >= 0, got {ref_subspace!r}")
+        if ref_subspace and self.keep_raw_cos is not None:
+            raise ValueError("GradientAligner: ref_subspace and keep_raw_cos cannot be combined; set one")
+        if ref_subspace and self.backend == "triton":
+            raise ValueError(
+                "GradientAligner: ref_subspace has no fused kernel; use backend 'torch' or 'auto' "
+                "(MUSCLE_FAST_BACKEND=triton forces the kernel)"
+            )
+        self.ref_subspace = ref_subspace
+        self.subspace = (
+            RefSubspace(ref_subspace, self._shapes, self.params[0].device) if ref_subspace else None
+        )
         self._plan: Any = None
         self._warned = False
         # fused launch geometry (csrc_triton.configs "align.fused"); tests shrink it per instance
@@ -172,10 +194,15 @@ class GradientAligner:
         rho = raw_grad_ratio(epoch, self.max_raw_grad_ratio, self.ga_epoch, self.epochs)
         mixed = mixed_open(epoch, self.max_raw_grad_ratio, self.ga_epoch)
         raw = None
-        if use_kernels(self.backend, self.params[0].device, op="GradientAligner"):
+        projected = None
+        if self.subspace is not None:
+            self._check_refs(refs)
+            projected = self._project(grads, refs)
+        elif use_kernels(self.backend, self.params[0].device, op="GradientAligner"):
             raw = self._align_fused(grads, refs, ref_loss, rho, mixed)
         if raw is None:
-            self._check_refs(refs)
+            if projected is None:
+                self._check_refs(refs)
             with torch.no_grad():
                 raw = align_torch(
                     grads,
@@ -187,6 +214,7 @@ class GradientAligner:
                     mixed,
                     self.params[0].device,
                     self.keep_raw_cos,
+                    projected,
                 )
         return AlignStats(raw, self)
 
@@ -199,6 +227,39 @@ class GradientAligner:
         if len(refs) != len(self.params):
             raise ValueError(f"ref_grads has {len(refs)} entries but there are {len(self.params)} params")
         return [p.grad for p in self.params], refs
+
+    def _project(
+        self, grads: list[torch.Tensor | None], refs: list[torch.Tensor | None]
+    ) -> list[torch.Tensor | None]:
+        """Push every finite non-zero ``c`` into the subspace buffers; ``P g`` per tensor (None: keep g)."""
+        assert self.subspace is not None
+        idx = [i for i, c in enumerate(refs) if c is not None]
+        with torch.no_grad():
+            norms = torch.stack(torch._foreach_norm([refs[i].float() for i in idx])).tolist() if idx else []
+            out: list[torch.Tensor | None] = [None] * len(refs)
+            for i, n in zip(idx, norms, strict=True):
+                c, g = refs[i], grads[i]
+                if not (math.isfinite(n) and n > 0):
+                    continue  # not a direction: the tensor keeps g (align_torch sees the same c)
+                self.subspace.push(i, c)
+                if g is not None:
+                    out[i] = self.subspace.project(i, g.float())
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a resumed run needs to align bit for bit (the subspace buffers; empty otherwise)."""
+        return {} if self.subspace is None else {"ref_subspace": self.subspace.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` (a ValueError when it was saved with other settings)."""
+        has = "ref_subspace" in state
+        if has != (self.subspace is not None):
+            raise ValueError(
+                f"GradientAligner state {'has' if has else 'lacks'} ref_subspace buffers, "
+                f"this aligner has ref_subspace={self.ref_subspace}"
+            )
+        if self.subspace is not None:
+            self.subspace.load_state_dict(state["ref_subspace"])
 
     def _check_refs(self, refs: list[torch.Tensor | None]) -> None:
         dev = self._device_index

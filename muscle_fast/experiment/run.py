@@ -409,6 +409,7 @@ def run_method(
             "train_loss": [h["train_loss"] for h in res.history],
         },
         "epochs": len(res.history),
+        **({"teacher": {k: v for k, v in res.teacher.items() if k != "history"}} if res.teacher else {}),
         "steps": res.steps,
         "wall_seconds": res.wall_seconds,
         "adapter": str(rel) if save_checkpoint else None,

@@ -22,7 +22,15 @@ __all__ = [
     "build_fused_plan",
     "mixed_open",
     "raw_grad_ratio",
+    "RefSubspace",
+    "SUBSPACE_RTOL",
 ]
+
+#: Relative singular-value cutoff of the reference-subspace projection: directions of the span of the
+#: kept reference gradients whose singular value is below this times the largest are dropped (the
+#: float64 loop uses ``torch.linalg.pinv(..., rtol=SUBSPACE_RTOL)``, the fast path the same cut on
+#: the Gram matrix's eigenvalues, squared).
+SUBSPACE_RTOL = 1e-6
 
 
 def raw_grad_ratio(epoch: float, max_raw_grad_ratio: float, ga_epoch: float, epochs: float) -> float:
@@ -55,8 +63,13 @@ def align_torch(
     mixed: bool,
     device: torch.device,
     keep_raw_cos: float | None = None,
+    projected: Sequence[torch.Tensor | None] | None = None,
 ) -> torch.Tensor:
     """Torch implementation, no host sync: the readable fast-enough path for CPU and for checking.
+
+    ``projected`` (the ``ref_subspace`` option): per tensor the training gradient projected onto
+    the span of its recent reference gradients (:class:`RefSubspace`), used instead of ``g_a``;
+    a tensor whose entry is None keeps ``g``.
 
     ||g||, ||c||: ``torch._foreach_norm`` (fp32 accumulation, fp32 inputs: bf16/fp16 are
     upcast first). <g, c>: ``torch._foreach_mul`` products summed per tensor in fp64.
@@ -109,6 +122,10 @@ def align_torch(
     ok = g_fin & c_fin & d_fin & (gg > 0) & (cc > 0)
     coef = dot.abs() / torch.where(ok, cc, 1.0)
     ok = ok & torch.isfinite(coef) & (mode != 0)
+    if projected is not None:  # the subspace option: the direction is P g itself, weight 1 - rho
+        has = torch.tensor([projected[i] is not None for i in range(T)], device=device)
+        ok = ok & has
+        coef = torch.ones_like(coef)
     if keep_raw_cos is not None:  # aligned mode: a tensor that agrees this well with c keeps g
         cos = dot / torch.where(ok, gg * cc, 1.0).sqrt()
         ok = ok & ~((mode == 1.0) & (cos >= _f32(keep_raw_cos)))
@@ -117,12 +134,78 @@ def align_torch(
     for i in pi:
         g, gf, cf = grads[i], g32[i], c32[i]
         assert g is not None and gf is not None and cf is not None
-        g.copy_(torch.where(ok[i], a[i] * cf + b[i] * gf, gf))
+        d = cf if projected is None else projected[i]
+        if d is None:
+            continue  # ok[i] is False: g is kept as it is
+        g.copy_(torch.where(ok[i], a[i] * d + b[i] * gf, gf))
 
     n_nf = (~(g_fin & c_fin & d_fin)).sum().to(torch.float64)
     n_nf_g = (~g_fin).sum().to(torch.float64)
     rho_out = torch.where(mode == 2.0, w_raw, 0.0)
     return torch.stack([mode, mean_norm, rho_out, n_nf, n_nf_g, ok.sum().to(torch.float64), loss, n_ref])
+
+
+class RefSubspace:
+    """The last ``k`` finite non-zero reference gradients of every tensor and the projection onto
+    their span (the ``ref_subspace`` option of ``GradientAligner``).
+
+    Per tensor a float64 ring buffer ``[k, numel]`` and its Gram matrix, updated with one
+    matrix-vector product per step; the projection ``P g`` solves the small Gram system by an
+    eigendecomposition, dropping eigenvalues below ``SUBSPACE_RTOL**2`` times the largest (a
+    rank-deficient span is projected onto exactly, like ``pinv``). Memory: ``k`` float64 copies
+    of the trainable parameters.
+    """
+
+    def __init__(self, k: int, shapes: Sequence[Sequence[int]], device: torch.device) -> None:
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValueError(f"RefSubspace k must be an int >= 1, got {k!r}")
+        self.k = k
+        numels = [math.prod(s) for s in shapes]
+        self.bufs = [torch.zeros(k, n, dtype=torch.float64, device=device) for n in numels]
+        self.grams = [torch.zeros(k, k, dtype=torch.float64, device=device) for _ in numels]
+        self.counts = [0] * len(numels)
+
+    def push(self, i: int, c: torch.Tensor) -> None:
+        """Add tensor ``i``'s reference gradient (finite, non-zero: caller's check); drops the oldest."""
+        slot = self.counts[i] % self.k
+        buf, gram = self.bufs[i], self.grams[i]
+        c64 = c.detach().reshape(-1).to(torch.float64)
+        buf[slot] = c64
+        row = torch.mv(buf, c64)
+        gram[slot, :] = row
+        gram[:, slot] = row
+        self.counts[i] += 1
+
+    def project(self, i: int, g: torch.Tensor) -> torch.Tensor:
+        """``P g`` (float32, ``g``'s shape): ``g`` projected onto the span of tensor ``i``'s buffer."""
+        n = min(self.counts[i], self.k)
+        buf, gram = self.bufs[i][:n], self.grams[i][:n, :n]
+        lam, vec = torch.linalg.eigh(gram)
+        keep = lam > (SUBSPACE_RTOL**2) * lam[-1].clamp_min(0)
+        inv = torch.where(keep, 1.0 / torch.where(keep, lam, 1.0), 0.0)
+        alpha = vec @ (inv * (vec.T @ torch.mv(buf, g.detach().reshape(-1).to(torch.float64))))
+        return (buf.T @ alpha).to(torch.float32).reshape(g.shape)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The buffers (on the CPU), for a checkpoint that resumes bit for bit."""
+        return {
+            "k": self.k,
+            "counts": list(self.counts),
+            "bufs": [b.cpu() for b in self.bufs],
+            "grams": [g.cpu() for g in self.grams],
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`; a different ``k`` or tensor layout is a ValueError."""
+        shapes = [tuple(b.shape) for b in self.bufs]
+        if state.get("k") != self.k or [tuple(b.shape) for b in state["bufs"]] != shapes:
+            raise ValueError(
+                f"RefSubspace state is for k={state.get('k')!r} and buffers "
+                f"{[tuple(b.shape) for b in state['bufs']]}, this run has k={self.k} and {shapes}"
+            )
+        for dst, src in zip(self.bufs + self.grams, list(state["bufs"]) + list(state["grams"]), strict=True):
+            dst.copy_(src)
+        self.counts = [int(c) for c in state["counts"]]
 
 
 # -- the paper's loop (baseline and oracle) ------------------------------------------------------------------
@@ -138,12 +221,18 @@ def align_loop_reference(
     ga_epoch: float = ALIGN_DEFAULTS.ga_epoch,
     epochs: float = ALIGN_DEFAULTS.epochs,
     keep_raw_cos: float | None = None,
+    ref_subspace: int = 0,
+    ref_history: Sequence[Sequence[torch.Tensor]] | None = None,
 ) -> dict[str, float]:
     """The rule as the paper's code runs it: a Python loop, ``.item()`` per tensor, CPU round trips.
 
     Kept as the readable statement of the rule, the benchmark baseline and, since it
     works in float64, the test oracle. Same guards as the fast paths (zero / missing /
     non-finite tensors keep g). Returns host stats with the keys of ``AlignStats.to_dict``.
+
+    ``ref_subspace`` K > 0 (an option): ``g_a`` becomes the projection of ``g`` onto the span of
+    the tensor's last K finite non-zero reference gradients, ``ref_history[i]`` (oldest first,
+    without this step's) followed by this step's ``c``: ``C pinv(C) g`` in float64.
     """
     if len(ref_grads) != len(params):
         raise ValueError(f"ref_grads has {len(ref_grads)} entries but there are {len(params)} params")
@@ -160,7 +249,7 @@ def align_loop_reference(
     else:
         mode, w_raw = 0, 0.0
     n_nf = n_nf_g = n_upd = 0
-    for p, c, cn in zip(params, refs64, cnorms, strict=True):
+    for i, (p, c, cn) in enumerate(zip(params, refs64, cnorms, strict=True)):
         g = None if p.grad is None else p.grad.detach().to(torch.float64).flatten()
         gn = 0.0 if g is None else g.norm().item()
         cn = 0.0 if cn is None else cn
@@ -179,7 +268,13 @@ def align_loop_reference(
             continue
         if mode == 1 and keep_raw_cos is not None and dot / (gn * cn) >= _f32(keep_raw_cos):
             continue  # agrees with c at least this well: keep g
-        new = (1.0 - w_raw) * coef * c + w_raw * g
+        if ref_subspace > 0:
+            past = [h.detach().cpu().double().flatten() for h in (ref_history or [[]] * len(params))[i]]
+            C = torch.stack([*past, c.cpu()][-ref_subspace:], dim=1)  # numel x k
+            a_dir = (C @ (torch.linalg.pinv(C, rtol=SUBSPACE_RTOL) @ g.cpu())).to(g.device)
+        else:
+            a_dir = coef * c
+        new = (1.0 - w_raw) * a_dir + w_raw * g
         p.grad.copy_(new.reshape(p.grad.shape).to(p.grad.dtype))
         n_upd += 1
     return {
