@@ -88,3 +88,13 @@ def test_separation_runs_end_to_end(tmp_path):
     assert 0.0 <= d["low_loss"]["auc"] <= 1.0 and 0.0 <= d["gain_over_teacher"]["auc"] <= 1.0
     assert d["low_loss"]["lowest_0.2"]["flagged_rows"] == 4
     assert d["teacher"]["contradicted"]["flagged_rows"] >= 0 and d["teacher"]["epochs"] == 1
+
+
+def test_separation_refuses_a_reference_file_too_small(tmp_path):
+    from helpers import make_rows, write_ob_csv
+
+    write_ob_csv(tmp_path / "train.csv", [(t, lab, 0) for t, lab in make_rows(8, 0)])
+    write_ob_csv(tmp_path / "dev.csv", [(t, lab, 0) for t, lab in make_rows(5, 1)])
+    args = ["--train-file", str(tmp_path / "train.csv"), "--ref-file", str(tmp_path / "dev.csv")]
+    with pytest.raises(SystemExit, match="--ref-file has 5 rows: need more than --ref-rows 300"):
+        _separation().main([*args, "--out", str(tmp_path / "o.json")])
