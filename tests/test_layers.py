@@ -11,10 +11,41 @@ from reference import lowrank_ref
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from muscle_fast import MuScleLinear
+from muscle_fast import MuScleLinear, layers
+from muscle_fast.ops import lowrank
 from muscle_fast.ops.lowrank import MuScleLinearFunction, get_ops
 
-BACKENDS = ["torch", "triton"]
+# "accumulate": what backend "auto" runs on CUDA (lowrank.accumulate_ops: the low-rank M x N terms by
+# cuBLAS, the base GEMM accumulating into them); forced on the CPU under the interpreter.
+BACKENDS = ["torch", "triton", "accumulate"]
+
+
+def _backend(name: str) -> str:
+    """The MuScleLinear backend argument of a test backend name."""
+    if name != "accumulate":
+        return name
+    return "auto" if torch.cuda.is_available() else "triton"
+
+
+def _ops(name: str, device: str) -> lowrank.LowRankOps:
+    ops = get_ops(_backend(name), torch.device(device))
+    return lowrank.accumulate_ops() if name == "accumulate" else ops
+
+
+@pytest.fixture(autouse=True)
+def _accumulate_on_cpu(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Off CUDA, make a "triton" layer of an "accumulate" test run accumulate_ops."""
+    spec = getattr(request.node, "callspec", None)
+    if spec is None or spec.params.get("backend") != "accumulate" or torch.cuda.is_available():
+        return
+
+    def get(backend: str, device: torch.device, dtype: torch.dtype | None = None) -> lowrank.LowRankOps:
+        ops = get_ops(backend, device, dtype)
+        return lowrank.accumulate_ops() if ops.kernels else ops
+
+    monkeypatch.setattr(layers, "get_ops", get)
+
+
 # Relative to the output's max magnitude: fp32 rounding of K-term sums; bf16 has an 8-bit mantissa.
 TOL = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 2.5e-2}
 
@@ -56,7 +87,7 @@ def _make(
         alpha=6.0,
         dropout=dropout,
         init_B="kaiming",
-        backend=backend,
+        backend=_backend(backend),
     )
     return m
 
@@ -136,7 +167,7 @@ def test_autocast_bf16_cpu():
 @pytest.mark.parametrize("p", [0.1, 0.5])
 def test_dropout_mask_reused_in_backward(p, backend, device):
     m = _make("linear", 37, 19, (1.0, 2.0), 2, device, torch.float32, backend, dropout=p)
-    ops = get_ops(backend, torch.device(device))
+    ops = _ops(backend, device)
     x = torch.randn(29, 37, device=device, requires_grad=True)
     seed = 1234
     scale = m.scaling * m.scale_vector
@@ -295,11 +326,10 @@ def test_fp16_intermediates_beyond_fp16_range(backend):
 def test_auto_backend_takes_float64_to_the_torch_path():
     """On CUDA "auto" means the kernels, which take fp32/bf16/fp16 only: float64 goes to the exact
     torch path instead of failing (no GPU needed: the choice is made on the device type)."""
-    from muscle_fast.ops import lowrank
-
     cuda = torch.device("cuda", 0)
     assert lowrank.get_ops("auto", cuda, torch.float64) is lowrank.TORCH_OPS
-    assert lowrank.get_ops("auto", cuda, torch.float32).kernels
+    assert lowrank.get_ops("auto", cuda, torch.float32) is lowrank.accumulate_ops()
+    assert lowrank.get_ops("triton", cuda, torch.float32) is lowrank.triton_ops()
     assert lowrank.get_ops("torch", cuda, torch.float32) is lowrank.TORCH_OPS
     assert lowrank.get_ops("auto", torch.device("cpu"), torch.float32) is lowrank.TORCH_OPS
 
@@ -331,3 +361,42 @@ def test_float64_torch_path_is_exact(dropout):
     for got, want in ((y, ref), (x.grad, xr.grad), (m.lora_A.grad, A.grad), (m.lora_B.grad, B.grad)):
         assert got.dtype == torch.float64
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12 * float(want.abs().max()))
+
+
+@pytest.mark.parametrize(
+    "dtype, dropout, expands",
+    [(torch.float32, 0.0, 0), (torch.bfloat16, 0.0, 0), (torch.bfloat16, 0.2, 1), (torch.float16, 0.0, 2)],
+    ids=["fp32", "bf16", "bf16-dropout", "fp16"],
+)
+def test_accumulate_ops_leave_the_low_rank_terms_to_cublas(dtype, dropout, expands, device):
+    """accumulate_ops run neither expand_ nor dx_ for fp32/bf16 (the base GEMM adds into the cuBLAS
+    low-rank term), dx_ only under dropout (its mask lives in the kernel), both for fp16 (whose
+    range cannot hold S), and give the float64 formula's result either way."""
+    calls: list[str] = []
+
+    def counted(name: str, fn):
+        def run(*args, **kwargs):
+            calls.append(name)
+            return fn(*args, **kwargs)
+
+        return run
+
+    base = lowrank.accumulate_ops()
+    ops = base._replace(expand_=counted("expand_", base.expand_), dx_=counted("dx_", base.dx_))
+    m = _make("linear", 37, 21, (1.0, 2.0), 2, device, dtype, "triton", dropout=dropout)
+    x = torch.randn(19, 37, device=device, dtype=dtype, requires_grad=True)
+    seed = 77
+    y = MuScleLinearFunction.apply(
+        x, m.lora_A, m.lora_B, m.scaling * m.scale_vector, m.base, m.kind, ops, dropout, seed, None, m
+    )
+    gy = torch.randn_like(y)
+    y.backward(gy)
+    assert len(calls) == expands, calls
+    mask = ops.dropout_mask(19, 37, dropout, seed, x.device) if dropout else None
+    xr, Ar, Br = (t.detach().double().requires_grad_(True) for t in (x, m.lora_A, m.lora_B))
+    ref = lowrank_ref(xr, m.base.weight, m.base.bias, Ar, Br, m.scale_vector, m.scaling, mask=mask, p=dropout)
+    ref.backward(gy.double())
+    _close(y, ref, dtype, "forward")
+    _close(x.grad, xr.grad, dtype, "dX")
+    _close(m.lora_A.grad, Ar.grad, dtype, "dA")
+    _close(m.lora_B.grad, Br.grad, dtype, "dB")

@@ -6,8 +6,8 @@
 #     .devcarry/, a MiniLM defense sweep (benchmarks/defense_sweep.py: many small runs share the GPU);
 #   phase B, alone on the GPU: the benchmarks in $TOPICS order, each with its own time limit (SIGINT,
 #     so that pytest-benchmark still writes its JSON), each checking the autotuned kernels at its shapes.
-#     Default: the open QLoRA issue's figures (nf4, qlora, memory); lowrank, align, step and fourier
-#     (measured 2026-11-26) only when named: TOPICS="lowrank align" bash run.sh. A topic whose limit
+#     Default: issue #15's figures (lowrank, align, nf4, qlora, memory); step and fourier only when
+#     named: TOPICS="step fourier" bash run.sh. A topic whose limit
 #     would end past BUDGET (575 s from the start) is skipped, so the tool never kills the run mid-way.
 # Results: $OUT/{machine.txt,tests.log,summary.txt,sweep.json,bench.tar.gz,run.log} (6 files; the tool takes <= 8).
 # Carry .devcarry (see benchmarks/gpu/README.md): site/ (bitsandbytes, datasets: unpacked wheels),
@@ -66,7 +66,7 @@ declare -A LIMIT=(
   [step]=80
   [fourier]=45
 )
-for t in ${TOPICS:-nf4 qlora memory}; do
+for t in ${TOPICS:-lowrank align nf4 qlora memory}; do
   [ -n "${LIMIT[$t]:-}" ] || { echo "unknown topic $t (known: ${!LIMIT[*]})"; continue; }
   if (( SECONDS - T0 + LIMIT[$t] + 10 > ${BUDGET:-575} )); then
     echo "bench_$t: skipped, its ${LIMIT[$t]} s would pass the ${BUDGET:-575} s budget at $((SECONDS - T0)) s"

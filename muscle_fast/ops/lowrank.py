@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from . import nf4
-from .dispatch import use_kernels
+from .dispatch import resolve_backend, use_kernels
 
 # --------------------------------------------------------------------------------------------------
 # Reference: pure-PyTorch twins of the csrc_triton.lowrank launchers
@@ -134,7 +134,14 @@ def lowrank_dx_(
 
 
 class LowRankOps(NamedTuple):
-    """One implementation of the five low-rank steps; ``kernels`` tells the Triton one apart."""
+    """One implementation of the five low-rank steps; ``kernels`` tells the Triton ones apart.
+
+    ``accumulate``: compute the two M x N low-rank terms (``S @ B^T`` and ``dS @ A``) with cuBLAS
+    first and let the frozen base GEMM add itself into them (``addmm_``, beta = 1) instead of
+    running ``expand_`` / ``dx_`` as a read-modify-write pass over the base GEMM's output. Only for
+    bf16 and fp32 (fp16 cannot hold S, see above) and, for dX, without dropout (the mask lives in
+    the kernels); elsewhere ``expand_`` / ``dx_`` run as usual.
+    """
 
     shrink: Callable[..., torch.Tensor]
     expand_: Callable[..., torch.Tensor]
@@ -143,11 +150,15 @@ class LowRankOps(NamedTuple):
     dx_: Callable[..., torch.Tensor]
     dropout_mask: Callable[..., torch.Tensor]  # the keep-mask the other steps regenerate (for tests)
     kernels: bool
+    accumulate: bool = False
 
 
 TORCH_OPS = LowRankOps(
     lowrank_shrink, lowrank_expand_, lowrank_backward_dS_dB, lowrank_grad_A, lowrank_dx_, dropout_mask, False
 )
+
+#: Compute dtypes for which ``accumulate`` computes the low-rank term with cuBLAS (module docstring).
+_ACCUMULATE_DTYPES = (torch.float32, torch.bfloat16)
 
 
 @functools.cache
@@ -166,9 +177,51 @@ def triton_ops() -> LowRankOps:
     )
 
 
+@functools.cache
+def accumulate_ops() -> LowRankOps:
+    """``backend="auto"`` on CUDA: the Triton reductions (shrink, dS/dB, grad A), each one pass over
+    x or dY, and the two M x N low-rank terms as cuBLAS GEMMs the frozen GEMM accumulates into."""
+    return triton_ops()._replace(accumulate=True)
+
+
 def get_ops(backend: str, device: torch.device, dtype: torch.dtype | None = None) -> LowRankOps:
-    """The implementation ``muscle_fast.ops.dispatch`` picks for this backend, device and dtype."""
-    return triton_ops() if use_kernels(backend, device, (dtype,), op="MuScleLinear") else TORCH_OPS
+    """The implementation ``muscle_fast.ops.dispatch`` picks for this backend, device and dtype:
+    the torch path, ``triton_ops()`` for ``"triton"``, ``accumulate_ops()`` for ``"auto"``."""
+    if not use_kernels(backend, device, (dtype,), op="MuScleLinear"):
+        return TORCH_OPS
+    return accumulate_ops() if resolve_backend(backend) == "auto" else triton_ops()
+
+
+def base_plus_lowrank(
+    ops: LowRankOps,
+    x2: torch.Tensor,
+    W: torch.Tensor,
+    bias: torch.Tensor | None,
+    S: torch.Tensor,
+    Bc: torch.Tensor,
+) -> torch.Tensor:
+    """y = x2 @ W^T + bias + S @ Bc^T, in the order ``ops.accumulate`` asks for."""
+    if ops.accumulate and x2.dtype in _ACCUMULATE_DTYPES:
+        Sc = S.to(x2.dtype)
+        y = torch.mm(Sc, Bc.t()) if bias is None else torch.addmm(bias, Sc, Bc.t())
+        return y.addmm_(x2, W.t())
+    y = x2 @ W.t() if bias is None else torch.addmm(bias, x2, W.t())
+    return ops.expand_(y, S, Bc)
+
+
+def input_grad(
+    ops: LowRankOps,
+    dY2: torch.Tensor,
+    W: torch.Tensor,
+    dS: torch.Tensor,
+    Ac: torch.Tensor,
+    dropout_p: float,
+    seed: int,
+) -> torch.Tensor:
+    """dX = dY2 @ W + drop'(dS @ Ac), in the order ``ops.accumulate`` asks for."""
+    if ops.accumulate and dropout_p == 0.0 and dY2.dtype in _ACCUMULATE_DTYPES:
+        return torch.mm(dS.to(dY2.dtype), Ac).addmm_(dY2, W)
+    return ops.dx_(dY2 @ W, dS, Ac, dropout_p=dropout_p, seed=seed)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -300,10 +353,9 @@ class MuScleLinearFunction(torch.autograd.Function):
         if nf4.use_fused_forward(kind, x2, ops.kernels):  # small M: no 16-bit copy of the weight at all
             w = nf4.standard_4bit_weight(base)
             y = nf4.matmul_4bit(x2, w.data, w.quant_state, bias, backend="triton")
+            ops.expand_(y, S, Bc)
         else:
-            W = base_weight(base, kind, dtype, ops.kernels)
-            y = x2 @ W.t() if bias is None else torch.addmm(bias, x2, W.t())
-        ops.expand_(y, S, Bc)
+            y = base_plus_lowrank(ops, x2, base_weight(base, kind, dtype, ops.kernels), bias, S, Bc)
         row_split = None if split is None else _row_split(x, x2.shape[0], split, module)
         ctx.save_for_backward(x2, Ac, Bc, scale, S)
         ctx.meta = (
@@ -334,8 +386,7 @@ class MuScleLinearFunction(torch.autograd.Function):
         dX = None
         if ctx.needs_input_grad[0]:
             W = base_weight(base, kind, x2.dtype, ops.kernels)
-            dX = dY2 @ W
-            ops.dx_(dX, dS, Ac, dropout_p=dropout_p, seed=seed)
+            dX = input_grad(ops, dY2, W, dS, Ac, dropout_p, seed)
             dX = dX.reshape(*dY.shape[:-1], dX.shape[-1])
         if sink is not None and row_split is not None:
             sink(module, dA[1], dB[1])
