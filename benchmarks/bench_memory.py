@@ -1,9 +1,12 @@
-"""Measured peak GPU memory of training Llama-2-7B in 4-bit: MuScleLoRA vs LoRA-only vs peft LoRA.
+"""Measured peak GPU memory of training Llama-2-7B (or SmolLM2-135M) in 4-bit: MuScleLoRA vs LoRA-only
+vs peft LoRA.
 
 A Llama-2-7B-shaped sequence classifier (32 layers, hidden 4096, random weights: memory depends on
 shapes only) is built in bf16 on the GPU and every decoder linear quantized to NF4 with double
 quantization (the QLoRA default). One full optimizer step per case, batch 1 at sequence 512 and
-2048, gradient checkpointing off and on:
+2048, gradient checkpointing off and on. ``MEMORY_MODEL=smollm2-135m`` takes SmolLM2-135M's shape
+instead (30 layers, hidden 576, 3 KV heads; batch 16 at 128 and 512): the real model's GGUF is
+too large to travel to a lent GPU, and its weights' values do not change the memory.
 
 * ``muscle``: the MuScleLoRA step of ``train_muscle`` (training + reference batch of the same size in
   one single-pass backward, gradient alignment, clip 1.0, AdamW), the library's Llama defaults
@@ -22,6 +25,7 @@ two-layer model runs one step per case as a smoke check of the code path (no mem
 from __future__ import annotations
 
 import gc
+import os
 
 import estimate_memory  # benchmarks/, on sys.path under pytest like _models
 import pytest
@@ -32,15 +36,18 @@ pytest.importorskip("bitsandbytes")
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
-if CUDA:  # Llama-2-7B
-    DIMS = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-                num_key_value_heads=32, vocab_size=32000)  # fmt: skip
-    SEQS, DTYPE = [512, 2048], torch.bfloat16
+#: ``MEMORY_MODEL=smollm2-135m``: the SmolLM2-135M shape (issue #18) at its preset's batch 16 instead
+#: of Llama-2-7B at batch 1 (the shapes: ``estimate_memory.SHAPES``).
+MODEL = os.environ.get("MEMORY_MODEL", "llama-2-7b")
+if MODEL not in estimate_memory.SHAPES:
+    raise ValueError(f"MEMORY_MODEL must be one of {sorted(estimate_memory.SHAPES)}, got {MODEL!r}")
+SHAPE = estimate_memory.SHAPES[MODEL]
+if CUDA:
+    DIMS, SEQS, BATCH, DTYPE = SHAPE.config(), list(SHAPE.seqs), SHAPE.batch, torch.bfloat16
 else:
     DIMS = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                num_key_value_heads=4, vocab_size=101)  # fmt: skip
-    SEQS, DTYPE = [16], torch.float32
-BATCH = 1
+                num_key_value_heads=SHAPE.kv_heads * 4 // SHAPE.heads, vocab_size=101)  # fmt: skip
+    SEQS, BATCH, DTYPE = [16], 1, torch.float32
 GiB = 1024**3
 
 
@@ -135,7 +142,7 @@ def test_train_step_memory(benchmark, built, seq: int, checkpointing: bool) -> N
 
     step()  # warm-up: AdamW state, autotuning, workspaces (and LoRA B moves off zero)
     before = [p.detach().clone() for p in params]
-    info = dict(impl=impl, seq=seq, batch=BATCH, ref_batch=BATCH if aligner else 0,
+    info = dict(impl=impl, model=MODEL, seq=seq, batch=BATCH, ref_batch=BATCH if aligner else 0,
                 checkpointing=checkpointing, device=DEVICE, n_params=len(params),
                 adapter_numel=sum(p.numel() for p in params), **DIMS)  # fmt: skip
     if CUDA:
@@ -147,7 +154,7 @@ def test_train_step_memory(benchmark, built, seq: int, checkpointing: bool) -> N
         info["peak_gib"] = torch.cuda.max_memory_allocated() / GiB
         info["peak_reserved_gib"] = torch.cuda.max_memory_reserved() / GiB
         info["gpu"] = torch.cuda.get_device_name()
-        est = estimate_memory.components(BATCH, seq, checkpointing, info["ref_batch"])
+        est = estimate_memory.components(BATCH, seq, checkpointing, info["ref_batch"], SHAPE)
         info["estimate_gib"] = {k: v / GiB for k, v in est.items()}
     benchmark.extra_info.update(info)
     set_activation_checkpointing(model, False)

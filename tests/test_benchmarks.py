@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -17,6 +18,7 @@ def _script(name: str):
     """benchmarks/<name>.py as a module (the folder is not a package)."""
     spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
     mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod  # dataclasses look their module up there
     spec.loader.exec_module(mod)
     return mod
 
@@ -37,6 +39,32 @@ def test_memory_estimate_counts_the_reference_batch():
             assert muscle["total"] == pytest.approx(sum(parts))
     # the 4-bit Llama-2-7B weights: ~6.5e9 linear params at 4 bits + double-quantized absmax + bf16 rest
     assert 3.2 < est.components(1, 512, False)["weights"] / 2**30 < 3.5
+
+
+def test_memory_estimate_of_smollm2_counts_grouped_kv_heads():
+    """SmolLM2-135M: 30 layers of q/o (576 x 576), k/v (576 x 192: 3 of 9 heads), MLP (3 x 576 x 1536),
+    i.e. 106.2 M linear parameters, and 28.3 M bf16 embedding parameters; the adapters' v_proj B is
+    192 rows, not 576."""
+    est = _estimator()
+    shape = est.SHAPES["smollm2-135m"]
+    assert shape.kv_dim == 192
+    assert shape.linear_params == 30 * (2 * 576 * 576 + 2 * 576 * 192 + 3 * 576 * 1536) == 106_168_320
+    transformers = pytest.importorskip("transformers")
+    with torch.device("meta"):
+        model = transformers.LlamaForSequenceClassification(
+            transformers.LlamaConfig(**shape.config(), num_labels=2)
+        )
+    linears = sum(m.weight.numel() for n, m in model.model.named_modules() if type(m).__name__ == "Linear")
+    assert linears == shape.linear_params
+    others = sum(p.numel() for n, p in model.model.named_parameters()) - linears
+    assert others == shape.other_params
+    lora = 30 * 2 * ((576 + 576) + (576 + 192))  # r=2: q_proj A (2, 576) B (576, 2); v_proj B (192, 2)
+    assert est.adapter_bytes(shape) == (lora + 4 * (576 + 16)) * 16
+    parts = est.components(16, 128, False, shape=shape)
+    assert parts["weights"] == pytest.approx(
+        106_168_320 / 2 * (1 + 2 / 64 + 8 / 64 / 256) + shape.other_params * 2
+    )
+    assert parts["activations"] == pytest.approx(2 * est.components(16, 128, False, 0, shape)["activations"])
 
 
 @pytest.mark.slow
