@@ -10,6 +10,9 @@ the ops call in ``csrc_triton.lowrank`` (issue #15):
 * ``ours-triton-launchers``: the launchers real (their checks, ``torch.zeros`` outputs, grid setup)
   but every Triton kernel object replaced by a no-op, so the difference to the row above is the
   launcher-side host time;
+* ``ours-accumulate-stubbed`` / ``ours-accumulate-launchers``: the same for what ``backend="auto"``
+  runs on CUDA (``accumulate_ops``: two cuBLAS low-rank GEMMs in place of the expand and dX
+  launches; forced on the CPU);
 * ``ours-torch``: the torch path (real tensor work, tiny here);
 * ``base``: the frozen base alone (``F.linear`` forward, dX backward), the floor every path pays.
 
@@ -35,7 +38,14 @@ DEVICE = "cuda" if CUDA else "cpu"
 DTYPE = torch.bfloat16
 M, K, N = 8, 64, 64
 ADAPTERS = {"lora-r16": ((1.0,), 16), "mslr-4x4": ((1.0, 2.0, 4.0, 8.0), 4)}
-IMPLS = ["base", "ours-torch", "ours-triton-stubbed", "ours-triton-launchers"]
+IMPLS = [
+    "base",
+    "ours-torch",
+    "ours-triton-stubbed",
+    "ours-triton-launchers",
+    "ours-accumulate-stubbed",
+    "ours-accumulate-launchers",
+]
 if not CUDA:
     torch.set_num_threads(1)  # host time: one thread, no pool wake-ups in the figures
 
@@ -96,7 +106,18 @@ def stubbed(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[str], None]]:
     if not CUDA:  # the dispatcher's "kernels can run here" (nothing is launched)
         monkeypatch.setattr(common, "INTERPRET", True)
 
-    def stub(what: str) -> None:
+    def stub(what: str, accumulate: bool = False) -> None:
+        if accumulate and not CUDA:  # what "auto" picks on CUDA, for a "triton" layer on the CPU
+            from muscle_fast import layers
+
+            def get_ops(backend: str, device: torch.device, dtype: torch.dtype | None = None):
+                return (
+                    lowrank.accumulate_ops()
+                    if backend == "triton"
+                    else lowrank.get_ops(backend, device, dtype)
+                )
+
+            monkeypatch.setattr(layers, "get_ops", get_ops)
         if what == "launchers":
             for name, fn in LAUNCHER_STUBS.items():
                 monkeypatch.setattr(klr, name, fn)
@@ -105,9 +126,11 @@ def stubbed(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[str], None]]:
                 if isinstance(obj, KernelInterface):
                     monkeypatch.setattr(klr, name, _NoLaunch())
         lowrank.triton_ops.cache_clear()
+        lowrank.accumulate_ops.cache_clear()
 
     yield stub
     lowrank.triton_ops.cache_clear()
+    lowrank.accumulate_ops.cache_clear()
 
 
 def _layer(impl: str, scales: tuple[float, ...], r: int) -> nn.Module:
@@ -115,7 +138,7 @@ def _layer(impl: str, scales: tuple[float, ...], r: int) -> nn.Module:
     base = nn.Linear(K, N, device=DEVICE, dtype=DTYPE).requires_grad_(False)
     if impl == "base":
         return base
-    backend = "torch" if impl == "ours-torch" else "triton"
+    backend = "torch" if impl == "ours-torch" else "auto" if CUDA and "accumulate" in impl else "triton"
     return MuScleLinear(base, scales, r, 2.0 * r, init_B="kaiming", backend=backend)
 
 
@@ -124,10 +147,10 @@ def _layer(impl: str, scales: tuple[float, ...], r: int) -> nn.Module:
 def test_host_fwdbwd(benchmark, stubbed, adapter: str, impl: str) -> None:
     """One forward + backward per call; no synchronisation (host time only)."""
     scales, r = ADAPTERS[adapter]
-    if impl == "ours-triton-stubbed":
-        stubbed("launchers")
-    elif impl == "ours-triton-launchers":
-        stubbed("kernels")
+    if impl.endswith("-stubbed"):
+        stubbed("launchers", "accumulate" in impl)
+    elif impl.endswith("-launchers"):
+        stubbed("kernels", "accumulate" in impl)
     layer = _layer(impl, scales, r)
     x = torch.randn(M, K, device=DEVICE, dtype=DTYPE, requires_grad=True)
     gy = torch.randn(M, N, device=DEVICE, dtype=DTYPE)
