@@ -4,12 +4,14 @@
 #   phase A, side by side: the CUDA test suite (MUSCLE_FAST_AUTOTUNE=0: one config per kernel, so
 #     hundreds of odd shapes do not each autotune) and, with SWEEP=1 and a model and data in
 #     .devcarry/, a MiniLM defense sweep (benchmarks/defense_sweep.py: many small runs share the GPU);
+#     with TABLE=1 (and .devcarry/minilm) issue #16's 5-method x 4-attack x 3-seed table instead
+#     (TABLE_S seconds a call, resumable: call again; results in $OUT/table.tar.gz);
 #   phase B, alone on the GPU: the benchmarks in $TOPICS order, each with its own time limit (SIGINT,
 #     so that pytest-benchmark still writes its JSON), each checking the autotuned kernels at its shapes.
 #     Default: issue #15's figures (lowrank, align, nf4, qlora, memory) and #18's (smollm2_memory); step and fourier only when
 #     named: TOPICS="step fourier" bash run.sh. A topic whose limit
 #     would end past BUDGET (575 s from the start) is skipped, so the tool never kills the run mid-way.
-# Results: $OUT/{machine.txt,tests.log,summary.txt,sweep.json,bench.tar.gz,run.log} (6 files; the tool takes <= 8).
+# Results: $OUT/{machine.txt,tests.log,summary.txt,sweep.json,table.tar.gz,bench.tar.gz,run.log} (7 files; the tool takes <= 8).
 # Carry .devcarry (see benchmarks/gpu/README.md): site/ (bitsandbytes, datasets: unpacked wheels),
 # minilm/ (the demo model), data/ (the attack folders).
 set -uo pipefail
@@ -44,6 +46,27 @@ if [ "${SWEEP:-0}" = 1 ] && [ -d .devcarry/minilm ] && [ -d .devcarry/data ]; th
     --grid "${SWEEP_GRID:-benchmarks/sweeps/minilm-sst2.json}" --data-dir .devcarry/data --model .devcarry/minilm \
     --out /tmp/sweep --device cuda --parallel "${SWEEP_PAR:-12}" --deadline "${SWEEP_S:-210}" --min-left 45
   cp /tmp/sweep/sweep.json "$OUT/sweep.json"
+fi
+if [ "${TABLE:-0}" = 1 ] && [ -d .devcarry/minilm ]; then
+  # issue #16's table: one defend process per (seed, attack), the five methods each, side by side.
+  # out/table is git-ignored and stays on a warm machine: the same call again resumes (finished pairs
+  # are skipped, an interrupted one continues from its last checkpoint). The shipped data by default.
+  mkdir -p out/table
+  TPIDS=()
+  for s in ${TABLE_SEEDS:-42 43 44}; do
+    for a in ${TABLE_ATTACKS:-badnets addsent stylebkd synbkd}; do
+      MUSCLE_FAST_BACKEND=${SWEEP_BACKEND:-torch} timeout -s INT -k 30 "${TABLE_S:-400}" python3 -m muscle_fast.cli \
+        defend --data-dir "${TABLE_DATA:-embedded:sst2}" --model .devcarry/minilm --attacks "$a" --seed "$s" \
+        --methods vanilla,oracle,lora,ref-only,muscle --out "out/table/seed$s/$a" --device cuda --no-progress \
+        >"out/table/log-$s-$a.txt" 2>&1 &
+      TPIDS+=($!)
+    done
+  done
+  wait "${TPIDS[@]}"
+  ls out/table/seed*/*/results.json >/dev/null 2>&1 &&
+    python3 -m muscle_fast.cli report --out out/table/merged out/table/seed*/*/results.json >/dev/null
+  tar -C out/table -czf "$OUT/table.tar.gz" --exclude='*.safetensors' --exclude='*.pt' --exclude='*.bin' .
+  echo "table: $(ls out/table/seed*/*/results.json 2>/dev/null | wc -l) (seed, attack) results at $((SECONDS - T0)) s"
 fi
 wait $TESTS
 tail -n 4 "$OUT/tests.log"
