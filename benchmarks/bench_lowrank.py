@@ -33,7 +33,11 @@ else:
     SHAPES = [(4096, 1024, 1024, 16)]
     DTYPE = torch.float32
     torch.set_num_threads(2)
-IMPLS = ["base", "peft", "addmm", "ours-auto", "ours-torch"] + (["ours-triton"] if CUDA else [])
+# ours-auto: MuScleLinear's defaults (on CUDA the Triton reductions + cuBLAS-accumulated low-rank
+# terms); ours-triton: all five Triton kernels; ours-torch: the torch path (cuBLAS, read-modify-write
+# of the low-rank terms); ours-torch-accumulate: the torch path in the accumulate order (all cuBLAS)
+IMPLS = ["base", "peft", "addmm", "ours-auto", "ours-torch"]
+IMPLS += ["ours-triton", "ours-torch-accumulate"] if CUDA else []
 MODES = ["fwd", "bwd", "fwdbwd"]
 
 
@@ -83,9 +87,24 @@ def _make(impl: str, k: int, n: int, r: int) -> Callable[[torch.Tensor], torch.T
         return lambda x: _AddmmLoRA.apply(x, base.weight, A, B, 2.0)
     if impl == "ours-auto":  # exactly what a user gets: MuScleLinear's default backend and adapter dtype
         return MuScleLinear(base, (1.0,), r, 2.0 * r, init_B="kaiming")
-    backend = "torch" if impl == "ours-torch" else "triton"
+    backend = "torch" if impl.startswith("ours-torch") else "triton"
     m = MuScleLinear(base, (1.0,), r, 2.0 * r, init_B="kaiming", backend=backend)
     return m
+
+
+@pytest.fixture
+def accumulate_torch(monkeypatch: pytest.MonkeyPatch) -> Callable[[], None]:
+    """Calling it makes backend "torch" layers run ``TORCH_OPS`` in the accumulate order."""
+
+    def patch() -> None:
+        from muscle_fast import layers
+        from muscle_fast.ops import lowrank
+
+        ops = lowrank.TORCH_OPS._replace(accumulate=True)
+        get = lowrank.get_ops
+        monkeypatch.setattr(layers, "get_ops", lambda b, d, t=None: ops if b == "torch" else get(b, d, t))
+
+    return patch
 
 
 def _sync() -> None:
@@ -96,8 +115,10 @@ def _sync() -> None:
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"M{s[0]}-K{s[1]}-N{s[2]}-R{s[3]}")
-def test_lowrank(benchmark, shape, impl, mode):
+def test_lowrank(benchmark, accumulate_torch, shape, impl, mode):
     m_, k, n, r = shape
+    if impl == "ours-torch-accumulate":
+        accumulate_torch()
     layer = _make(impl, k, n, r)
     x = torch.randn(m_, k, device=DEVICE, dtype=DTYPE, requires_grad=True)
     gy = torch.randn(m_, n, device=DEVICE, dtype=DTYPE)
@@ -155,23 +176,27 @@ def test_lowrank(benchmark, shape, impl, mode):
 
 
 @pytest.mark.skipif(not CUDA, reason="the Triton path on CUDA; the interpreter tests cover the CPU")
+@pytest.mark.parametrize("impl", ["ours-triton", "ours-auto", "ours-torch-accumulate"])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"M{s[0]}-K{s[1]}-N{s[2]}-R{s[3]}")
-def test_triton_matches_torch_at_benchmark_shape(shape):
-    """The autotuned kernels (the configs the timings above use) against the torch path, fwd and grads."""
+def test_triton_matches_torch_at_benchmark_shape(accumulate_torch, shape, impl):
+    """The autotuned kernels (the configs the timings above use) and the accumulate order against the
+    torch path, fwd and grads."""
     m_, k, n, r = shape
-    ours = _make("ours-triton", k, n, r)
     ref = _make("ours-torch", k, n, r)
-    ref.load_state_dict(ours.state_dict())
+    ours = _make(impl, k, n, r)
+    ours.load_state_dict(ref.state_dict())
     x = torch.randn(m_, k, device=DEVICE, dtype=DTYPE)
     gy = torch.randn(m_, n, device=DEVICE, dtype=DTYPE)
     outs = []
-    for layer in (ours, ref):
+    for layer in (ref, ours):
+        if layer is ours and impl == "ours-torch-accumulate":
+            accumulate_torch()  # after the reference ran the plain torch path
         xi = x.clone().requires_grad_(True)
         y = layer(xi)
         y.backward(gy)
         grads = [p.grad.float() for p in layer.parameters() if p.requires_grad]
         outs.append((y.float(), xi.grad.float(), grads))
-    (y1, dx1, g1), (y2, dx2, g2) = outs
+    (y2, dx2, g2), (y1, dx1, g1) = outs
 
     def rel(a: torch.Tensor, b: torch.Tensor) -> float:
         return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
