@@ -47,6 +47,11 @@ from ._common import check_device, launch_guard, upcast_dot
 
 __all__ = [
     "dropout_mask",
+    "launch_backward_dS_dB",
+    "launch_dx_",
+    "launch_expand_",
+    "launch_grad_A",
+    "launch_shrink",
     "lowrank_backward_dS_dB",
     "lowrank_dx_",
     "lowrank_expand_",
@@ -458,23 +463,30 @@ def _dropout_mask_kernel(out_ptr, M, K, seed, p_drop, BLOCK_M: tl.constexpr, BLO
 # ---------------------------------------------------------------------------------------------------
 
 
-@launch_guard("x")
 def lowrank_shrink(x: torch.Tensor, A: torch.Tensor, scale: torch.Tensor, *, dropout_p: float = 0.0,
                    seed: int = 0) -> torch.Tensor:
     """S = (drop(x) @ A.T) * scale, shape (M, R) float32, in one pass over x (any 2-D strides)."""
     check_device(x, A, scale)
     _check_float(x, A)
     _check_2d("x", x)
-    M, K = x.shape
-    _check_2d("A", A, cols=K)
+    _check_2d("A", A, cols=x.shape[1])
     R = A.shape[0]
     if scale.shape != (R,):
         raise ValueError(f"scale must have shape ({R},), got {tuple(scale.shape)}")
+    return launch_shrink(x, A, scale.to(torch.float32).contiguous(), dropout_p=dropout_p, seed=seed)
+
+
+@launch_guard("x")
+def launch_shrink(x: torch.Tensor, A: torch.Tensor, scale: torch.Tensor, *, dropout_p: float = 0.0,
+                  seed: int = 0) -> torch.Tensor:
+    """``lowrank_shrink`` without its argument checks, for callers that hold the invariants (the
+    ``MuScleLinear`` autograd function: shapes fixed per weight, ``scale`` contiguous fp32)."""
+    M, K = x.shape
+    R = A.shape[0]
     dropout, p, inv_keep, seed = _dropout_args(dropout_p, seed)
     S = torch.zeros((M, R), dtype=torch.float32, device=x.device)
     if M == 0 or K == 0 or R == 0:
         return S
-    scale = scale.to(torch.float32).contiguous()
 
     def grid(meta: dict) -> tuple[int, int]:
         return _cdiv(M, meta["BLOCK_M"]), meta["SPLIT_K"]
@@ -517,11 +529,15 @@ def lowrank_expand_(y: torch.Tensor, S: torch.Tensor, B: torch.Tensor) -> torch.
     M, N = y.shape
     _check_2d("B", B, rows=N)
     _check_2d("S", S, rows=M, cols=B.shape[1])
+    return launch_expand_(y, S, B)
+
+
+def launch_expand_(y: torch.Tensor, S: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+    """``lowrank_expand_`` without its argument checks (see ``launch_shrink``)."""
     _expand_launch(y, S, B.t(), 0.0, 0)
     return y
 
 
-@launch_guard("dY")
 def lowrank_backward_dS_dB(dY: torch.Tensor, B: torch.Tensor, S: torch.Tensor, scale: torch.Tensor, *,
                            row_split: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """One pass over dY (M, N): dS = (dY @ B) * scale (M, R) fp32 and dB = dY.T @ S as (G, N, R) fp32.
@@ -537,12 +553,21 @@ def lowrank_backward_dS_dB(dY: torch.Tensor, B: torch.Tensor, S: torch.Tensor, s
     _check_2d("S", S, rows=M, cols=R)
     if scale.shape != (R,):
         raise ValueError(f"scale must have shape ({R},), got {tuple(scale.shape)}")
-    m1, G = _check_split(row_split, M)
+    _check_split(row_split, M)
+    return launch_backward_dS_dB(dY, B, S, scale.to(torch.float32).contiguous(), row_split=row_split)
+
+
+@launch_guard("dY")
+def launch_backward_dS_dB(dY: torch.Tensor, B: torch.Tensor, S: torch.Tensor, scale: torch.Tensor, *,
+                          row_split: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``lowrank_backward_dS_dB`` without its argument checks (see ``launch_shrink``)."""
+    M, N = dY.shape
+    R = B.shape[1]
+    m1, G = (M, 1) if row_split is None else (row_split, 2)
     dS = torch.zeros((M, R), dtype=torch.float32, device=dY.device)
     dB = torch.zeros((G, N, R), dtype=torch.float32, device=dY.device)
     if M == 0 or N == 0 or R == 0:
         return dS, dB
-    scale = scale.to(torch.float32).contiguous()
 
     def grid(meta: dict) -> tuple[int, int]:
         bm = meta["BLOCK_M"]
@@ -558,7 +583,6 @@ def lowrank_backward_dS_dB(dY: torch.Tensor, B: torch.Tensor, S: torch.Tensor, s
     return dS, dB
 
 
-@launch_guard("dS")
 def lowrank_grad_A(dS: torch.Tensor, x: torch.Tensor, *, row_split: int | None = None,
                    dropout_p: float = 0.0, seed: int = 0) -> torch.Tensor:
     """dA = dS.T @ drop(x) as (G, R, K) fp32, grouped by ``row_split`` like ``lowrank_backward_dS_dB``.
@@ -568,10 +592,18 @@ def lowrank_grad_A(dS: torch.Tensor, x: torch.Tensor, *, row_split: int | None =
     check_device(dS, x)
     _check_float(dS, x)
     _check_2d("x", x)
+    _check_2d("dS", dS, rows=x.shape[0])
+    _check_split(row_split, x.shape[0])
+    return launch_grad_A(dS, x, row_split=row_split, dropout_p=dropout_p, seed=seed)
+
+
+@launch_guard("dS")
+def launch_grad_A(dS: torch.Tensor, x: torch.Tensor, *, row_split: int | None = None,
+                  dropout_p: float = 0.0, seed: int = 0) -> torch.Tensor:
+    """``lowrank_grad_A`` without its argument checks (see ``launch_shrink``)."""
     M, K = x.shape
-    _check_2d("dS", dS, rows=M)
     R = dS.shape[1]
-    m1, G = _check_split(row_split, M)
+    m1, G = (M, 1) if row_split is None else (row_split, 2)
     dropout, p, inv_keep, seed = _dropout_args(dropout_p, seed)
     dA = torch.zeros((G, R, K), dtype=torch.float32, device=x.device)
     if M == 0 or K == 0 or R == 0:
@@ -599,6 +631,12 @@ def lowrank_dx_(dX: torch.Tensor, dS: torch.Tensor, A: torch.Tensor, *, dropout_
     M, K = dX.shape
     _check_2d("A", A, cols=K)
     _check_2d("dS", dS, rows=M, cols=A.shape[0])
+    return launch_dx_(dX, dS, A, dropout_p=dropout_p, seed=seed)
+
+
+def launch_dx_(dX: torch.Tensor, dS: torch.Tensor, A: torch.Tensor, *, dropout_p: float = 0.0,
+               seed: int = 0) -> torch.Tensor:
+    """``lowrank_dx_`` without its argument checks (see ``launch_shrink``)."""
     _expand_launch(dX, dS, A, dropout_p, seed)
     return dX
 

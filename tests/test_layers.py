@@ -400,3 +400,19 @@ def test_accumulate_ops_leave_the_low_rank_terms_to_cublas(dtype, dropout, expan
     _close(x.grad, xr.grad, dtype, "dX")
     _close(m.lora_A.grad, Ar.grad, dtype, "dA")
     _close(m.lora_B.grad, Br.grad, dtype, "dB")
+
+
+@pytest.mark.parametrize("row_split", [-1, 6])
+def test_row_split_outside_the_batch_names_the_module(row_split):
+    """The kernels trust the row split (their launch checks are skipped): one outside the batch is an
+    error naming the module and the shape, raised before any kernel runs."""
+    from muscle_fast.ops.lowrank import split_rows
+
+    m = _make("linear", 8, 4, (1.0,), 2, "cpu", torch.float32, "torch")
+    m.name = "encoder.layer.0.query"
+    x = torch.randn(5, 3, 8)
+    with (
+        split_rows(row_split, lambda *a: None),
+        pytest.raises(ValueError, match=r"encoder.layer.0.query.*\(5, 3, 8\)"),
+    ):
+        m(x)

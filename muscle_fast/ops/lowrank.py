@@ -163,15 +163,20 @@ _ACCUMULATE_DTYPES = (torch.float32, torch.bfloat16)
 
 @functools.cache
 def triton_ops() -> LowRankOps:
-    """The Triton launchers (imported on first use: ``TRITON_INTERPRET`` is read when triton loads)."""
+    """The Triton launchers (imported on first use: ``TRITON_INTERPRET`` is read when triton loads).
+
+    The unchecked ``launch_*`` entry points: ``MuScleLinearFunction`` holds their invariants (A, B and
+    the fp32 scale vector are fixed per weight and cast to x's dtype, x's last dim is checked by
+    ``MuScleLinear``), so the per-call shape and dtype checks of the public launchers (~8 us of host
+    time each) are not repeated on every call."""
     from csrc_triton import lowrank as k
 
     return LowRankOps(
-        k.lowrank_shrink,
-        k.lowrank_expand_,
-        k.lowrank_backward_dS_dB,
-        k.lowrank_grad_A,
-        k.lowrank_dx_,
+        k.launch_shrink,
+        k.launch_expand_,
+        k.launch_backward_dS_dB,
+        k.launch_grad_A,
+        k.launch_dx_,
         k.dropout_mask,
         True,
     )
@@ -269,10 +274,16 @@ def _row_split(x: torch.Tensor, rows: int, split: tuple[int, RefSink, int | None
     """The split in flattened rows for an input whose leading dim is the batch."""
     n_split, _, total = split
     lead = x.shape[0] if x.dim() > 1 else 1
+    name = getattr(module, "name", "") or type(module).__name__
     if total is not None and lead != total:
         raise RuntimeError(
-            f"single-pass gradient alignment: {getattr(module, 'name', '') or type(module).__name__} "
-            f"got input of shape {tuple(x.shape)}, whose leading dim is not the batch size {total}"
+            f"single-pass gradient alignment: {name} got input of shape {tuple(x.shape)}, whose "
+            f"leading dim is not the batch size {total}"
+        )
+    if not 0 <= n_split <= lead:  # the kernels trust the split (their launch checks are skipped)
+        raise ValueError(
+            f"single-pass gradient alignment: {name} got row_split {n_split} outside [0, {lead}] "
+            f"for an input of shape {tuple(x.shape)}"
         )
     return n_split * (rows // max(1, lead))
 
