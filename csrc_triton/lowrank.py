@@ -38,6 +38,8 @@ into a zero-initialised output (so those outputs are deterministic only up to fp
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import triton
 import triton.language as tl
@@ -92,6 +94,31 @@ def _split_count(t: torch.Tensor, programs: int, max_split: int) -> int:
         target = _INTERPRET_TARGET_PROGRAMS
     want = min(_cdiv(target, max(programs, 1)), max(max_split, 1))
     return 1 << (want.bit_length() - 1)
+
+
+def _alloc(
+    shape: tuple[int, ...],
+    device: torch.device,
+    kernel: str,
+    dims: tuple[int, ...],
+    split: Callable[[dict], int],
+) -> torch.Tensor:
+    """The fp32 output of a reduction kernel: zero-filled only where one of the kernel's configs in force
+    would split the reduction (``split(config) > 1``: partial sums are atomically added); otherwise
+    every element is stored once and the memset (a launch on CUDA) is skipped. The autotuner zeroes it
+    (``reset_to_zero``) between the configs it times. The answer is cached per kernel, ``dims`` (the
+    sizes ``split`` reads) and device."""
+    key = (kernel, dims, device, _common.INTERPRET)
+    zero = _NEEDS_ZERO.get(key)
+    if zero is None:
+        zero = any(split(c) > 1 for c in configs.configs(kernel))
+        if len(_NEEDS_ZERO) >= 4096:
+            _NEEDS_ZERO.clear()
+        _NEEDS_ZERO[key] = zero
+    return (torch.zeros if zero else torch.empty)(shape, dtype=torch.float32, device=device)
+
+
+_NEEDS_ZERO: dict[tuple, bool] = {}
 
 
 def _block_r(R: int) -> int:
@@ -484,9 +511,10 @@ def launch_shrink(x: torch.Tensor, A: torch.Tensor, scale: torch.Tensor, *, drop
     M, K = x.shape
     R = A.shape[0]
     dropout, p, inv_keep, seed = _dropout_args(dropout_p, seed)
-    S = torch.zeros((M, R), dtype=torch.float32, device=x.device)
     if M == 0 or K == 0 or R == 0:
-        return S
+        return torch.zeros((M, R), dtype=torch.float32, device=x.device)
+    S = _alloc((M, R), x.device, "lowrank.shrink", (M, K),
+               lambda c: _split_count(x, _cdiv(M, c["BLOCK_M"]), _cdiv(K, c["BLOCK_K"])))
 
     def grid(meta: dict) -> tuple[int, int]:
         return _cdiv(M, meta["BLOCK_M"]), meta["SPLIT_K"]
@@ -564,10 +592,11 @@ def launch_backward_dS_dB(dY: torch.Tensor, B: torch.Tensor, S: torch.Tensor, sc
     M, N = dY.shape
     R = B.shape[1]
     m1, G = (M, 1) if row_split is None else (row_split, 2)
-    dS = torch.zeros((M, R), dtype=torch.float32, device=dY.device)
-    dB = torch.zeros((G, N, R), dtype=torch.float32, device=dY.device)
+    dB = torch.zeros((G, N, R), dtype=torch.float32, device=dY.device)  # a sum over row blocks: atomics
     if M == 0 or N == 0 or R == 0:
-        return dS, dB
+        return torch.zeros((M, R), dtype=torch.float32, device=dY.device), dB
+    dS = _alloc((M, R), dY.device, "lowrank.bwd_ds_db", (m1, M, N),
+                lambda c: _bwd_split({"m1": m1, "M": M, "N": N, "dy_ptr": dY, **c}))
 
     def grid(meta: dict) -> tuple[int, int]:
         bm = meta["BLOCK_M"]
@@ -605,9 +634,10 @@ def launch_grad_A(dS: torch.Tensor, x: torch.Tensor, *, row_split: int | None = 
     R = dS.shape[1]
     m1, G = (M, 1) if row_split is None else (row_split, 2)
     dropout, p, inv_keep, seed = _dropout_args(dropout_p, seed)
-    dA = torch.zeros((G, R, K), dtype=torch.float32, device=x.device)
     if M == 0 or K == 0 or R == 0:
-        return dA
+        return torch.zeros((G, R, K), dtype=torch.float32, device=x.device)
+    dA = _alloc((G, R, K), x.device, "lowrank.grad_a", (G, M, K),
+                lambda c: _grad_a_split({"K": K, "G": G, "M": M, "x_ptr": x, **c}))
 
     def grid(meta: dict) -> tuple[int, int]:
         return _cdiv(K, meta["BLOCK_K"]), G * meta["SPLIT_M"]

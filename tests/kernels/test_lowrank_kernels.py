@@ -195,6 +195,49 @@ def test_row_split(m1: int, dt: torch.dtype, device: str) -> None:
     _assert_close(dA.sum(0), _d(dA1[0]), tol)
 
 
+@pytest.mark.parametrize("m1", [None, 0, 200, 517], ids=lambda m: f"split{m}")
+def test_unsplit_outputs_are_not_zero_filled_and_every_element_is_stored(
+    m1: int | None, device: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With enough row blocks no config splits a reduction, so S, dS and dA come from ``torch.empty``:
+    filled with NaN here, any element a kernel failed to store (an empty row group included) would
+    show. M = 517 rows (17 blocks of 32 under the interpreter, 2+ waves of an H100 at 64-row blocks);
+    K = 260 gives grad A 9 column strips, enough under the interpreter (a GPU would need ~34k)."""
+    M, K, N, R = 517, 260, 75, 5
+    if device == "cuda":
+        M = 64 * 2 * _common.sm_count(0) + 5
+    m1 = M if m1 == 517 else m1
+    real_empty = torch.empty
+    made: list[torch.Tensor] = []
+
+    def nan_empty(*args, **kwargs):
+        out = real_empty(*args, **kwargs)
+        if out.is_floating_point():
+            out.fill_(float("nan"))
+            made.append(out)
+        return out
+
+    x, A, scale = _rand(M, K, F32, device), _rand(R, K, F32, device), _scale(R, device)
+    dY, B = _rand(M, N, F32, device, "t"), _rand(N, R, F32, device)
+    lowrank._NEEDS_ZERO.clear()
+    monkeypatch.setattr(lowrank.torch, "empty", nan_empty)
+    S = lowrank.lowrank_shrink(x, A, scale)
+    dS, dB = lowrank.lowrank_backward_dS_dB(dY, B, S, scale, row_split=m1)
+    dA = lowrank.lowrank_grad_A(dS, x, row_split=m1)
+    monkeypatch.undo()
+    unsplit = {id(S), id(dS)} | ({id(dA)} if device == "cpu" else set())
+    assert {id(t) for t in made} >= unsplit, "the test must reach the unsplit path"
+    _assert_close(S, (_d(x) @ _d(A).T) * _d(scale), TOL_F32_OUT[F32])
+    _assert_close(dS, (_d(dY) @ _d(B)) * _d(scale), TOL_F32_OUT[F32])
+    parts = [slice(0, M)] if m1 is None else [slice(0, m1), slice(m1, M)]
+    for g, rows in enumerate(parts):
+        ref = _d(dS)[rows].T @ _d(x)[rows]
+        if rows.stop > rows.start:
+            _assert_close(dA[g], ref, TOL_F32_OUT[F32])
+        else:
+            assert not dA[g].any() and not dA[g].isnan().any()
+
+
 def test_row_split_out_of_range(device: str) -> None:
     dY, B, S = _rand(5, 7, F32, device), _rand(7, 2, F32, device), _rand(5, 2, F32, device)
     with pytest.raises(ValueError):
