@@ -108,7 +108,7 @@ def _alloc(
     every element is stored once and the memset (a launch on CUDA) is skipped. The autotuner zeroes it
     (``reset_to_zero``) between the configs it times. The answer is cached per kernel, ``dims`` (the
     sizes ``split`` reads) and device."""
-    key = (kernel, dims, device, _common.INTERPRET)
+    key = (kernel, dims, device, configs.mode())
     zero = _NEEDS_ZERO.get(key)
     if zero is None:
         zero = any(split(c) > 1 for c in configs.configs(kernel))
@@ -581,8 +581,9 @@ def lowrank_backward_dS_dB(dY: torch.Tensor, B: torch.Tensor, S: torch.Tensor, s
     _check_2d("S", S, rows=M, cols=R)
     if scale.shape != (R,):
         raise ValueError(f"scale must have shape ({R},), got {tuple(scale.shape)}")
-    _check_split(row_split, M)
-    return launch_backward_dS_dB(dY, B, S, scale.to(torch.float32).contiguous(), row_split=row_split)
+    m1, G = _check_split(row_split, M)
+    split = None if G == 1 else m1  # an int: numpy and tensor scalars become one here
+    return launch_backward_dS_dB(dY, B, S, scale.to(torch.float32).contiguous(), row_split=split)
 
 
 @launch_guard("dY")
@@ -622,8 +623,9 @@ def lowrank_grad_A(dS: torch.Tensor, x: torch.Tensor, *, row_split: int | None =
     _check_float(dS, x)
     _check_2d("x", x)
     _check_2d("dS", dS, rows=x.shape[0])
-    _check_split(row_split, x.shape[0])
-    return launch_grad_A(dS, x, row_split=row_split, dropout_p=dropout_p, seed=seed)
+    m1, G = _check_split(row_split, x.shape[0])
+    split = None if G == 1 else m1
+    return launch_grad_A(dS, x, row_split=split, dropout_p=dropout_p, seed=seed)
 
 
 @launch_guard("dS")

@@ -416,3 +416,22 @@ def test_row_split_outside_the_batch_names_the_module(row_split):
         pytest.raises(ValueError, match=r"encoder.layer.0.query.*\(5, 3, 8\)"),
     ):
         m(x)
+
+
+def test_triton_backend_refuses_float64_by_name(device):
+    """The op table's launchers skip their dtype checks: backend "triton" on float64 is refused at
+    dispatch with the dtype named, before any kernel runs."""
+    m = MuScleLinear(nn.Linear(8, 4).double().to(device), (1.0,), 2, 4.0, backend="triton")
+    with pytest.raises(TypeError, match=r"float32/float16/bfloat16 inputs, got torch.float64"):
+        m(torch.randn(3, 8, dtype=torch.float64, device=device))
+
+
+def test_accumulate_input_grad_under_autocast_keeps_the_compute_dtype():
+    """A backward called inside autocast (a 4-bit layer computing in fp32 under bf16 autocast): the
+    accumulate path's cuBLAS term must stay in dY's dtype, or addmm_ into it fails."""
+    ops = lowrank.TORCH_OPS._replace(accumulate=True)
+    dY, W, dS, A = torch.randn(6, 5), torch.randn(5, 7), torch.randn(6, 3), torch.randn(3, 7)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        dX = lowrank.input_grad(ops, dY, W, dS, A, 0.0, 0)
+    assert dX.dtype == torch.float32
+    torch.testing.assert_close(dX, dY @ W + dS @ A)

@@ -8,7 +8,7 @@
 #     (TABLE_S seconds a call, resumable: call again; results in $OUT/table.tar.gz);
 #   phase B, alone on the GPU: the benchmarks in $TOPICS order, each with its own time limit (SIGINT,
 #     so that pytest-benchmark still writes its JSON), each checking the autotuned kernels at its shapes.
-#     Default: issue #15's figures (lowrank, align, nf4, qlora, memory) and #18's (smollm2_memory); step and fourier only when
+#     Default: issue #15's figures (lowrank, align, nf4, qlora, memory) and #18's (smollm2_memory, last: the budget may skip it); step and fourier only when
 #     named: TOPICS="step fourier" bash run.sh. A topic whose limit
 #     would end past BUDGET (575 s from the start) is skipped, so the tool never kills the run mid-way.
 # Results: $OUT/{machine.txt,tests.log,summary.txt,sweep.json,table.tar.gz,bench.tar.gz,run.log} (7 files; the tool takes <= 8).
@@ -74,12 +74,11 @@ echo "phase A done at $((SECONDS - T0)) s"
 
 # ---- phase B -----------------------------------------------------------------------------------
 bench() {  # topic, seconds (topic smollm2_memory: bench_memory.py at SmolLM2-135M's shape, issue #18)
-  local file=$1
-  [ "$1" = smollm2_memory ] && { file=memory; export MEMORY_MODEL=smollm2-135m; }
-  timeout -s INT -k 10 "$2" python3 -m pytest -q -p no:cacheprovider "benchmarks/bench_$file.py" \
+  local file=$1 mm=${MEMORY_MODEL:-llama-2-7b}
+  [ "$1" = smollm2_memory ] && { file=memory; mm=smollm2-135m; }
+  MEMORY_MODEL=$mm timeout -s INT -k 10 "$2" python3 -m pytest -q -p no:cacheprovider "benchmarks/bench_$file.py" \
     --benchmark-json="/tmp/bench/bench_$1.json" --benchmark-columns=median,min,rounds >"/tmp/bench/bench_$1.log" 2>&1
   echo "bench_$1: exit $? at $((SECONDS - T0)) s: $(tail -n 1 "/tmp/bench/bench_$1.log")"
-  unset MEMORY_MODEL
   tar -C /tmp/bench -czf "$OUT/bench.tar.gz" .  # after every topic: a killed run still returns the rest
 }
 # limits from the 2026-11-26 H100 run (step and fourier did not finish in 40 / 20 s there)
@@ -93,7 +92,7 @@ declare -A LIMIT=(
   [step]=80
   [fourier]=45
 )
-for t in ${TOPICS:-lowrank align nf4 qlora smollm2_memory memory}; do
+for t in ${TOPICS:-lowrank align nf4 qlora memory smollm2_memory}; do
   [ -n "${LIMIT[$t]:-}" ] || { echo "unknown topic $t (known: ${!LIMIT[*]})"; continue; }
   if (( SECONDS - T0 + LIMIT[$t] + 10 > ${BUDGET:-575} )); then
     echo "bench_$t: skipped, its ${LIMIT[$t]} s would pass the ${BUDGET:-575} s budget at $((SECONDS - T0)) s"

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from . import nf4
-from .dispatch import resolve_backend, use_kernels
+from .dispatch import KERNEL_DTYPES, resolve_backend, use_kernels
 
 # --------------------------------------------------------------------------------------------------
 # Reference: pure-PyTorch twins of the csrc_triton.lowrank launchers
@@ -194,6 +194,11 @@ def get_ops(backend: str, device: torch.device, dtype: torch.dtype | None = None
     the torch path, ``triton_ops()`` for ``"triton"``, ``accumulate_ops()`` for ``"auto"``."""
     if not use_kernels(backend, device, (dtype,), op="MuScleLinear"):
         return TORCH_OPS
+    if dtype is not None and dtype not in KERNEL_DTYPES:  # the op table's launchers do not check
+        raise TypeError(
+            f"MuScleLinear: backend 'triton' runs the Triton kernels, which take "
+            f"float32/float16/bfloat16 inputs, got {dtype}; use backend 'torch' or 'auto' for it"
+        )
     return accumulate_ops() if resolve_backend(backend) == "auto" else triton_ops()
 
 
@@ -225,6 +230,9 @@ def input_grad(
 ) -> torch.Tensor:
     """dX = dY2 @ W + drop'(dS @ Ac), in the order ``ops.accumulate`` asks for."""
     if ops.accumulate and dropout_p == 0.0 and dY2.dtype in _ACCUMULATE_DTYPES:
+        if torch.is_autocast_enabled(dY2.device.type):  # a backward run under autocast: keep dY2's dtype
+            with torch.autocast(dY2.device.type, enabled=False):
+                return torch.mm(dS.to(dY2.dtype), Ac).addmm_(dY2, W)
         return torch.mm(dS.to(dY2.dtype), Ac).addmm_(dY2, W)
     return ops.dx_(dY2 @ W, dS, Ac, dropout_p=dropout_p, seed=seed)
 
