@@ -98,8 +98,8 @@ def _summary(jobs: list[Job]) -> list[dict[str, Any]]:
             row.update({k: r[k] for k in ("dev_cacc", "dev_asr", "cacc", "asr", "best_epoch", "epochs")})
             row.update(curves=r["curves"], wall_seconds=r["wall_seconds"], dataset=r["dataset"])
             row["config"] = r.get("config")
-            if "teacher" in r:  # TrainConfig.teacher_epochs: what the teacher relabelled and dropped
-                row["teacher"] = r["teacher"]
+            # TrainConfig.teacher_epochs / scan_alpha: what the teacher and the n-gram scan dropped
+            row.update({k: r[k] for k in ("teacher", "scan") if k in r})
         out.append(row)
     return out
 

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from . import experiment
+from .config import DEFAULT_SEED
 from .errors import ConfigError, FileFormatError, MuscleFastError, first_line
 from .experiment import (
     DEFAULT_METHODS,
@@ -271,6 +272,46 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_scan(args: argparse.Namespace) -> int:
+    """Scan each attack's training rows for lexical triggers against the reference rows."""
+    from .experiment import scan_data
+    from .fileio import write_json
+
+    reports = scan_data(
+        args.data_dir,
+        args.attacks,
+        ref_samples=args.ref_samples,
+        seed=DEFAULT_SEED if args.seed is None else args.seed,
+        alpha=args.alpha,
+        setting=args.poison_setting,
+        rate=args.poison_rate,
+        target_label=args.target_label,
+        num_labels=args.num_labels,
+        max_train_rows=args.max_train_rows,
+    )
+    for r in reports:
+        res = r.result
+        print(
+            f"{r.dataset}/{r.attack}: {sum(res.flagged)} of {len(res.flagged)} training rows flagged "
+            f"against {r.ref_rows} reference rows (G > {res.g_critical:.1f} over {res.tests} tests, "
+            f"alpha {res.alpha})"
+        )
+        for f in res.findings:
+            print(
+                f"  label {f.label}: {f.ngram!r} in {f.train_rows} of {f.train_label_rows} training rows, "
+                f"{f.ref_rows} of {f.ref_label_rows} reference rows (G {f.g:.1f})"
+            )
+        if r.poison_rows:
+            print(
+                f"  poisoned rows flagged: {r.poison_flagged} of {r.poison_rows}; clean rows flagged: "
+                f"{r.clean_flagged} of {len(res.flagged) - r.poison_rows}"
+            )
+    if args.out:
+        write_json(Path(args.out), [r.to_dict() for r in reports])
+        print(f"wrote {args.out}")
+    return 0
+
+
 def cmd_fourier(args: argparse.Namespace) -> int:
     """Train one method like ``defend`` does while a FourierTracker records dev-clean / dev-poison."""
     spec = run_spec(args)
@@ -289,7 +330,8 @@ def cmd_fourier(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------------------- parser
 
 
-def _add_data_args(p: argparse.ArgumentParser) -> None:
+def _add_data_args(p: argparse.ArgumentParser, runs: bool = True) -> None:
+    """The data flags; ``runs`` adds those only a training/evaluation run uses (device, eval rows)."""
     p.add_argument(
         "--data-dir",
         help="an OpenBackdoor attack folder, a folder of attack folders, a clean train/dev/test.tsv "
@@ -303,9 +345,12 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--poison-rate", type=float, help="training file poison rate (default 0.1)")
     p.add_argument("--target-label", type=int, help="the attack's target label (default: from the data)")
     p.add_argument("--num-labels", type=int, help="number of classes (default: from the data)")
-    p.add_argument("--max-eval-rows", type=int, help="seeded subsample of each dev/test split (smoke runs)")
     p.add_argument("--seed", type=int, help="seed for data subsampling, poisoning, reference set, training")
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    if runs:
+        p.add_argument(
+            "--max-eval-rows", type=int, help="seeded subsample of each dev/test split (smoke runs)"
+        )
+        p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
 
 
 def _default_help(key: str) -> str:
@@ -449,6 +494,21 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", required=True, help="folder for the merged results.json/md/png")
     r.add_argument("--model", help="model name for the titles (default: the one the records name)")
     r.set_defaults(func=cmd_report)
+
+    sc = sub.add_parser(
+        "scan",
+        help="look for lexical triggers: n-grams a training file holds far more often than clean rows",
+        description="For each attack, compare every 1-3-gram's share of the training rows of a label "
+        "with its share of the clean reference rows of that label (the rows defend draws for the same "
+        "--seed and --ref-samples) and report the significant ones and the rows holding them "
+        "(TrainConfig.scan_alpha drops those rows before training; docs/SPEC.md §4). Trains nothing.",
+    )
+    _add_data_args(sc, runs=False)
+    sc.add_argument("--ref-samples", type=int, default=600, help="clean reference rows (default 600)")
+    sc.add_argument("--alpha", type=float, default=1e-3, help="family-wise significance level (default 1e-3)")
+    sc.add_argument("--max-train-rows", type=int, help="seeded training subsample, poison share kept")
+    sc.add_argument("--out", help="also write the reports to this JSON file")
+    sc.set_defaults(func=cmd_scan)
 
     f = sub.add_parser(
         "fourier",

@@ -98,6 +98,10 @@ class TrainConfig:
     # training row whose label the teacher contradicts, and train on the corrected rows from there
     teacher_epochs: int = 0
     teacher_relabel_prob: float = 1.0
+    # not in the paper, off by default: before training, drop the training rows that hold an n-gram
+    # over-represented against the reference rows of their label at this family-wise significance
+    # level (a lexical trigger; muscle_fast.backdoor.scan); 0 = off
+    scan_alpha: float = 0.0
     grad_clip: float = 1.0  # max gradient norm; 0 turns clipping off
     weight_decay: float = 0.0
     single_pass: bool | None = None  # None: single pass when every trainable param is in a MuScleLinear
@@ -137,6 +141,8 @@ class TrainConfig:
             raise ValueError(
                 f"TrainConfig.teacher_relabel_prob must be in [0.5, 1], got {self.teacher_relabel_prob!r}"
             )
+        if not 0.0 <= self.scan_alpha < 1.0:
+            raise ValueError(f"TrainConfig.scan_alpha must be in [0, 1) (0 = off), got {self.scan_alpha!r}")
         if not 0.0 <= self.row_filter_min_prob < 1.0:
             raise ValueError(
                 f"TrainConfig.row_filter_min_prob must be in [0, 1), got {self.row_filter_min_prob!r}"
@@ -166,6 +172,9 @@ class TrainResult:
     #: with ``teacher_epochs``: the teacher's history and best epoch, and how many training rows it
     #: kept as labelled, relabelled and dropped
     teacher: dict[str, Any] = field(default_factory=dict)
+    #: with ``scan_alpha``: the n-grams found and how many rows were dropped (``ScanResult.summary``),
+    #: plus ``dropped_index``, the positions in ``train_rows`` of the dropped rows
+    scan: dict[str, Any] = field(default_factory=dict)
 
 
 # ---------------------------------------------------------------------------------------------- memory
@@ -230,11 +239,15 @@ def train_muscle(
     core = unwrap_model(model)
     cfg = config or TrainConfig.for_model(core)
     data = _checked_data(core, cfg, train_rows, ref_rows, dev_rows, eval_sets)
+    scan: dict[str, Any] = {}
+    if cfg.scan_alpha:
+        data.train, scan = _scanned(cfg, data)
     teacher: dict[str, Any] = {}
     if cfg.teacher_epochs:
         data.train, teacher = _teacher_corrected(model, tokenizer, cfg, data)
     run = _Run(model, tokenizer, cfg, data)
     run.result.teacher = teacher
+    run.result.scan = scan
     run.resume()
     t0 = run.t0 = time.perf_counter()
     was_training = core.training
@@ -264,6 +277,29 @@ def train_muscle(
     return run.finish(t0, was_training, load_best=True)
 
 
+def _scanned(cfg: TrainConfig, data: _Data) -> tuple[list[Row], dict[str, Any]]:
+    """The training rows without those holding a lexical trigger found against the reference rows,
+    with the scan's record; deterministic, so a resumed run drops the same rows."""
+    from muscle_fast.backdoor.scan import scan_ngrams
+
+    if not data.ref:
+        raise ValueError("train_muscle: scan_alpha needs a non-empty reference set (ref_rows)")
+    res = scan_ngrams(data.train, data.ref, alpha=cfg.scan_alpha)
+    kept = [row for row, f in zip(data.train, res.flagged, strict=True) if not f]
+    if not kept:
+        raise ValueError(
+            f"train_muscle: the n-gram scan (scan_alpha={cfg.scan_alpha}) flagged every training row"
+        )
+    record = res.summary()
+    record["dropped_index"] = [i for i, f in enumerate(res.flagged) if f]
+    found = ", ".join(f"{f.ngram!r} (label {f.label}, {f.train_rows} rows)" for f in res.findings)
+    logger.info(
+        f"muscle_fast: n-gram scan found {found or 'nothing'}; {record['flagged']} of "
+        f"{len(data.train)} training rows dropped"
+    )
+    return kept, record
+
+
 def _teacher_corrected(
     model: nn.Module, tokenizer: Any, cfg: TrainConfig, data: _Data
 ) -> tuple[list[Row], dict[str, Any]]:
@@ -282,6 +318,7 @@ def _teacher_corrected(
         epochs=cfg.teacher_epochs,
         align=False,
         teacher_epochs=0,
+        scan_alpha=0.0,
         row_filter_min_prob=0.0,
         checkpoint_dir=None,
         checkpoint_every=0,

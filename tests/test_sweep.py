@@ -34,13 +34,14 @@ def test_select_top_uses_dev_only() -> None:
     assert names == ["feasible-best", "feasible-lower-cacc", "infeasible-low-asr"]
 
 
-def test_summary_keeps_the_teacher_record() -> None:
-    """A run with TrainConfig.teacher_epochs carries what its teacher relabelled and dropped."""
+def test_summary_keeps_the_teacher_and_scan_records() -> None:
+    """A run with TrainConfig.teacher_epochs / scan_alpha carries what they relabelled and dropped."""
     base = dict(best_epoch=2, epochs=3, curves={}, wall_seconds=1.0, dataset="sst-2")
     plain, taught = _job("plain", 0.8, 0.1, 0.8, 0.1), _job("taught", 0.8, 0.1, 0.8, 0.1)
     plain.records[0].update(base)
-    taught.records[0].update(base, teacher={"relabeled": 3, "dropped": 1, "rows": 10})
+    scan = {"flagged": 4, "poison_dropped": 4, "clean_dropped": 0}
+    taught.records[0].update(base, teacher={"relabeled": 3, "dropped": 1, "rows": 10}, scan=scan)
     rows = sweep._summary([plain, taught])
-    assert "teacher" not in rows[0]
-    assert rows[1]["teacher"] == {"relabeled": 3, "dropped": 1, "rows": 10}
+    assert "teacher" not in rows[0] and "scan" not in rows[0]
+    assert rows[1]["teacher"] == {"relabeled": 3, "dropped": 1, "rows": 10} and rows[1]["scan"] == scan
     assert rows[1]["cacc"] == 0.8 and rows[1]["best_epoch"] == 2

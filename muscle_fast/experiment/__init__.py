@@ -24,6 +24,7 @@ Every name is importable from here; the submodules, each importing only from tho
   ``previous_records``, ``STATE_DIR``).
 - :mod:`.fourier`: ``run_fourier`` (``FourierOptions``, ``FourierResult``).
 - :mod:`.evaluate`: ``evaluate_checkpoint`` (``EvalSpec``, ``EvalResult``).
+- :mod:`.scan`: ``scan_data`` (``ScanReport``), the lexical-trigger scan without training.
 
 A test that replaces a function a run calls patches it in the submodule that calls it (e.g.
 ``muscle_fast.experiment.loading.load_classifier``): replacing the name here does not reach it.
@@ -94,6 +95,7 @@ from .run import (
     record_seed,
     run_method,
 )
+from .scan import ScanReport, scan_data
 from .spec import (
     DEFAULT_METHODS,
     METHODS,
@@ -128,6 +130,7 @@ __all__ = [
     "RunHooks",
     "RunSpec",
     "STATE_DIR",
+    "ScanReport",
     "STEPS_OF",
     "TOKENIZER_FILES",
     "TRAIN_ON",
@@ -162,6 +165,7 @@ __all__ = [
     "run_defend",
     "run_fourier",
     "run_method",
+    "scan_data",
     "seed_specs",
     "selection_dev_poison",
     "training_rows",

@@ -360,6 +360,7 @@ def run_method(
     if hooks is not None:
         hooks.after_training(run)
     best = next(h for h in res.history if h["epoch"] == res.best_epoch)
+    flags = ds.train_poison_flags if m.train_on == "train" else None  # row i of plan.train_rows
     data_dir = canonical_data_dir(spec.data_dir)
     rel = plan.path
     if save_checkpoint:
@@ -410,11 +411,24 @@ def run_method(
         },
         "epochs": len(res.history),
         **({"teacher": {k: v for k, v in res.teacher.items() if k != "history"}} if res.teacher else {}),
+        **({"scan": _scan_record(res.scan, flags)} if res.scan else {}),
         "steps": res.steps,
         "wall_seconds": res.wall_seconds,
         "adapter": str(rel) if save_checkpoint else None,
         "config": plan.config,
     }
+
+
+def _scan_record(scan: dict[str, Any], flags: Sequence[bool] | None) -> dict[str, Any]:
+    """The n-gram scan's record for results.json: its findings and, where the training rows' poison
+    flags are known, how many poisoned and clean rows it dropped."""
+    rec = {k: v for k, v in scan.items() if k != "dropped_index"}
+    if flags is not None:
+        dropped = set(scan["dropped_index"])
+        rec["poison_dropped"] = sum(1 for i in dropped if flags[i])
+        rec["poison_rows"] = sum(1 for f in flags if f)
+        rec["clean_dropped"] = len(dropped) - rec["poison_dropped"]
+    return rec
 
 
 def check_out_dir(out: Path) -> None:
