@@ -410,7 +410,23 @@ def test_hyperparameter_precedence(tmp_path):
     # any object with the override fields works too (an argparse namespace, for compatibility)
     flags = SimpleNamespace(epochs=None, batch_size=None, max_length=None, lr=5e-5, ref_samples=8, seed=None)
     assert effective_hparams(bert, "muscle", preset, flags) == m
-    assert set(METHODS) == {"vanilla", "lora", "muscle", "lora+mslr", "lora+ga", "oracle", "ref-only"}
+    assert set(METHODS) == {
+        "vanilla",
+        "lora",
+        "muscle",
+        "lora+mslr",
+        "lora+ga",
+        "lora+filter",
+        "oracle",
+        "ref-only",
+    }
+    # lora+filter: lora's section, then the method's defaults, then its own section
+    f = effective_hparams(bert, "lora+filter", preset, spec)
+    assert (f["lr"], f["scan_alpha"], f["teacher_epochs"], f["teacher_relabel_prob"]) == (1e-4, 1e-3, 20, 1.0)
+    preset["methods"]["lora"] = {"lr": 7e-4, "teacher_epochs": 3}
+    preset["methods"]["lora+filter"] = {"scan_alpha": 1e-2}
+    f = effective_hparams(bert, "lora+filter", preset, spec)
+    assert (f["lr"], f["scan_alpha"], f["teacher_epochs"]) == (7e-4, 1e-2, 20)
 
 
 def test_bad_method_config_fails_before_training(tmp_path):
@@ -642,7 +658,7 @@ def test_cli_exit_status_of_the_process(tmp_path):
     assert p.returncode == 1 and p.stdout == ""
     assert p.stderr.strip().splitlines() == [
         "muscle-fast: unknown method(s) ['fancy']; valid methods: vanilla, lora, muscle, lora+mslr, lora+ga, "
-        "oracle, ref-only"
+        "lora+filter, oracle, ref-only"
     ]
     p = subprocess.run(run, capture_output=True, text=True)  # --out missing
     assert p.returncode == 2 and "required: --out" in p.stderr

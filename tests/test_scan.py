@@ -156,8 +156,9 @@ def test_scan_record_counts_the_poisoned_rows_it_dropped():
 
 
 def test_defend_records_the_scan(tmp_path, monkeypatch):
-    """A preset's scan_alpha reaches the training loop through defend; results.json carries the
-    scan's record with the poisoned/clean rows it dropped (the run's rows are known)."""
+    """lora+filter through defend: its defaults (scan, teacher) reach the training loop under the
+    preset's overrides; results.json carries the scan's record with the poisoned/clean rows it
+    dropped (the run's rows are known) and the teacher's."""
     import json
 
     from helpers import use_tiny_models
@@ -169,15 +170,22 @@ def test_defend_records_the_scan(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     data = ob_data(tmp_path / "data")
     preset = tmp_path / "p.json"
-    preset.write_text(json.dumps({"methods": {"lora": {"scan_alpha": 0.01}}}))
+    preset.write_text(json.dumps({"methods": {"lora+filter": {"teacher_epochs": 1}, "lora": {"lr": 1e-3}}}))
     out = tmp_path / "out"
     argv = ["defend", "--data-dir", str(data), "--model", "tiny", "--out", str(out), "--config", str(preset)]
-    assert main([*argv, "--methods", "lora,vanilla", *FLAGS.split()]) == 0
+    assert main([*argv, "--methods", "lora+filter,lora", *FLAGS.split()]) == 0
     by = {r["method"]: r for r in json.loads((out / "results.json").read_text())}
-    scan = by["lora"]["scan"]
-    assert scan["alpha"] == 0.01 and scan["rows"] == 40 and scan["poison_rows"] == 6
+    scan, train = by["lora+filter"]["scan"], by["lora+filter"]["config"]["train"]
+    assert scan["alpha"] == 1e-3 and scan["rows"] == 40 and scan["poison_rows"] == 6
     assert scan["poison_dropped"] + scan["clean_dropped"] == scan["flagged"]
-    assert by["lora"]["config"]["train"]["scan_alpha"] == 0.01 and "scan" not in by["vanilla"]
+    assert (train["scan_alpha"], train["teacher_epochs"], train["teacher_relabel_prob"], train["lr"]) == (
+        1e-3,
+        1,
+        1.0,
+        1e-3,
+    )
+    assert by["lora+filter"]["teacher"]["rows"] == 40 - scan["flagged"]
+    assert "scan" not in by["lora"] and "teacher" not in by["lora"]
 
 
 def test_scan_command_reports_findings_and_writes_json(tmp_path, capsys):

@@ -139,8 +139,9 @@ def seed_specs(spec: RunSpec, preset: dict[str, Any]) -> list[RunSpec]:
 def effective_hparams(model: Any, method: str, preset: dict[str, Any], spec: RunSpec) -> dict[str, Any]:
     """Hyperparameters of one method: family preset < preset file < its method section < spec.
 
-    A control (``oracle``, ``ref-only``) reads the section of the method it inherits from first
-    (``vanilla``, ``lora``), then its own.
+    A method that inherits (``oracle``, ``ref-only``, ``lora+filter``) reads the section of that
+    method first (``vanilla``, ``lora``), then its own defaults (``Method.defaults``), then its own
+    section.
 
     Reads the spec's override fields by name (``epochs``, ``batch_size``, ``max_length``, ``lr``,
     ``ref_samples``, ``seed``, ``ref_overlap``), so an object with those attributes works too.
@@ -153,10 +154,12 @@ def effective_hparams(model: Any, method: str, preset: dict[str, Any], spec: Run
         "ref_disjoint": True,
         "muscle_config": {},
     }
-    inherits = METHODS[method].inherits if method in METHODS else None
+    m = METHODS.get(method)
+    inherits = m.inherits if m is not None else None
     for section in (
         {k: v for k, v in preset.items() if k != "methods"},
         preset.get("methods", {}).get(inherits, {}) if inherits else {},
+        dict(m.defaults) if m is not None else {},
         preset.get("methods", {}).get(method, {}),
     ):
         for k, v in section.items():

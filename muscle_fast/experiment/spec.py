@@ -29,6 +29,9 @@ class Method:
     train_on: str = "train"
     #: a method whose preset section applies first (a control runs with its model's settings)
     inherits: str | None = None
+    #: TrainConfig values that make the method what it is, applied after the inherited section and
+    #: before its own (a preset section may still change them)
+    defaults: tuple[tuple[str, Any], ...] = ()
 
 
 METHODS: dict[str, Method] = {
@@ -37,6 +40,16 @@ METHODS: dict[str, Method] = {
     "muscle": Method(True, True, True, "MuScleLoRA: LoRA + MSLR + gradient alignment"),
     "lora+mslr": Method(True, True, False, "ablation: LoRA + MSLR, no alignment"),
     "lora+ga": Method(True, False, True, "ablation: LoRA + gradient alignment, no MSLR"),
+    "lora+filter": Method(
+        True,
+        False,
+        False,
+        "LoRA (lora's settings) on the training rows the reference set vouches for: the n-gram scan "
+        "drops rows holding a lexical trigger, a teacher trained on the reference rows drops the rows "
+        "whose label it contradicts (docs/SPEC.md §4: scan_alpha, teacher_epochs)",
+        inherits="lora",
+        defaults=(("scan_alpha", 1e-3), ("teacher_epochs", 20), ("teacher_relabel_prob", 1.0)),
+    ),
     "oracle": Method(
         False,
         False,
