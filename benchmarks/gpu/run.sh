@@ -48,7 +48,8 @@ if [ "${SWEEP:-0}" = 1 ] && [ -d .devcarry/minilm ] && [ -d .devcarry/data ]; th
   cp /tmp/sweep/sweep.json "$OUT/sweep.json"
 fi
 if [ "${TABLE:-0}" = 1 ] && [ -d .devcarry/minilm ]; then
-  # issue #16's table: one defend process per (seed, attack), the five methods each, side by side.
+  # issue #16's table: one defend process per (seed, attack), the six methods each, side by side.
+  # --config: a model given by path gets no built-in preset by itself (the device copy of MiniLM).
   # out/table is git-ignored and stays on a warm machine: the same call again resumes (finished pairs
   # are skipped, an interrupted one continues from its last checkpoint). The shipped data by default.
   mkdir -p out/table
@@ -56,8 +57,9 @@ if [ "${TABLE:-0}" = 1 ] && [ -d .devcarry/minilm ]; then
   for s in ${TABLE_SEEDS:-42 43 44}; do
     for a in ${TABLE_ATTACKS:-badnets addsent stylebkd synbkd}; do
       MUSCLE_FAST_BACKEND=${SWEEP_BACKEND:-torch} timeout -s INT -k 30 "${TABLE_S:-400}" python3 -m muscle_fast.cli \
-        defend --data-dir "${TABLE_DATA:-embedded:sst2}" --model .devcarry/minilm --attacks "$a" --seed "$s" \
-        --methods vanilla,oracle,lora,ref-only,muscle --out "out/table/seed$s/$a" --device cuda --no-progress \
+        defend --data-dir "${TABLE_DATA:-embedded:sst2}" --model .devcarry/minilm --config minilm-sst2 \
+        --attacks "$a" --seed "$s" --methods "${TABLE_METHODS:-vanilla,oracle,lora,ref-only,muscle,lora+filter}" \
+        --out "out/table/seed$s/$a" --device cuda --no-progress \
         >"out/table/log-$s-$a.txt" 2>&1 &
       TPIDS+=($!)
     done
