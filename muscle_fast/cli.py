@@ -1,7 +1,7 @@
 """The ``muscle-fast`` command line: ``demo`` (the defense in minutes on a CPU), ``inspect`` a
 patched model, ``defend`` (train and compare defenses on poisoned data, SPEC §5), ``eval`` a saved
-checkpoint, ``report`` (merge results) and ``fourier`` (track the low/high-frequency errors of one
-method's training, SPEC §6).
+checkpoint, ``report`` (merge results), ``scan`` (lexical triggers against the reference rows,
+SPEC §4) and ``fourier`` (track the low/high-frequency errors of one method's training, SPEC §6).
 
 This module only parses arguments, builds the specs of :mod:`muscle_fast.experiment`, prints and
 sets the exit status; the work and its checks live in the library. Heavy imports (torch,

@@ -290,6 +290,11 @@ def _scanned(cfg: TrainConfig, data: _Data) -> tuple[list[Row], dict[str, Any]]:
         raise ValueError(
             f"train_muscle: the n-gram scan (scan_alpha={cfg.scan_alpha}) flagged every training row"
         )
+    if res.untested_labels:
+        logger.warning(
+            f"muscle_fast: n-gram scan: no reference row has label(s) {res.untested_labels}; "
+            "their training rows were not scanned"
+        )
     record = res.summary()
     record["dropped_index"] = [i for i, f in enumerate(res.flagged) if f]
     found = ", ".join(f"{f.ngram!r} (label {f.label}, {f.train_rows} rows)" for f in res.findings)

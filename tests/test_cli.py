@@ -420,13 +420,16 @@ def test_hyperparameter_precedence(tmp_path):
         "oracle",
         "ref-only",
     }
-    # lora+filter: lora's section, then the method's defaults, then its own section
+    # lora+filter: the method's defaults, then the preset (lora's section, then its own)
     f = effective_hparams(bert, "lora+filter", preset, spec)
     assert (f["lr"], f["scan_alpha"], f["teacher_epochs"], f["teacher_relabel_prob"]) == (1e-4, 1e-3, 20, 1.0)
+    # the defaults sit under every preset key: the top level, lora's section, its own section
+    preset["teacher_epochs"] = 5
+    assert effective_hparams(bert, "lora+filter", preset, spec)["teacher_epochs"] == 5
     preset["methods"]["lora"] = {"lr": 7e-4, "teacher_epochs": 3}
     preset["methods"]["lora+filter"] = {"scan_alpha": 1e-2}
     f = effective_hparams(bert, "lora+filter", preset, spec)
-    assert (f["lr"], f["scan_alpha"], f["teacher_epochs"]) == (7e-4, 1e-2, 20)
+    assert (f["lr"], f["scan_alpha"], f["teacher_epochs"], f["teacher_relabel_prob"]) == (7e-4, 1e-2, 3, 1.0)
 
 
 def test_bad_method_config_fails_before_training(tmp_path):

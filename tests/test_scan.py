@@ -42,6 +42,8 @@ def test_g_critical_is_the_bonferroni_normal_quantile():
     # 1e-3 over 1e5 tests: one-sided p 1e-8, z = 5.612
     assert g_critical(1e-3, 100_000) == pytest.approx(5.612001244**2, rel=1e-8)
     assert g_critical(1e-3, 10) < g_critical(1e-3, 1000)
+    # far in the tail (1 - 1e-18 rounds to 1.0 in float64): z = 8.75729034
+    assert g_critical(1e-12, 1_000_000) == pytest.approx(8.75729034**2, rel=1e-6)
 
 
 def test_ngrams_are_casefolded_with_a_start_marker():
@@ -105,6 +107,7 @@ def test_scan_leaves_a_label_without_reference_rows_untested():
     rows, flags, ref = _poisoned(2)
     res = scan_ngrams(rows, [r for r in ref if r[1] == 0])
     assert res.untested_labels == [1] and not any(res.flagged)
+    assert res.tests > 0  # label 0 was tested (it holds no trigger)
 
 
 @pytest.mark.parametrize(
@@ -155,49 +158,12 @@ def test_scan_record_counts_the_poisoned_rows_it_dropped():
     assert _scan_record(scan, None) == {"flagged": 3, "findings": []}
 
 
-def test_defend_records_the_scan(tmp_path, monkeypatch):
-    """lora+filter through defend: its defaults (scan, teacher) reach the training loop under the
-    preset's overrides; results.json carries the scan's record with the poisoned/clean rows it
-    dropped (the run's rows are known) and the teacher's."""
-    import json
-
-    from helpers import use_tiny_models
-    from test_controls import FLAGS, ob_data
-
-    from muscle_fast.cli import main
-
-    use_tiny_models(monkeypatch.setattr)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    data = ob_data(tmp_path / "data")
-    preset = tmp_path / "p.json"
-    preset.write_text(json.dumps({"methods": {"lora+filter": {"teacher_epochs": 1}, "lora": {"lr": 1e-3}}}))
-    out = tmp_path / "out"
-    argv = ["defend", "--data-dir", str(data), "--model", "tiny", "--out", str(out), "--config", str(preset)]
-    assert main([*argv, "--methods", "lora+filter,lora", *FLAGS.split()]) == 0
-    by = {r["method"]: r for r in json.loads((out / "results.json").read_text())}
-    scan, train = by["lora+filter"]["scan"], by["lora+filter"]["config"]["train"]
-    assert scan["alpha"] == 1e-3 and scan["rows"] == 40 and scan["poison_rows"] == 6
-    assert scan["poison_dropped"] + scan["clean_dropped"] == scan["flagged"]
-    assert (train["scan_alpha"], train["teacher_epochs"], train["teacher_relabel_prob"], train["lr"]) == (
-        1e-3,
-        1,
-        1.0,
-        1e-3,
-    )
-    assert by["lora+filter"]["teacher"]["rows"] == 40 - scan["flagged"]
-    assert "scan" not in by["lora"] and "teacher" not in by["lora"]
-
-
-def test_scan_command_reports_findings_and_writes_json(tmp_path, capsys):
-    """``muscle-fast scan`` on an OpenBackdoor folder whose trigger the reference rows never hold."""
-    import json
-
+def _ob_folder(root, seed: int):
+    """An OpenBackdoor folder of ``_poisoned(seed)``: dev-clean = test-clean = its reference rows."""
     from helpers import write_ob_csv
 
-    from muscle_fast.cli import main
-
-    rows, flags, ref = _poisoned(3)
-    d = tmp_path / "badnets"
+    rows, flags, ref = _poisoned(seed)
+    d = root / "badnets"
     write_ob_csv(
         d / "mix" / "0.1" / "train-poison.csv",
         [(t, y, int(p)) for (t, y), p in zip(rows, flags, strict=True)],
@@ -206,6 +172,70 @@ def test_scan_command_reports_findings_and_writes_json(tmp_path, capsys):
         write_ob_csv(d / f"{split}.csv", [(t, y, 0) for t, y in ref])
     for split in ("dev-poison", "test-poison"):
         write_ob_csv(d / f"{split}.csv", [(t + " cf mn bb", 1, 1) for t, y in ref if y == 0])
+    return d, rows, flags
+
+
+def test_defend_records_the_scan(tmp_path, monkeypatch):
+    """lora+filter through defend: its defaults (scan, teacher) reach the training loop under the
+    preset's overrides; results.json carries the scan's record, which maps the dropped rows onto
+    the training file's poison flags, and the teacher's."""
+    import json
+
+    from helpers import use_tiny_models
+
+    from muscle_fast.cli import main
+
+    use_tiny_models(monkeypatch.setattr)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    d, rows, flags = _ob_folder(tmp_path, 4)
+    preset = tmp_path / "p.json"
+    preset.write_text(json.dumps({"methods": {"lora+filter": {"teacher_epochs": 1}, "lora": {"lr": 1e-3}}}))
+    out = tmp_path / "out"
+    argv = ["defend", "--data-dir", str(d), "--model", "tiny", "--out", str(out), "--config", str(preset)]
+    flags_ = "--epochs 1 --batch-size 64 --max-length 16 --ref-samples 500 --device cpu --no-progress"
+    assert main([*argv, "--methods", "lora+filter,lora", *flags_.split()]) == 0
+    by = {r["method"]: r for r in json.loads((out / "results.json").read_text())}
+    scan, train = by["lora+filter"]["scan"], by["lora+filter"]["config"]["train"]
+    assert scan["alpha"] == 1e-3 and scan["rows"] == len(rows) and scan["poison_rows"] == sum(flags)
+    assert scan["poison_dropped"] == sum(flags) and scan["clean_dropped"] == 0 == len(scan["untested_labels"])
+    assert (train["scan_alpha"], train["teacher_epochs"], train["teacher_relabel_prob"], train["lr"]) == (
+        1e-3,
+        1,
+        1.0,
+        1e-3,
+    )
+    assert by["lora+filter"]["teacher"]["rows"] == len(rows) - sum(flags)
+    assert "scan" not in by["lora"] and "teacher" not in by["lora"]
+
+
+def test_scan_does_not_depend_on_string_hashing():
+    """Tied n-grams (a trigger sentence's parts) resolve the same way in every process."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import json, sys; sys.path.insert(0, 'tests'); from test_scan import _poisoned; "
+        "from muscle_fast.backdoor.scan import scan_ngrams; rows, flags, ref = _poisoned(1); "
+        "r = scan_ngrams(rows, ref); print(json.dumps([r.summary()['findings'], r.flagged]))"
+    )
+    outs = set()
+    for seed in ("0", "1", "2"):
+        env = {**os.environ, "PYTHONHASHSEED": seed}
+        p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+        outs.add(p.stdout)
+    assert len(outs) == 1, outs
+    assert json.loads(outs.pop())[0]
+
+
+def test_scan_command_reports_findings_and_writes_json(tmp_path, capsys):
+    """``muscle-fast scan`` on an OpenBackdoor folder whose trigger the reference rows never hold."""
+    import json
+
+    from muscle_fast.cli import main
+
+    d, rows, flags = _ob_folder(tmp_path, 3)
     out = tmp_path / "scan.json"
     assert main(["scan", "--data-dir", str(d), "--ref-samples", "600", "--out", str(out)]) == 0
     text = capsys.readouterr().out
@@ -214,3 +244,16 @@ def test_scan_command_reports_findings_and_writes_json(tmp_path, capsys):
     (rec,) = json.loads(out.read_text())
     assert rec["attack"] == "badnets" and rec["poison_flagged"] == sum(flags) and rec["clean_flagged"] == 0
     assert {f["ngram"] for f in rec["findings"]} & {"cf", "mn", "bb", "tq"}
+
+
+def test_an_older_record_without_scan_alpha_is_the_same_config():
+    """A record written before TrainConfig.scan_alpha existed matches a new one at its default
+    (0: off), and differs from one that scans."""
+    from muscle_fast.experiment.run import config_diff
+
+    old = {"train": {"lr": 1e-3}, "data": {"rows": 4}}
+    assert config_diff(old, {"train": {"lr": 1e-3, "scan_alpha": 0.0}, "data": {"rows": 4}}) == []
+    assert config_diff(old, {"train": {"lr": 1e-3, "scan_alpha": 1e-3}, "data": {"rows": 4}}) == [
+        "train.scan_alpha"
+    ]
+    assert config_diff(old, {"train": {"lr": 1e-3}, "data": {"rows": 4, "new": 0}}) == ["data.new"]

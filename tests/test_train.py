@@ -52,11 +52,18 @@ def test_trains_and_selects_best_epoch():
 
 @pytest.mark.parametrize(
     "family, extra",
-    [("bert", {}), ("llama", {}), ("bert", {"ref_subspace": 3}), ("bert", {"teacher_epochs": 2})],
+    [
+        ("bert", {}),
+        ("llama", {}),
+        ("bert", {"ref_subspace": 3}),
+        ("bert", {"teacher_epochs": 2}),
+        ("bert", {"scan_alpha": 0.5, "teacher_epochs": 1}),
+    ],
 )
 def test_resume_after_kill_reaches_the_same_state(tmp_path, family, extra):
     """(ref_subspace: the aligner's buffers of past reference gradients travel in the checkpoint;
-    teacher_epochs: the resumed run trains the teacher again and gets the same corrected rows.)"""
+    teacher_epochs: the resumed run trains the teacher again and gets the same corrected rows;
+    scan_alpha: the resumed run scans again and drops the same rows.)"""
     tok = WordTokenizer()
     train, ref, dev = make_rows(40, 0), make_rows(16, 1), make_rows(16, 2)
     cfg = _cfg(checkpoint_every=2, min_ref_loss=0.0, **extra)

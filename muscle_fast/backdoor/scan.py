@@ -66,7 +66,7 @@ def g_excess(a: np.ndarray, na: int, b: np.ndarray, nb: int) -> np.ndarray:
 
 def g_critical(alpha: float, tests: int) -> float:
     """The G above which one of ``tests`` one-sided tests is significant at family-wise ``alpha``."""
-    z = NormalDist().inv_cdf(1.0 - alpha / max(tests, 1))
+    z = -NormalDist().inv_cdf(alpha / max(tests, 1))  # the upper quantile, exact for tiny alpha/tests
     return z * z
 
 
@@ -120,7 +120,8 @@ def scan_ngrams(
     ``ref_rows`` of the same label (module docstring); deterministic.
 
     A label with no reference row cannot be tested: its rows stay unflagged and it is listed in
-    ``untested_labels``.
+    ``untested_labels``. The vocabulary is built in row order with each row's n-grams sorted, so
+    ties resolve the same way in every process (no dependence on Python's string hashing).
     """
     if not 0.0 < alpha < 1.0:
         raise ValueError(f"scan_ngrams: alpha must be in (0, 1), got {alpha!r}")
@@ -147,7 +148,7 @@ def scan_ngrams(
         vocab: dict[str, int] = {}
         members = [i for i, (_, y) in enumerate(train_rows) if y == lab]
         row_idx = [
-            np.fromiter((vocab.setdefault(g, len(vocab)) for g in train_grams[i]), dtype=np.int64)
+            np.fromiter((vocab.setdefault(g, len(vocab)) for g in sorted(train_grams[i])), dtype=np.int64)
             for i in members
         ]
         a = np.zeros(len(vocab), dtype=np.int64)
@@ -155,7 +156,7 @@ def scan_ngrams(
             a[idx] += 1
         b = np.zeros(len(vocab), dtype=np.int64)
         for grams in refs:
-            hit = [vocab[g] for g in grams if g in vocab]
+            hit = [vocab[g] for g in sorted(grams) if g in vocab]
             b[hit] += 1
         tables[lab] = (list(vocab), a, b, members, row_idx)
     tests = sum(len(t[0]) for t in tables.values())
@@ -186,7 +187,7 @@ def scan_ngrams(
             # reference share (half a row added to each), so a trigger ("3d", never in the reference)
             # goes before a common word it inflated ("i"), whose G may be larger
             lift = np.where(passing, (a[cand] / na) / ((b[cand] + 0.5) / (nb + 0.5)), -1.0)
-            k = int(np.argmax(lift))
+            k = int(np.argmax(lift))  # ties: the first in vocabulary order (rows in order, n-grams sorted)
             best = int(cand[k])
             hits = [j for j in np.flatnonzero(alive) if np.any(row_idx[j] == best)]
             findings.append(Finding(lab, names[best], len(hits), na, int(b[best]), nb, float(g[k])))

@@ -139,9 +139,9 @@ def seed_specs(spec: RunSpec, preset: dict[str, Any]) -> list[RunSpec]:
 def effective_hparams(model: Any, method: str, preset: dict[str, Any], spec: RunSpec) -> dict[str, Any]:
     """Hyperparameters of one method: family preset < preset file < its method section < spec.
 
-    A method that inherits (``oracle``, ``ref-only``, ``lora+filter``) reads the section of that
-    method first (``vanilla``, ``lora``), then its own defaults (``Method.defaults``), then its own
-    section.
+    A method's own defaults (``Method.defaults``, e.g. ``lora+filter``'s scan and teacher) come
+    first, under the preset file. A method that inherits (``oracle``, ``ref-only``,
+    ``lora+filter``) reads the section of that method (``vanilla``, ``lora``), then its own.
 
     Reads the spec's override fields by name (``epochs``, ``batch_size``, ``max_length``, ``lr``,
     ``ref_samples``, ``seed``, ``ref_overlap``), so an object with those attributes works too.
@@ -157,9 +157,9 @@ def effective_hparams(model: Any, method: str, preset: dict[str, Any], spec: Run
     m = METHODS.get(method)
     inherits = m.inherits if m is not None else None
     for section in (
+        dict(m.defaults) if m is not None else {},
         {k: v for k, v in preset.items() if k != "methods"},
         preset.get("methods", {}).get(inherits, {}) if inherits else {},
-        dict(m.defaults) if m is not None else {},
         preset.get("methods", {}).get(method, {}),
     ):
         for k, v in section.items():

@@ -78,15 +78,23 @@ def config_diff(
     old: dict[str, Any] | None, new: dict[str, Any] | None, ignore: Collection[str] = EXECUTION_KEYS
 ) -> list[str]:
     """The dotted keys (``train.lr``, ``data.rows.train``) whose values differ between two record
-    configs, a key present in one only included; keys in ``ignore``, or under one, left out."""
+    configs, a key present in one only included unless it is a TrainConfig field at its default
+    (a record written before the field existed); keys in ``ignore``, or under one, left out."""
+    from ..train import TrainConfig
+
     a, b = _flatten(old or {}), _flatten(new or {})
+    defaults = {f"train.{f.name}": f.default for f in dataclasses.fields(TrainConfig)}
 
     def ignored(k: str) -> bool:
         return any(k == i or k.startswith(f"{i}.") for i in ignore)
 
-    return sorted(
-        k for k in a.keys() | b.keys() if not ignored(k) and (k not in a or k not in b or a[k] != b[k])
-    )
+    def differs(k: str) -> bool:
+        if k in a and k in b:
+            return a[k] != b[k]
+        present = a[k] if k in a else b[k]
+        return not (k in defaults and present == defaults[k])
+
+    return sorted(k for k in a.keys() | b.keys() if not ignored(k) and differs(k))
 
 
 def _keys_text(keys: Sequence[str], most: int = 6) -> str:

@@ -29,8 +29,8 @@ class Method:
     train_on: str = "train"
     #: a method whose preset section applies first (a control runs with its model's settings)
     inherits: str | None = None
-    #: TrainConfig values that make the method what it is, applied after the inherited section and
-    #: before its own (a preset section may still change them)
+    #: TrainConfig values that make the method what it is, under every preset key (the preset
+    #: file's top level and sections may still change them)
     defaults: tuple[tuple[str, Any], ...] = ()
 
 
