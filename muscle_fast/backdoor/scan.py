@@ -156,7 +156,7 @@ def scan_ngrams(
             a[idx] += 1
         b = np.zeros(len(vocab), dtype=np.int64)
         for grams in refs:
-            hit = [vocab[g] for g in sorted(grams) if g in vocab]
+            hit = [vocab[g] for g in grams if g in vocab]
             b[hit] += 1
         tables[lab] = (list(vocab), a, b, members, row_idx)
     tests = sum(len(t[0]) for t in tables.values())
@@ -173,8 +173,8 @@ def scan_ngrams(
         candidates += len(cand)
         if not len(cand):
             continue
-        # explaining away: take the strongest candidate, drop its rows, test the rest again on the rows
-        # left (family-wise confirm_alpha over the candidates); a common word that a trigger inflated
+        # explaining away: take the purest passing candidate, drop its rows, test the rest again on the
+        # rows left (family-wise confirm_alpha over the candidates); a common word that a trigger inflated
         # (AddSent's "movie") loses its excess, a second trigger word (BadNets' "bb" after "cf") keeps it
         gconf = g_critical(confirm_alpha, len(cand))
         while alive.any() and len(cand):
