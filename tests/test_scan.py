@@ -257,3 +257,31 @@ def test_an_older_record_without_scan_alpha_is_the_same_config():
         "train.scan_alpha"
     ]
     assert config_diff(old, {"train": {"lr": 1e-3}, "data": {"rows": 4, "new": 0}}) == ["data.new"]
+
+
+def test_scan_command_names_the_bad_flag(tmp_path):
+    from helpers import exit_message
+
+    d, _, _ = _ob_folder(tmp_path, 5)
+    base = ["scan", "--data-dir", str(d)]
+    assert (
+        exit_message([*base, "--ref-samples", "0"])
+        == "muscle-fast: scan: ref_samples (--ref-samples) must be >= 1, got 0"
+    )
+    assert (
+        exit_message([*base, "--alpha", "1.5"])
+        == "muscle-fast: scan: alpha (--alpha) must be in (0, 1), got 1.5"
+    )
+
+
+def test_scan_alpha_without_reference_rows_is_refused():
+    tok = WordTokenizer()
+    with pytest.raises(ValueError, match="scan_alpha needs a non-empty reference set"):
+        train_muscle(
+            tiny_model("bert", num_labels=2),
+            tok,
+            make_rows(8, 0),
+            [],
+            make_rows(8, 2),
+            TrainConfig(scan_alpha=1e-3, align=False, progress=False),
+        )

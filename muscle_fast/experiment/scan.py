@@ -13,6 +13,7 @@ from typing import Any
 
 from ..backdoor.scan import ScanResult, scan_ngrams
 from ..config import DEFAULT_SEED
+from ..errors import ConfigError
 from .data import load_sets, reference_indices
 
 
@@ -56,7 +57,9 @@ def scan_data(
     """Scan every attack's training rows against ``ref_samples`` dev-clean rows drawn as ``defend``
     draws its reference set for ``seed``."""
     if ref_samples < 1:
-        raise ValueError(f"scan: ref_samples must be >= 1, got {ref_samples!r}")
+        raise ConfigError(f"scan: ref_samples (--ref-samples) must be >= 1, got {ref_samples!r}")
+    if not 0.0 < alpha < 1.0:
+        raise ConfigError(f"scan: alpha (--alpha) must be in (0, 1), got {alpha!r}")
     reports = []
     sets = load_sets(
         data_dir,
