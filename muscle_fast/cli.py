@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any
 
 from . import experiment
-from .config import DEFAULT_SEED
 from .errors import ConfigError, FileFormatError, MuscleFastError, first_line
 from .experiment import (
     DEFAULT_METHODS,
@@ -274,21 +273,25 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_scan(args: argparse.Namespace) -> int:
     """Scan each attack's training rows for lexical triggers against the reference rows."""
-    from .experiment import scan_data
+    from .experiment import SCAN_METHOD, RunSpec, scan_data
     from .fileio import write_json
 
-    reports = scan_data(
-        args.data_dir,
-        args.attacks,
-        ref_samples=args.ref_samples,
-        seed=DEFAULT_SEED if args.seed is None else args.seed,
-        alpha=args.alpha,
-        setting=args.poison_setting,
-        rate=args.poison_rate,
+    spec = RunSpec(
+        model=args.model,
+        methods=(SCAN_METHOD,),
+        preset=args.config,
+        data_dir=args.data_dir,
+        attacks=args.attacks,
+        poison_setting=args.poison_setting,
+        poison_rate=args.poison_rate,
         target_label=args.target_label,
         num_labels=args.num_labels,
         max_train_rows=args.max_train_rows,
+        seed=args.seed,
+        ref_samples=args.ref_samples,
+        progress=False,
     )
+    reports = scan_data(spec, alpha=args.alpha)
     for r in reports:
         res = r.result
         print(
@@ -499,13 +502,23 @@ def build_parser() -> argparse.ArgumentParser:
         "scan",
         help="look for lexical triggers: n-grams a training file holds far more often than clean rows",
         description="For each attack, compare every 1-3-gram's share of the training rows of a label "
-        "with its share of the clean reference rows of that label (the rows defend draws for the same "
-        "--seed and --ref-samples) and report the significant ones and the rows holding them "
+        "with its share of the clean reference rows of that label (the rows defend draws for "
+        "lora+filter with the same --model, --config, --seed and --ref-samples) and report the "
+        "significant ones and the rows holding them "
         "(TrainConfig.scan_alpha drops those rows before training; docs/SPEC.md §4). Trains nothing.",
     )
     _add_data_args(sc, runs=False)
-    sc.add_argument("--ref-samples", type=int, default=600, help="clean reference rows (default 600)")
-    sc.add_argument("--alpha", type=float, default=1e-3, help="family-wise significance level (default 1e-3)")
+    sc.add_argument(
+        "--model",
+        help="whose built-in preset and family defaults apply (default: the MiniLM of the demo extra)",
+    )
+    sc.add_argument("--config", help="preset: a JSON file, a built-in name or inline JSON (as for defend)")
+    sc.add_argument(
+        "--ref-samples", type=int, help="clean reference rows (default: lora+filter's in the preset)"
+    )
+    sc.add_argument(
+        "--alpha", type=float, help="family-wise significance level (default: lora+filter's scan_alpha, 1e-3)"
+    )
     sc.add_argument("--max-train-rows", type=int, help="seeded training subsample, poison share kept")
     sc.add_argument("--out", help="also write the reports to this JSON file")
     sc.set_defaults(func=cmd_scan)

@@ -316,6 +316,7 @@ SEED_AND_ATTACK_KEYS = frozenset(
         "data.rows",
         "data.digest",
         "data.target_label",
+        "data.setting",
         "selection_rows",
         "train_rows",
         "dev_asr_rows",
@@ -328,9 +329,11 @@ DATA_DERIVED_KEYS: dict[str, frozenset[str]] = {"ref-only": frozenset({"train.ep
 #: Record config keys every merged record should share, whatever its method (a method's preset section
 #: may set any training key, so those are compared within a method only).
 RUN_WIDE_KEYS = (
-    "model", "load_in_4bit", "data.setting", "data.rate", "data.num_labels", "data.max_train_rows",
-    "data.max_eval_rows",
+    "model", "load_in_4bit", "data.rate", "data.num_labels", "data.max_train_rows", "data.max_eval_rows",
 )  # fmt: skip
+#: Keys every merged record of one (dataset, attack) should share: the poisoning setting is the
+#: attack's (OpenBackdoor's BadNets folder is clean-label, the others mixed-label).
+ATTACK_WIDE_KEYS = ("data.setting",)
 
 
 def config_differences(records: Sequence[dict[str, Any]], sources: Sequence[Path] | None = None) -> list[str]:
@@ -364,13 +367,14 @@ def config_differences(records: Sequence[dict[str, Any]], sources: Sequence[Path
                 f"{r['method']}: {k} {value(ref['config'], k)!r} in {where(ref, ref_src)}, "
                 f"{value(r['config'], k)!r} in {where(r, src)}"
             )
-    if with_cfg:
-        r0, src0 = with_cfg[0]
-        for r, src in with_cfg[1:]:
-            for k in RUN_WIDE_KEYS:
-                a, b = value(r0["config"], k), value(r["config"], k)
+    first_of_attack: dict[tuple[str, str], tuple[dict[str, Any], Path | None]] = {}
+    for r, src in with_cfg:
+        of_attack = first_of_attack.setdefault((r["dataset"], r["attack"]), (r, src))
+        for keys, (first, first_src) in ((RUN_WIDE_KEYS, with_cfg[0]), (ATTACK_WIDE_KEYS, of_attack)):
+            for k in keys:
+                a, b = value(first["config"], k), value(r["config"], k)
                 if a != b:
-                    out.append(f"{k} {a!r} in {where(r0, src0)}, {b!r} in {where(r, src)}")
+                    out.append(f"{k} {a!r} in {where(first, first_src)}, {b!r} in {where(r, src)}")
     return list(dict.fromkeys(out))
 
 

@@ -169,8 +169,9 @@ class TrainResult:
     wall_seconds: float = 0.0
     steps: int = 0
     skipped_steps: int = 0
-    #: with ``teacher_epochs``: the teacher's history and best epoch, and how many training rows it
-    #: kept as labelled, relabelled and dropped
+    #: with ``teacher_epochs``: the teacher's history and best epoch, how many training rows it
+    #: kept as labelled, relabelled and dropped, and ``relabeled_index``/``dropped_index`` (positions
+    #: in ``train_rows``)
     teacher: dict[str, Any] = field(default_factory=dict)
     #: with ``scan_alpha``: the n-grams found and how many rows were dropped (``ScanResult.summary``),
     #: plus ``dropped_index``, the positions in ``train_rows`` of the dropped rows
@@ -239,12 +240,17 @@ def train_muscle(
     core = unwrap_model(model)
     cfg = config or TrainConfig.for_model(core)
     data = _checked_data(core, cfg, train_rows, ref_rows, dev_rows, eval_sets)
+    at = list(range(len(data.train)))  # each row's position in the caller's train_rows
     scan: dict[str, Any] = {}
     if cfg.scan_alpha:
         data.train, scan = _scanned(cfg, data)
+        gone = set(scan["dropped_index"])
+        at = [i for i in at if i not in gone]
     teacher: dict[str, Any] = {}
     if cfg.teacher_epochs:
         data.train, teacher = _teacher_corrected(model, tokenizer, cfg, data)
+        for key in ("dropped_index", "relabeled_index"):
+            teacher[key] = [at[i] for i in teacher[key]]
     run = _Run(model, tokenizer, cfg, data)
     run.result.teacher = teacher
     run.result.scan = scan
@@ -333,15 +339,18 @@ def _teacher_corrected(
     conf, pred = probs.max(dim=-1)
     own = probs.gather(1, torch.tensor([lab for _, lab in data.train])[:, None])[:, 0]
     rows: list[Row] = []
-    relabeled = dropped = 0
-    for (text, label), p, c, o in zip(data.train, pred.tolist(), conf.tolist(), own.tolist(), strict=True):
+    relabeled: list[int] = []
+    dropped: list[int] = []
+    for i, ((text, label), p, c, o) in enumerate(
+        zip(data.train, pred.tolist(), conf.tolist(), own.tolist(), strict=True)
+    ):
         if o >= c:  # the label is (one of) the teacher's most likely: kept as it is
             rows.append((text, label))
         elif c >= cfg.teacher_relabel_prob:
             rows.append((text, p))
-            relabeled += 1
+            relabeled.append(i)
         else:
-            dropped += 1
+            dropped.append(i)
     if not rows:
         raise ValueError("train_muscle: the teacher dropped every training row (lower teacher_relabel_prob)")
     record = {
@@ -350,12 +359,14 @@ def _teacher_corrected(
         "best_dev_acc": res.best_dev_acc,
         "history": res.history,
         "rows": len(data.train),
-        "relabeled": relabeled,
-        "dropped": dropped,
+        "relabeled": len(relabeled),
+        "dropped": len(dropped),
+        "relabeled_index": relabeled,
+        "dropped_index": dropped,
     }
     logger.info(
         f"muscle_fast: teacher (epoch {res.best_epoch}, dev_acc={res.best_dev_acc:.4f}) relabelled "
-        f"{relabeled} and dropped {dropped} of {len(data.train)} training rows"
+        f"{len(relabeled)} and dropped {len(dropped)} of {len(data.train)} training rows"
     )
     return rows, record
 

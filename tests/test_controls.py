@@ -169,6 +169,54 @@ def test_single_seed_layout_and_resume_unchanged(tmp_path, tiny):
     assert again.trained == () and len(again.skipped) == 2
 
 
+def test_ref_only_trains_once_for_every_attack(tmp_path, tiny, monkeypatch):
+    """ref-only's training does not depend on the attack: defend trains it once per seed and scores
+    it on each attack's dev-poison (every epoch) and test sets; each record equals the one a run of
+    that attack alone writes, and a rerun skips them all."""
+    import shutil
+
+    from muscle_fast import train
+    from muscle_fast.experiment import RunSpec, run_defend
+
+    data = tmp_path / "data"
+    bad = ob_data(data)
+    add = data / "addsent"
+    shutil.copytree(bad, add)  # the same clean rows, another trigger in its poisoned files
+    for name in ("dev-poison.csv", "test-poison.csv", "mix/0.1/train-poison.csv"):
+        f = add / name
+        f.write_text(f.read_text().replace(f" {TRIGGER} ", " w1 w2 "))
+    calls: list[int] = []
+    real = train.train_muscle
+
+    def spy(*a, **kw):
+        calls.append(len(kw.get("eval_sets") or {}))
+        return real(*a, **kw)
+
+    monkeypatch.setattr(train, "train_muscle", spy)
+    kw = dict(
+        model="tiny", data_dir=str(data), epochs=2, batch_size=4, max_length=8, ref_samples=4, device="cpu",
+        progress=False, seed=5,
+    )  # fmt: skip
+    res = run_defend(RunSpec(out=str(tmp_path / "both"), methods="ref-only,lora", **kw))
+    assert calls == [2, 1, 1]  # ref-only for both attacks (two dev ASR sets), then each attack's lora
+    by = {(r["attack"], r["method"]): r for r in res.records}
+    assert by[("badnets", "ref-only")]["trained_with"] == "addsent/ref-only"
+    assert "trained_with" not in by[("addsent", "ref-only")]
+    for attack in ("addsent", "badnets"):
+        alone = run_defend(RunSpec(out=str(tmp_path / attack), methods="ref-only", attacks=attack, **kw))
+        (want,) = alone.records
+        got = {k: v for k, v in by[(attack, "ref-only")].items() if k not in ("trained_with", "wall_seconds")}
+        assert got == {k: v for k, v in want.items() if k != "wall_seconds"}
+        info = json.loads((tmp_path / "both" / got["adapter"] / "muscle_run.json").read_text())
+        assert (info["attack"], info["asr"]) == (attack, want["asr"])
+    # one training: the clean curves are the same, each dev ASR curve (checked above) its attack's
+    b, a = by[("badnets", "ref-only")]["curves"], by[("addsent", "ref-only")]["curves"]
+    assert b["dev_cacc"] == a["dev_cacc"] and len(b["dev_asr"]) == len(a["dev_asr"]) == len(a["epoch"]) > 1
+    n = len(calls)
+    again = run_defend(RunSpec(out=str(tmp_path / "both"), methods="ref-only,lora", **kw))
+    assert len(again.skipped) == 4 and len(calls) == n
+
+
 def test_dev_asr_leaves_out_the_reference_twins():
     """dev-poison row k is the k-th non-target dev-clean row triggered; the rows whose source is a
     reference row are not used for the dev ASR, through subsampling too."""

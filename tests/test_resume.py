@@ -404,10 +404,13 @@ def test_model_label_is_readable():
 def test_report_warns_when_merged_configs_differ(tmp_path, caplog):
     from muscle_fast.report import merge_records
 
-    def rec(attack: str, method: str, lr: float, seed: int = 1, model: str = "m") -> dict[str, Any]:
+    def rec(
+        attack: str, method: str, lr: float, seed: int = 1, model: str = "m", setting: str = ""
+    ) -> dict[str, Any]:
+        setting = setting or ("clean" if attack == "badnets" else "mix")  # the attack's, as in OpenBackdoor's
         cfg = {
             "model": model, "train": {"lr": lr, "seed": seed, "progress": True},
-            "data": {"seed": seed, "rows": {"train": len(attack)}, "setting": "mix", "source": attack},
+            "data": {"seed": seed, "rows": {"train": len(attack)}, "setting": setting, "source": attack},
         }  # fmt: skip
         curves = {"epoch": [1], "dev_cacc": [0.5], "dev_asr": [0.5], "train_loss": [1.0]}
         return dict(
@@ -431,6 +434,13 @@ def test_report_warns_when_merged_configs_differ(tmp_path, caplog):
     caplog.clear()
     merge_records([a, b], warn=False)
     assert not caplog.records
+    # the poisoning setting is compared within an attack only
+    b.write_text(json.dumps([rec("badnets", "lora", 1e-4, seed=2, setting="mix")]))
+    merge_records([a, b])
+    (warning,) = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert (
+        f"data.setting 'clean' in badnets/lora of {a}, 'mix' in badnets/lora of {b}" in warning.getMessage()
+    )
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ from tiny_models import tiny_model
 
 from muscle_fast import patch_model
 from muscle_fast.backdoor.scan import g_critical, g_excess, ngrams, scan_ngrams
+from muscle_fast.errors import ConfigError
 from muscle_fast.train import TrainConfig, train_muscle
 
 
@@ -204,8 +205,44 @@ def test_defend_records_the_scan(tmp_path, monkeypatch):
         1.0,
         1e-3,
     )
-    assert by["lora+filter"]["teacher"]["rows"] == len(rows) - sum(flags)
+    teacher = by["lora+filter"]["teacher"]
+    assert teacher["rows"] == len(rows) - sum(flags) and teacher["poison_rows"] == sum(flags)
+    assert teacher["poison_dropped"] == 0 == teacher["poison_relabeled"]  # the scan took them all
+    assert teacher["clean_dropped"] == teacher["dropped"] and "dropped_index" not in teacher
     assert "scan" not in by["lora"] and "teacher" not in by["lora"]
+
+
+def test_fourier_records_the_scan_and_the_teacher(tmp_path, monkeypatch):
+    """fourier.json of a lora+filter run carries the same scan and teacher records as defend's."""
+    import json
+
+    from helpers import use_tiny_models
+
+    from muscle_fast.cli import main
+
+    use_tiny_models(monkeypatch.setattr)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    d, rows, flags = _ob_folder(tmp_path, 4)
+    out = tmp_path / "f"
+    argv = ["fourier", "--data-dir", str(d), "--model", "tiny", "--out", str(out), "--method", "lora+filter"]
+    flags_ = (
+        "--epochs 1 --batch-size 64 --max-length 16 --ref-samples 500 --samples 8 --every 50 --device cpu"
+    )
+    assert (
+        main(
+            [
+                *argv,
+                "--config",
+                '{"methods": {"lora+filter": {"teacher_epochs": 1}}}',
+                *flags_.split(),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
+    meta = json.loads((out / "fourier.json").read_text())["meta"]
+    assert meta["scan"]["poison_dropped"] == sum(flags) == meta["scan"]["poison_rows"]
+    assert meta["teacher"]["rows"] == len(rows) - sum(flags) and meta["teacher"]["poison_dropped"] == 0
 
 
 def test_scan_does_not_depend_on_string_hashing():
@@ -237,13 +274,38 @@ def test_scan_command_reports_findings_and_writes_json(tmp_path, capsys):
 
     d, rows, flags = _ob_folder(tmp_path, 3)
     out = tmp_path / "scan.json"
-    assert main(["scan", "--data-dir", str(d), "--ref-samples", "600", "--out", str(out)]) == 0
+    assert main(["scan", "--data-dir", str(d), "--ref-samples", "500", "--out", str(out)]) == 0
     text = capsys.readouterr().out
-    assert f"{sum(flags)} of {len(rows)} training rows flagged against 600 reference rows" in text
+    assert f"{sum(flags)} of {len(rows)} training rows flagged against 500 reference rows" in text
     assert f"poisoned rows flagged: {sum(flags)} of {sum(flags)}; clean rows flagged: 0 of" in text
     (rec,) = json.loads(out.read_text())
     assert rec["attack"] == "badnets" and rec["poison_flagged"] == sum(flags) and rec["clean_flagged"] == 0
     assert {f["ngram"] for f in rec["findings"]} & {"cf", "mn", "bb", "tq"}
+
+
+def test_scan_uses_the_reference_rows_and_level_defend_would(tmp_path, monkeypatch):
+    """scan_data reads the preset as defend does: lora+filter's reference rows (ref_samples, seed,
+    disjoint from the selection rows) and its scan_alpha; an explicit alpha or ref_samples wins."""
+    from helpers import use_tiny_models
+
+    from muscle_fast.experiment import BaseModels, RunSpec, load_sets, plan_method, preset_for, scan_data
+
+    use_tiny_models(monkeypatch.setattr)
+    d, rows, flags = _ob_folder(tmp_path, 6)
+    preset = '{"seed": 7, "ref_samples": 450, "methods": {"lora+filter": {"scan_alpha": 1e-4}}}'
+    spec = RunSpec(model="tiny", preset=preset, data_dir=str(d), methods=("lora+filter",))
+    (rep,) = scan_data(spec)
+    (ds,) = load_sets(str(d), seed=7)
+    plan = plan_method(ds, "lora+filter", BaseModels("tiny", 7), preset_for(spec), spec)
+    assert rep.ref_rows == 450 == len(plan.reference) and rep.result.alpha == 1e-4
+    assert rep.result.flagged == scan_ngrams(ds.train, plan.reference, alpha=1e-4).flagged
+    (rep2,) = scan_data(spec, alpha=1e-2)
+    assert rep2.result.alpha == 1e-2
+    off = RunSpec(model="tiny", preset='{"methods": {"lora+filter": {"scan_alpha": 0}}}', data_dir=str(d))
+    with pytest.raises(
+        ConfigError, match=r"the preset turns lora\+filter's scan off \(scan_alpha 0\); pass --alpha"
+    ):
+        scan_data(off)
 
 
 def test_an_older_record_without_scan_alpha_is_the_same_config():

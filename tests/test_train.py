@@ -258,6 +258,9 @@ def test_teacher_relabels_confident_contradictions_and_drops_the_rest(
         4,
         2,
     )
+    # the rows it touched, by position: b (index 1) is contradicted at 0.95, c (index 2) at 0.7
+    assert len(record["relabeled_index"]) == relabeled and len(record["dropped_index"]) == dropped
+    assert sorted(record["relabeled_index"] + record["dropped_index"]) == [1, 2]
     # the teacher trains on the reference rows alone, unaligned, unfiltered and without checkpoints
     t = seen["cfg"]
     assert seen["train"] == [("r", 1)] and t.epochs == 4 and not t.align and t.teacher_epochs == 0
@@ -274,6 +277,62 @@ def test_teacher_run_trains_on_the_corrected_rows():
     t = res.teacher
     assert t["rows"] == 48 and t["dropped"] == 0 and t["relabeled"] > 0 and len(t["history"]) == 3
     assert len(res.history) == 2 and res.best_epoch in (1, 2)
+
+
+def test_teacher_row_positions_count_the_rows_the_scan_dropped(monkeypatch):
+    """With the scan before it, the teacher's row lists still name positions in the caller's
+    train_rows: the rows the scan dropped are skipped, not renumbered."""
+    import muscle_fast.train as tr
+
+    train = make_rows(5, 0)
+
+    def fake_scan(cfg, data):
+        return [data.train[i] for i in (0, 2, 4)], {"flagged": 2, "dropped_index": [1, 3]}
+
+    def fake_teacher(model, tok, cfg, data):
+        assert data.train == [train[0], train[2], train[4]]
+        return data.train[:1], {
+            "rows": 3,
+            "dropped": 1,
+            "relabeled": 1,
+            "dropped_index": [1],
+            "relabeled_index": [2],
+        }
+
+    monkeypatch.setattr(tr, "_scanned", fake_scan)
+    monkeypatch.setattr(tr, "_teacher_corrected", fake_teacher)
+    tok = WordTokenizer()
+    cfg = _cfg(scan_alpha=1e-3, teacher_epochs=1, epochs=1)
+    res = train_muscle(_model(), tok, train, make_rows(8, 1), make_rows(8, 2), cfg)
+    assert res.teacher["dropped_index"] == [2] and res.teacher["relabeled_index"] == [4]
+    assert res.scan["dropped_index"] == [1, 3]
+
+
+def test_teacher_record_counts_poisoned_rows():
+    from muscle_fast.experiment.run import _teacher_record
+
+    teacher = {
+        "rows": 6,
+        "dropped": 2,
+        "relabeled": 1,
+        "history": [{}],
+        "dropped_index": [0, 3],
+        "relabeled_index": [5],
+    }
+    flags = [True, False, False, False, True, True]
+    assert _teacher_record(teacher, flags) == {
+        "rows": 6,
+        "dropped": 2,
+        "relabeled": 1,
+        "poison_rows": 3,
+        "poison_dropped": 1,
+        "clean_dropped": 1,
+        "poison_relabeled": 1,
+        "clean_relabeled": 0,
+    }
+    assert _teacher_record(teacher, None) == {"rows": 6, "dropped": 2, "relabeled": 1}
+    old = {"rows": 6, "dropped": 2, "relabeled": 1}  # a record from before the row lists
+    assert _teacher_record(old, flags) == old
 
 
 def test_teacher_that_drops_every_row_is_refused(monkeypatch):

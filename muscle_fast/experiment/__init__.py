@@ -19,7 +19,8 @@ Every name is importable from here; the submodules, each importing only from tho
 - :mod:`.data`: the rows a run sees (``load_sets``, ``reference_split``, ``selection_dev_poison``,
   ``training_rows``).
 - :mod:`.run`: one (attack, method) run (``PairPlan``, ``plan_method``, ``RunHooks``, ``run_method``,
-  ``evaluate_test``) and record configs (``config_diff``, ``record_key``, ``EXECUTION_KEYS``).
+  ``evaluate_test``; ``run_pairs``: one training for several pairs with the same ``training_key``,
+  as ``ref-only`` across attacks) and record configs (``config_diff``, ``record_key``, ``EXECUTION_KEYS``).
 - :mod:`.defend`: ``run_defend`` with skip / resume / retrain decisions (``DefendResult``,
   ``previous_records``, ``STATE_DIR``).
 - :mod:`.fourier`: ``run_fourier`` (``FourierOptions``, ``FourierResult``).
@@ -94,8 +95,10 @@ from .run import (
     record_key,
     record_seed,
     run_method,
+    run_pairs,
+    training_key,
 )
-from .scan import ScanReport, scan_data
+from .scan import SCAN_METHOD, ScanReport, scan_data
 from .spec import (
     DEFAULT_METHODS,
     METHODS,
@@ -129,6 +132,7 @@ __all__ = [
     "RUN_FILE",
     "RunHooks",
     "RunSpec",
+    "SCAN_METHOD",
     "STATE_DIR",
     "ScanReport",
     "STEPS_OF",
@@ -165,6 +169,8 @@ __all__ = [
     "run_defend",
     "run_fourier",
     "run_method",
+    "run_pairs",
+    "training_key",
     "scan_data",
     "seed_specs",
     "selection_dev_poison",

@@ -26,7 +26,8 @@ from .run import (
     config_diff,
     plan_method,
     record_key,
-    run_method,
+    run_pairs,
+    training_key,
 )
 from .spec import RUN_FILE, RunSpec
 
@@ -185,6 +186,24 @@ def _decide(out: Path, plan: PairPlan, old: dict[str, Any] | None) -> _Pair:
     return _Pair(plan, "train", state, old)
 
 
+def _shared_training(pairs: Sequence[_Pair], models: dict[int, BaseModels]) -> dict[int, list[int]]:
+    """Pairs (numbered from 1, in run order) that train the same model (:func:`training_key`: a
+    ``ref-only`` control of several attacks): the first of each such set to train from the start,
+    and the later ones it trains for. A pair resumed from its own state trains alone."""
+    first: dict[str, int] = {}
+    serves: dict[int, list[int]] = {}
+    for i, p in enumerate(pairs, 1):
+        key = training_key(p.plan, models[p.plan.seed]) if p.action == "train" else None
+        if key is None:
+            continue
+        if key in first:
+            serves[first[key]].append(i)
+        else:
+            first[key] = i
+            serves[i] = []
+    return {i: js for i, js in serves.items() if js}
+
+
 def _remove_empty_state(out: Path) -> None:
     """Remove ``out/.train-state`` and its (seed and) attack folders where nothing unfinished is left."""
     import contextlib
@@ -248,12 +267,13 @@ class _Progress(RunHooks):
             self._shown = now
             self.bar.set_description_str(self.text())
 
-    def done(self, resumed: bool) -> None:
+    def done(self, resumed: bool, served: int = 0) -> None:
+        """A pair finished, with ``served`` others its training also served (no time of their own)."""
         if not resumed or not self.durations:  # a resumed pair's time is only its remainder
             self.durations.append(time.perf_counter() - self.pair_t0)
-        self.left -= 1
+        self.left -= 1 + served
         if self.bar is not None:
-            self.bar.update(1)
+            self.bar.update(1 + served)
 
     def close(self) -> None:
         if self.bar is not None:
@@ -326,6 +346,13 @@ def run_defend(spec: RunSpec) -> DefendResult:
         mine_now = [done.get(p.plan.key) or p.old for p in pairs]
         return others + [r for r in mine_now if r is not None]
 
+    serves = _shared_training(pairs, models)  # pair number -> later pair numbers it trains for
+    served_by = {j: i for i, js in serves.items() for j in js}
+    for i, js in serves.items():
+        log.info(
+            f"muscle-fast: {pairs[i - 1].plan.label} trains the same model as "
+            f"{', '.join(pairs[j - 1].plan.label for j in js)}: trained once, evaluated on each attack"
+        )
     progress = _Progress(len(pairs), len(todo), spec.progress)
     redirect: Any = contextlib.nullcontext()
     if spec.progress:
@@ -347,7 +374,9 @@ def run_defend(spec: RunSpec) -> DefendResult:
                 for other, m in models.items():
                     if other != plan.seed:
                         m.release()  # one seed's base model in memory at a time
-                rec = run_method(
+                if i in served_by:
+                    continue  # trained with an earlier pair (``served_by[i]``), recorded with it
+                recs = run_pairs(
                     plan.dataset,
                     plan.method,
                     models[plan.seed],
@@ -357,11 +386,14 @@ def run_defend(spec: RunSpec) -> DefendResult:
                     hooks=progress,
                     plan=plan,
                     state_dir=pair.state_dir,
+                    shared=[pairs[j - 1].plan for j in serves.get(i, [])],
                 )
-                done[plan.key] = rec
+                for j, rec in zip([i, *serves.get(i, [])], recs, strict=True):
+                    done[pairs[j - 1].plan.key] = rec
                 write_results(out, current(), model_name)  # partial results survive an interrupted run
-                shutil.rmtree(pair.state_dir)
-                progress.done(pair.action == "resume")
+                for j in [i, *serves.get(i, [])]:
+                    shutil.rmtree(pairs[j - 1].state_dir, ignore_errors=True)
+                progress.done(pair.action == "resume", served=len(serves.get(i, [])))
     finally:
         progress.close()
         _remove_empty_state(out)

@@ -14,7 +14,7 @@ from ..errors import ConfigError
 from .data import _spec_sets
 from .loading import BaseModels, resolve_device, resolve_model_name
 from .presets import preset_for, resolve_seed, seed_specs
-from .run import MethodRun, RunHooks, check_out_dir, plan_method, run_method
+from .run import MethodRun, RunHooks, check_out_dir, filter_records, plan_method, run_method
 from .spec import METHODS, RunSpec
 
 log = logging.getLogger("muscle_fast")
@@ -123,6 +123,7 @@ class _FourierHooks(RunHooks):
                 "dev_history": res.history,
                 "train_steps": res.steps,
                 "wall_seconds": res.wall_seconds,
+                **filter_records(run.method, res, ds),
                 "complete": True,
             }
         )

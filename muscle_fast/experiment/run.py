@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import math
@@ -304,6 +305,45 @@ def run_method(
     ``plan``: the pair's :func:`plan_method` (computed here when None). ``state_dir``: keep the
     training loop's state there (atomic checkpoints) and resume from it when one is there.
     """
+    return run_pairs(
+        ds, method, models, preset, spec, out, hooks=hooks, save_checkpoint=save_checkpoint, plan=plan,
+        state_dir=state_dir,
+    )[0]  # fmt: skip
+
+
+def training_key(plan: PairPlan, models: BaseModels) -> str | None:
+    """What a ``ref-only`` pair's training depends on (model, seed, configs, reference and selection
+    rows), or None for a method that trains on its attack's own rows: pairs of several attacks with
+    the same key train the same model, so :func:`run_pairs` trains it once for all of them."""
+    if METHODS[plan.method].train_on != "reference":
+        return None
+    cfg = plan.config
+    what = [
+        models.name, models.load_in_4bit, plan.seed, plan.method, plan.dataset.num_labels, cfg["train"],
+        cfg["muscle_config"], cfg["gradient_checkpointing"], plan.reference, plan.selection,
+    ]  # fmt: skip
+    return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()
+
+
+def run_pairs(
+    ds: Any,
+    method: str,
+    models: BaseModels,
+    preset: dict[str, Any],
+    spec: RunSpec,
+    out: Path | None = None,
+    *,
+    hooks: RunHooks | None = None,
+    save_checkpoint: bool = True,
+    plan: PairPlan | None = None,
+    state_dir: Path | None = None,
+    shared: Sequence[PairPlan] = (),
+) -> list[dict[str, Any]]:
+    """:func:`run_method`, whose training also serves ``shared``: plans of other attacks with the
+    same :func:`training_key`. The model is trained once; every epoch also evaluates each shared
+    plan's dev-poison rows, and each is then scored on its own test sets, saved under its own
+    folder and recorded as its own pair (``trained_with`` names the pair that trained it).
+    Returns the records, this pair's first."""
     import torch
 
     from ..adapter import save_adapter
@@ -320,6 +360,10 @@ def run_method(
         plan.train_rows = training_rows(ds, method, plan.reference)
     if not plan.dev_poison:
         plan.dev_poison = list(ds.dev_poison)
+    key = training_key(plan, models)
+    for q in shared:
+        if q.method != method or key is None or training_key(q, models) != key:
+            raise ValueError(f"run_pairs: {q.label} does not train the same model as {plan.label}")
     seed = plan.seed
     torch.manual_seed(seed)
     pcfg, tcfg, hp, ref, select = (
@@ -342,11 +386,13 @@ def run_method(
         f"({sum(ds.train_poison_flags)} poisoned), {len(ref)} reference rows, {tcfg.epochs} epochs, "
         f"dev ASR on {len(plan.dev_poison)} dev-poison rows "
         f"({plan.config.get('dev_asr_rows', {}).get('twins_dropped', 0)} twins of reference rows left out)"
+        + (f"; also serves {', '.join(q.label for q in shared)} (the same training)" if shared else "")
     )
     run = MethodRun(ds, method, model_name, model, tok, pcfg, tcfg, hp, seed, ref, select)
     if hooks is not None:
         hooks.before_training(run)
     loop_cfg = dataclasses.replace(tcfg, checkpoint_dir=str(state_dir)) if state_dir is not None else tcfg
+    asr_key = {plan.label: "dev_asr", **{q.label: f"dev_asr@{i}" for i, q in enumerate(shared, 1)}}
     res = train_muscle(
         model,
         tok,
@@ -354,89 +400,142 @@ def run_method(
         ref,
         select,
         loop_cfg,
-        eval_sets={"dev_asr": plan.dev_poison},
+        eval_sets={asr_key[q.label]: q.dev_poison for q in (plan, *shared)},
         step_callback=hooks.on_step if hooks is not None else None,
     )
-    log.info(
-        f"muscle-fast: {ds.attack}/{method}: test evaluation on {len(ds.test_clean)} clean and "
-        f"{len(ds.test_poison)} poisoned rows"
-    )
-    scores = evaluate_test(
-        model, tok, ds, tcfg.eval_batch_size, tcfg.max_length, spec.progress, f"{ds.attack}/{method} test"
-    )
-    run.result, run.scores = res, scores
-    if hooks is not None:
-        hooks.after_training(run)
-    best = next(h for h in res.history if h["epoch"] == res.best_epoch)
-    flags = ds.train_poison_flags if m.train_on == "train" else None  # row i of plan.train_rows
-    data_dir = canonical_data_dir(spec.data_dir)
-    rel = plan.path
-    if save_checkpoint:
-        run_info = {
-            "dataset": ds.dataset,
-            "attack": ds.attack,
-            "method": method,
-            "model": model_name,
-            "data_dir": data_dir,
-            "full_model": not m.patch,
-            "load_in_4bit": models.load_in_4bit,
-            "cacc": scores["cacc"],
-            "asr": scores["asr"],
-            "seed": seed,
-            "max_eval_rows": spec.max_eval_rows,
-            "setting": ds.setting,
-            "rate": ds.rate,
-            "target_label": ds.target_label,
-            "num_labels": ds.num_labels,
-            "max_length": tcfg.max_length,
-            "eval_batch_size": tcfg.eval_batch_size,
-        }
+    records = []
+    for q in (plan, *shared):
+        qds = q.dataset
+        log.info(
+            f"muscle-fast: {qds.attack}/{method}: test evaluation on {len(qds.test_clean)} clean and "
+            f"{len(qds.test_poison)} poisoned rows"
+        )
+        scores = evaluate_test(
+            model,
+            tok,
+            qds,
+            tcfg.eval_batch_size,
+            tcfg.max_length,
+            spec.progress,
+            f"{qds.attack}/{method} test",
+        )
+        if q is plan:
+            run.result, run.scores = res, scores
+            if hooks is not None:
+                hooks.after_training(run)
+        history = [
+            {**{k: v for k, v in h.items() if not k.startswith("dev_asr@")}, "dev_asr": h[asr_key[q.label]]}
+            for h in res.history
+        ]
+        rec = _pair_record(q, model_name, res, history, scores, save_checkpoint)
+        if q is not plan:
+            rec["trained_with"] = plan.label
+        if save_checkpoint:
+            run_info = {
+                "dataset": qds.dataset,
+                "attack": qds.attack,
+                "method": method,
+                "model": model_name,
+                "data_dir": canonical_data_dir(spec.data_dir),
+                "full_model": not m.patch,
+                "load_in_4bit": models.load_in_4bit,
+                "cacc": scores["cacc"],
+                "asr": scores["asr"],
+                "seed": seed,
+                "max_eval_rows": spec.max_eval_rows,
+                "setting": qds.setting,
+                "rate": qds.rate,
+                "target_label": qds.target_label,
+                "num_labels": qds.num_labels,
+                "max_length": tcfg.max_length,
+                "eval_batch_size": tcfg.eval_batch_size,
+            }
 
-        def write(tmp: Path) -> None:
-            if m.patch:
-                save_adapter(model, tmp)
-            else:
-                model.save_pretrained(tmp)
-                tok.save_pretrained(tmp)
-            write_json(tmp / RUN_FILE, run_info)
+            def write(tmp: Path, run_info: dict[str, Any] = run_info) -> None:
+                if m.patch:
+                    save_adapter(model, tmp)
+                else:
+                    model.save_pretrained(tmp)
+                    tok.save_pretrained(tmp)
+                write_json(tmp / RUN_FILE, run_info)
 
-        replace_dir((out if out is not None else spec.out_dir()) / rel, write)
+            replace_dir((out if out is not None else spec.out_dir()) / q.path, write)
+        records.append(rec)
+    return records
+
+
+def _pair_record(
+    plan: PairPlan,
+    model_name: str,
+    res: Any,
+    history: list[dict[str, Any]],
+    scores: dict[str, float],
+    saved: bool,
+) -> dict[str, Any]:
+    """The results.json record of one pair: test scores, the selected epoch, curves, filters, config."""
+    ds = plan.dataset
+    best = next(h for h in history if h["epoch"] == res.best_epoch)
     return {
         "dataset": ds.dataset,
         "attack": ds.attack,
-        "method": method,
-        "seed": seed,
+        "method": plan.method,
+        "seed": plan.seed,
         "cacc": scores["cacc"],
         "asr": scores["asr"],
         "dev_cacc": res.best_dev_acc,
         "dev_asr": best["dev_asr"],
         "best_epoch": res.best_epoch,
         "curves": {
-            "epoch": [h["epoch"] for h in res.history],
-            "dev_cacc": [h["dev_acc"] for h in res.history],
-            "dev_asr": [h["dev_asr"] for h in res.history],
-            "train_loss": [h["train_loss"] for h in res.history],
+            "epoch": [h["epoch"] for h in history],
+            "dev_cacc": [h["dev_acc"] for h in history],
+            "dev_asr": [h["dev_asr"] for h in history],
+            "train_loss": [h["train_loss"] for h in history],
         },
-        "epochs": len(res.history),
-        **({"teacher": {k: v for k, v in res.teacher.items() if k != "history"}} if res.teacher else {}),
-        **({"scan": _scan_record(res.scan, flags)} if res.scan else {}),
+        "epochs": len(history),
+        **filter_records(plan.method, res, ds),
         "steps": res.steps,
         "wall_seconds": res.wall_seconds,
-        "adapter": str(rel) if save_checkpoint else None,
+        "adapter": str(plan.path) if saved else None,
         "config": plan.config,
     }
 
 
-def _scan_record(scan: dict[str, Any], flags: Sequence[bool] | None) -> dict[str, Any]:
-    """The n-gram scan's record for results.json: its findings and, where the training rows' poison
-    flags are known, how many poisoned and clean rows it dropped."""
-    rec = {k: v for k, v in scan.items() if k != "dropped_index"}
+def _split_by_poison(
+    rec: dict[str, Any], flags: Sequence[bool] | None, kinds: Sequence[str]
+) -> dict[str, Any]:
+    """``rec`` without its ``<kind>_index`` row lists and, where the training rows' poison flags are
+    known, with how many poisoned and clean rows each kind of action touched."""
+    out = {k: v for k, v in rec.items() if k != "history" and not k.endswith("_index")}
     if flags is not None:
-        dropped = set(scan["dropped_index"])
-        rec["poison_dropped"] = sum(1 for i in dropped if flags[i])
-        rec["poison_rows"] = sum(1 for f in flags if f)
-        rec["clean_dropped"] = len(dropped) - rec["poison_dropped"]
-    return rec
+        out["poison_rows"] = sum(1 for f in flags if f)
+        for kind in kinds:
+            rows = rec[f"{kind}_index"]
+            out[f"poison_{kind}"] = sum(1 for i in rows if flags[i])
+            out[f"clean_{kind}"] = len(rows) - out[f"poison_{kind}"]
+    return out
+
+
+def filter_records(method: str, res: Any, ds: Any) -> dict[str, Any]:
+    """The ``scan`` and ``teacher`` records of a TrainResult that has them, for results.json: what
+    each dropped or relabelled, split into poisoned and clean rows where the data knows which."""
+    flags = ds.train_poison_flags if METHODS[method].train_on == "train" else None  # row i of its rows
+    return {
+        **({"teacher": _teacher_record(res.teacher, flags)} if res.teacher else {}),
+        **({"scan": _scan_record(res.scan, flags)} if res.scan else {}),
+    }
+
+
+def _scan_record(scan: dict[str, Any], flags: Sequence[bool] | None) -> dict[str, Any]:
+    """The n-gram scan's record for results.json: its findings and the rows it dropped."""
+    return _split_by_poison(scan, flags, ("dropped",))
+
+
+def _teacher_record(teacher: dict[str, Any], flags: Sequence[bool] | None) -> dict[str, Any]:
+    """The teacher's record for results.json: its epoch, dev accuracy and the rows it dropped or
+    relabelled (a row of an older record without the row lists keeps its counts only)."""
+    if "dropped_index" not in teacher:
+        flags = None
+    return _split_by_poison(teacher, flags, ("dropped", "relabeled"))
 
 
 def check_out_dir(out: Path) -> None:

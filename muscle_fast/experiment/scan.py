@@ -1,5 +1,6 @@
 """``muscle-fast scan``: the lexical-trigger scan (:mod:`muscle_fast.backdoor.scan`) of each attack's
-training file against the reference rows ``defend`` would draw, without training anything.
+training file against the reference rows ``defend`` would draw for ``lora+filter``, without
+training anything.
 
 Where the data says which training rows are poisoned (OpenBackdoor's poison-label column, or rows
 poisoned here), the report also says how many of them the scan flags and how many clean rows.
@@ -8,13 +9,18 @@ poisoned here), the report also says how many of them the scan flags and how man
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from ..backdoor.scan import ScanResult, scan_ngrams
-from ..config import DEFAULT_SEED
 from ..errors import ConfigError
-from .data import load_sets, reference_indices
+from .data import _spec_sets
+from .loading import BaseModels, resolve_model_name
+from .presets import preset_for, resolve_seed
+from .run import plan_method
+from .spec import RunSpec
+
+#: The method whose reference rows and scan level ``scan`` uses: the one that scans in ``defend``.
+SCAN_METHOD = "lora+filter"
 
 
 @dataclass
@@ -41,42 +47,31 @@ class ScanReport:
         }
 
 
-def scan_data(
-    data_dir: str | Path | None,
-    attacks: str | None = None,
-    *,
-    ref_samples: int = 600,
-    seed: int = DEFAULT_SEED,
-    alpha: float = 1e-3,
-    setting: str | None = None,
-    rate: float | None = None,
-    target_label: int | None = None,
-    num_labels: int | None = None,
-    max_train_rows: int | None = None,
-) -> list[ScanReport]:
-    """Scan every attack's training rows against ``ref_samples`` dev-clean rows drawn as ``defend``
-    draws its reference set for ``seed``."""
-    if ref_samples < 1:
-        raise ConfigError(f"scan: ref_samples (--ref-samples) must be >= 1, got {ref_samples!r}")
-    if not 0.0 < alpha < 1.0:
+def scan_data(spec: RunSpec, alpha: float | None = None) -> list[ScanReport]:
+    """Scan every attack's training rows against the reference rows ``defend`` draws for
+    ``lora+filter`` with the same spec (model, preset, seed, ``ref_samples``), at ``alpha`` (None:
+    that method's ``scan_alpha``). The model's config is read (not its weights): it picks the
+    built-in preset and the family's reference-set size."""
+    if spec.ref_samples is not None and spec.ref_samples < 1:
+        raise ConfigError(f"scan: ref_samples (--ref-samples) must be >= 1, got {spec.ref_samples!r}")
+    if alpha is not None and not 0.0 < alpha < 1.0:
         raise ConfigError(f"scan: alpha (--alpha) must be in (0, 1), got {alpha!r}")
+    preset = preset_for(spec)
+    seed = resolve_seed(spec, preset)
+    sets = _spec_sets(spec, seed)
+    models = BaseModels(resolve_model_name(spec.model), seed)
     reports = []
-    sets = load_sets(
-        data_dir,
-        attacks,
-        setting=setting,
-        rate=rate,
-        target_label=target_label,
-        num_labels=num_labels,
-        max_train_rows=max_train_rows,
-        seed=seed,
-    )
     for ds in sets:
-        ref = [ds.dev_clean[i] for i in reference_indices(len(ds.dev_clean), ref_samples, seed)]
-        res = scan_ngrams(ds.train, ref, alpha=alpha)
+        plan = plan_method(ds, SCAN_METHOD, models, preset, spec)
+        level = alpha if alpha is not None else plan.train_config.scan_alpha
+        if not level:
+            raise ConfigError(f"scan: the preset turns {SCAN_METHOD}'s scan off (scan_alpha 0); pass --alpha")
+        res = scan_ngrams(ds.train, plan.reference, alpha=level)
         flags = ds.train_poison_flags
         caught = sum(1 for f, p in zip(res.flagged, flags, strict=True) if f and p)
         reports.append(
-            ScanReport(ds.dataset, ds.attack, len(ref), res, sum(flags), caught, sum(res.flagged) - caught)
+            ScanReport(
+                ds.dataset, ds.attack, len(plan.reference), res, sum(flags), caught, sum(res.flagged) - caught
+            )
         )
     return reports
