@@ -52,13 +52,24 @@ if [ "${TABLE:-0}" = 1 ] && [ -d .devcarry/minilm ]; then
   # --config: a model given by path gets no built-in preset by itself (the device copy of MiniLM).
   # out/table is git-ignored and stays on a warm machine: the same call again resumes (finished pairs
   # are skipped, an interrupted one continues from its last checkpoint). The shipped data by default.
+  # ref-only does not depend on the attack: one process per seed trains it once for all attacks.
   mkdir -p out/table
   TPIDS=()
+  TM=",${TABLE_METHODS:-vanilla,oracle,lora,ref-only,muscle,lora+filter},"
+  PER_ATTACK=$(echo "$TM" | sed 's/,ref-only,/,/; s/^,//; s/,$//')
+  TATTACKS="${TABLE_ATTACKS:-badnets addsent stylebkd synbkd}"
   for s in ${TABLE_SEEDS:-42 43 44}; do
-    for a in ${TABLE_ATTACKS:-badnets addsent stylebkd synbkd}; do
+    if [ "$PER_ATTACK" != "${TM:1:-1}" ]; then
       MUSCLE_FAST_BACKEND=${SWEEP_BACKEND:-torch} timeout -s INT -k 30 "${TABLE_S:-400}" python3 -m muscle_fast.cli \
         defend --data-dir "${TABLE_DATA:-embedded:sst2}" --model .devcarry/minilm --config minilm-sst2 \
-        --attacks "$a" --seed "$s" --methods "${TABLE_METHODS:-vanilla,oracle,lora,ref-only,muscle,lora+filter}" \
+        --attacks "${TATTACKS// /,}" --seed "$s" --methods ref-only \
+        --out "out/table/seed$s/ref-only" --device cuda --no-progress >"out/table/log-$s-ref-only.txt" 2>&1 &
+      TPIDS+=($!)
+    fi
+    [ -n "$PER_ATTACK" ] && for a in $TATTACKS; do
+      MUSCLE_FAST_BACKEND=${SWEEP_BACKEND:-torch} timeout -s INT -k 30 "${TABLE_S:-400}" python3 -m muscle_fast.cli \
+        defend --data-dir "${TABLE_DATA:-embedded:sst2}" --model .devcarry/minilm --config minilm-sst2 \
+        --attacks "$a" --seed "$s" --methods "$PER_ATTACK" \
         --out "out/table/seed$s/$a" --device cuda --no-progress \
         >"out/table/log-$s-$a.txt" 2>&1 &
       TPIDS+=($!)
