@@ -199,6 +199,7 @@ def test_ref_only_trains_once_for_every_attack(tmp_path, tiny, monkeypatch):
     )  # fmt: skip
     res = run_defend(RunSpec(out=str(tmp_path / "both"), methods="ref-only,lora", **kw))
     assert calls == [2, 1, 1]  # ref-only for both attacks (two dev ASR sets), then each attack's lora
+    assert not (tmp_path / "both" / ".train-state").exists()  # no state left of the served pair
     by = {(r["attack"], r["method"]): r for r in res.records}
     assert by[("badnets", "ref-only")]["trained_with"] == "addsent/ref-only"
     assert "trained_with" not in by[("addsent", "ref-only")]

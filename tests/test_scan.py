@@ -301,6 +301,9 @@ def test_scan_uses_the_reference_rows_and_level_defend_would(tmp_path, monkeypat
     assert rep.result.flagged == scan_ngrams(ds.train, plan.reference, alpha=1e-4).flagged
     (rep2,) = scan_data(spec, alpha=1e-2)
     assert rep2.result.alpha == 1e-2
+    # every dev-clean row as reference: defend would need --ref-overlap for selection, the scan not
+    (whole,) = scan_data(RunSpec(model="tiny", preset=preset, data_dir=str(d), ref_samples=600))
+    assert whole.ref_rows == 600 and whole.poison_flagged == sum(flags)
     off = RunSpec(model="tiny", preset='{"methods": {"lora+filter": {"scan_alpha": 0}}}', data_dir=str(d))
     with pytest.raises(
         ConfigError, match=r"the preset turns lora\+filter's scan off \(scan_alpha 0\); pass --alpha"

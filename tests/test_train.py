@@ -331,8 +331,6 @@ def test_teacher_record_counts_poisoned_rows():
         "clean_relabeled": 0,
     }
     assert _teacher_record(teacher, None) == {"rows": 6, "dropped": 2, "relabeled": 1}
-    old = {"rows": 6, "dropped": 2, "relabeled": 1}  # a record from before the row lists
-    assert _teacher_record(old, flags) == old
 
 
 def test_teacher_that_drops_every_row_is_refused(monkeypatch):

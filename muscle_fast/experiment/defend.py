@@ -351,7 +351,8 @@ def run_defend(spec: RunSpec) -> DefendResult:
     for i, js in serves.items():
         log.info(
             f"muscle-fast: {pairs[i - 1].plan.label} trains the same model as "
-            f"{', '.join(pairs[j - 1].plan.label for j in js)}: trained once, evaluated on each attack"
+            f"{', '.join(pairs[j - 1].plan.label for j in js)}: trained once, evaluated on each attack "
+            "(interrupted, it resumes alone and the others train again)"
         )
     progress = _Progress(len(pairs), len(todo), spec.progress)
     redirect: Any = contextlib.nullcontext()
@@ -363,6 +364,8 @@ def run_defend(spec: RunSpec) -> DefendResult:
     try:
         with redirect:
             for i, pair in enumerate(pairs, 1):
+                if i in served_by:
+                    continue  # trained with an earlier pair (``served_by[i]``), recorded with it
                 if pair.action == "skip":
                     if progress.bar is not None:
                         progress.bar.update(1)
@@ -374,8 +377,6 @@ def run_defend(spec: RunSpec) -> DefendResult:
                 for other, m in models.items():
                     if other != plan.seed:
                         m.release()  # one seed's base model in memory at a time
-                if i in served_by:
-                    continue  # trained with an earlier pair (``served_by[i]``), recorded with it
                 recs = run_pairs(
                     plan.dataset,
                     plan.method,

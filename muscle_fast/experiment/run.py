@@ -105,7 +105,6 @@ def _keys_text(keys: Sequence[str], most: int = 6) -> str:
 def _data_digest(ds: Any) -> str:
     """A short hash of every split's rows and poison flags: data files changed in place (same row
     counts) make another config, not a finished pair to skip."""
-    import hashlib
 
     h = hashlib.sha256()
     for name in ("train", "dev_clean", "dev_poison", "test_clean", "test_poison"):
@@ -356,10 +355,11 @@ def run_pairs(
     model, tok = models.get(ds.num_labels)
     if plan is None:
         plan = plan_method(ds, method, models, preset, spec, model)
-    if not plan.train_rows:  # a PairPlan built by hand without them: the method's own rows
-        plan.train_rows = training_rows(ds, method, plan.reference)
-    if not plan.dev_poison:
-        plan.dev_poison = list(ds.dev_poison)
+    for q in (plan, *shared):
+        if not q.train_rows:  # a PairPlan built by hand without them: the method's own rows
+            q.train_rows = training_rows(q.dataset, method, q.reference)
+        if not q.dev_poison:
+            q.dev_poison = list(q.dataset.dev_poison)
     key = training_key(plan, models)
     for q in shared:
         if q.method != method or key is None or training_key(q, models) != key:
@@ -532,9 +532,7 @@ def _scan_record(scan: dict[str, Any], flags: Sequence[bool] | None) -> dict[str
 
 def _teacher_record(teacher: dict[str, Any], flags: Sequence[bool] | None) -> dict[str, Any]:
     """The teacher's record for results.json: its epoch, dev accuracy and the rows it dropped or
-    relabelled (a row of an older record without the row lists keeps its counts only)."""
-    if "dropped_index" not in teacher:
-        flags = None
+    relabelled."""
     return _split_by_poison(teacher, flags, ("dropped", "relabeled"))
 
 

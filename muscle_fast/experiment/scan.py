@@ -13,10 +13,9 @@ from typing import Any
 
 from ..backdoor.scan import ScanResult, scan_ngrams
 from ..errors import ConfigError
-from .data import _spec_sets
+from .data import _spec_sets, reference_indices
 from .loading import BaseModels, resolve_model_name
-from .presets import preset_for, resolve_seed
-from .run import plan_method
+from .presets import effective_hparams, preset_for, resolve_seed
 from .spec import RunSpec
 
 #: The method whose reference rows and scan level ``scan`` uses: the one that scans in ``defend``.
@@ -52,6 +51,8 @@ def scan_data(spec: RunSpec, alpha: float | None = None) -> list[ScanReport]:
     ``lora+filter`` with the same spec (model, preset, seed, ``ref_samples``), at ``alpha`` (None:
     that method's ``scan_alpha``). The model's config is read (not its weights): it picks the
     built-in preset and the family's reference-set size."""
+    from types import SimpleNamespace
+
     if spec.ref_samples is not None and spec.ref_samples < 1:
         raise ConfigError(f"scan: ref_samples (--ref-samples) must be >= 1, got {spec.ref_samples!r}")
     if alpha is not None and not 0.0 < alpha < 1.0:
@@ -59,19 +60,18 @@ def scan_data(spec: RunSpec, alpha: float | None = None) -> list[ScanReport]:
     preset = preset_for(spec)
     seed = resolve_seed(spec, preset)
     sets = _spec_sets(spec, seed)
-    models = BaseModels(resolve_model_name(spec.model), seed)
+    config = BaseModels(resolve_model_name(spec.model), seed).config()
+    hp = effective_hparams(SimpleNamespace(config=config), SCAN_METHOD, preset, spec)
+    level = alpha if alpha is not None else hp.get("scan_alpha", 0.0)
+    if not level:
+        raise ConfigError(f"scan: the preset turns {SCAN_METHOD}'s scan off (scan_alpha 0); pass --alpha")
     reports = []
     for ds in sets:
-        plan = plan_method(ds, SCAN_METHOD, models, preset, spec)
-        level = alpha if alpha is not None else plan.train_config.scan_alpha
-        if not level:
-            raise ConfigError(f"scan: the preset turns {SCAN_METHOD}'s scan off (scan_alpha 0); pass --alpha")
-        res = scan_ngrams(ds.train, plan.reference, alpha=level)
+        ref = [ds.dev_clean[i] for i in reference_indices(len(ds.dev_clean), hp["ref_samples"], seed)]
+        res = scan_ngrams(ds.train, ref, alpha=level)
         flags = ds.train_poison_flags
         caught = sum(1 for f, p in zip(res.flagged, flags, strict=True) if f and p)
         reports.append(
-            ScanReport(
-                ds.dataset, ds.attack, len(plan.reference), res, sum(flags), caught, sum(res.flagged) - caught
-            )
+            ScanReport(ds.dataset, ds.attack, len(ref), res, sum(flags), caught, sum(res.flagged) - caught)
         )
     return reports
