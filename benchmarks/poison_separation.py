@@ -8,6 +8,13 @@
 3. Confidence gained over the teacher: the teacher's loss minus the plain model's loss on the row's
    label. A trigger makes the plain model surer than the row's content alone can (clean-label rows
    too), and a relabelled row's content contradicts the teacher (dirty-label rows).
+4. Told apart from the reference rows (``--signals discriminator``): a logistic regression on the
+   frozen base model's mean-pooled embeddings, training rows against reference rows, cross-fitted
+   (each row scored by a model that did not see it). The training rows are the reference
+   distribution plus the poison, so its score ranks the rows by how unlike clean rows they look:
+   a style or syntax trigger leaves no n-gram for the scan but may leave this. Beside it, the same
+   regression fitted on the true poison flags (``supervised_bound``): how separable the poisoned
+   rows are on these features at all, not a defense.
 
 Writes one JSON (atomic) with, per signal, the share of poisoned rows among the flagged ones and
 the share of all poisoned rows that are flagged. Used in
@@ -48,6 +55,106 @@ def _flag_stats(flag: torch.Tensor, poison: torch.Tensor) -> dict[str, float]:
     }
 
 
+def _embed(path: str, texts: list[str], max_length: int = 64, batch_size: int = 64) -> torch.Tensor:
+    """Mean-pooled last hidden states of the frozen base model (no head), one row per text."""
+    from transformers import AutoModel, AutoTokenizer
+
+    tok, model = AutoTokenizer.from_pretrained(path), AutoModel.from_pretrained(path).eval()
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(texts), batch_size):
+            b = tok(
+                texts[i : i + batch_size],
+                padding=True,
+                truncation=True,
+                max_length=max_length,
+                return_tensors="pt",
+            )
+            h, m = model(**b).last_hidden_state, b["attention_mask"][..., None].float()
+            out.append((h * m).sum(1) / m.sum(1))
+    return torch.cat(out).double()
+
+
+def _logistic(
+    x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, l2: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weighted L2-regularised logistic regression (LBFGS, float64): (coefficients, intercept)."""
+    coef = torch.zeros(x.shape[1], dtype=x.dtype, requires_grad=True)
+    bias = torch.zeros((), dtype=x.dtype, requires_grad=True)
+    opt = torch.optim.LBFGS(
+        [coef, bias],
+        max_iter=1000,
+        tolerance_grad=1e-11,
+        tolerance_change=1e-15,
+        line_search_fn="strong_wolfe",
+    )
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = (
+            w * torch.nn.functional.binary_cross_entropy_with_logits(x @ coef + bias, y, reduction="none")
+        ).sum()
+        loss = loss / w.sum() + 0.5 * l2 * coef.pow(2).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return coef.detach(), bias.detach()
+
+
+def _cross_fitted(
+    x: torch.Tensor, y: torch.Tensor, score_rows: torch.Tensor, folds: int, l2: float, seed: int
+) -> torch.Tensor:
+    """Scores of the ``score_rows`` of ``x``, each from a regression fitted without its fold; the
+    classes are weighted to equal total weight. Features standardised on the fitting rows."""
+    g = torch.Generator().manual_seed(seed)
+    fold = torch.randint(0, folds, (len(x),), generator=g)
+    score = torch.zeros(len(x), dtype=x.dtype)
+    for k in range(folds):
+        fit = fold != k
+        mu, sd = x[fit].mean(0), x[fit].std(0).clamp_min(1e-12)
+        z = (x - mu) / sd
+        yf = y[fit]
+        w = torch.where(yf > 0, 0.5 / yf.sum(), 0.5 / (1 - yf).sum())
+        coef, bias = _logistic(z[fit], yf, w, l2)
+        score[~fit] = z[~fit] @ coef + bias
+    return score[score_rows]
+
+
+def _discriminator(
+    path: str, train: list[Any], ref: list[Any], poison: torch.Tensor, l2: list[float], seed: int
+) -> dict[str, Any]:
+    x = _embed(path, [t for t, _ in train] + [t for t, _ in ref])
+    n = len(train)
+    is_train = torch.zeros(len(x), dtype=torch.bool)
+    is_train[:n] = True
+    y = is_train.double()
+    w = torch.where(is_train, 0.5 / n, 0.5 / (len(x) - n))
+    every = torch.ones(len(x), dtype=torch.bool)
+    held_out_loss = {}
+    for cand in l2:  # chosen on the held-out training-vs-reference loss: no poison flag involved
+        z = _cross_fitted(x, y, every, 5, cand, seed)
+        bce = torch.nn.functional.binary_cross_entropy_with_logits(z, y, reduction="none")
+        held_out_loss[cand] = float((w * bce).sum())
+    best = min(held_out_loss, key=held_out_loss.__getitem__)
+    out: dict[str, Any] = {
+        "features": "frozen base model, mean-pooled last hidden state",
+        "folds": 5,
+        "l2": best,
+        "held_out_loss": {str(k): v for k, v in held_out_loss.items()},
+    }
+    score = _cross_fitted(x, y, is_train, 5, best, seed)
+    out["auc"] = _auc(score, poison)
+    order = score.argsort(descending=True)
+    for q in (0.05, 0.1, 0.2):
+        flag = torch.zeros(n, dtype=torch.bool)
+        flag[order[: int(q * n)]] = True
+        out[f"highest_{q}"] = _flag_stats(flag, poison)
+    bound = _cross_fitted(x[:n], poison.double(), torch.ones(n, dtype=torch.bool), 5, best, seed)
+    out["supervised_bound_auc"] = _auc(bound, poison)
+    return out
+
+
 def _lora(path: str, seed: int) -> tuple[Any, Any]:
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -78,8 +185,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--teacher-epochs", type=int, default=10)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--seed", type=int, default=42)
+    ap.add_argument(
+        "--signals",
+        default="loss,teacher",
+        help="comma-separated: loss (1), teacher (2 and 3), discriminator (4) (default loss,teacher)",
+    )
+    ap.add_argument(
+        "--l2",
+        default="0.01,0.1,1,10",
+        help="the discriminator's L2 weights (standardised features) to choose from on its held-out "
+        "training-vs-reference loss (default 0.01,0.1,1,10)",
+    )
     ap.add_argument("--out", required=True, type=Path)
     a = ap.parse_args(argv)
+    signals = {s.strip() for s in a.signals.split(",")}
+    if not signals <= {"loss", "teacher", "discriminator"}:
+        raise SystemExit(f"--signals: unknown {sorted(signals - {'loss', 'teacher', 'discriminator'})}")
 
     rows, flags = read_openbackdoor_file(a.train_file)
     idx = list(range(len(rows)))
@@ -109,19 +230,29 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     }
 
     t0 = time.perf_counter()
-    model, tok = _lora(path, a.seed)
-    train_muscle(model, tok, train, ref, dev, TrainConfig(epochs=a.epochs, **cfg))
-    p = predict_proba(model, tok, train, 64, 64)
-    loss = -torch.log(p.gather(1, labels[:, None])[:, 0].clamp_min(1e-12))
-    order = loss.argsort()
-    low: dict[str, Any] = {"epochs": a.epochs, "auc": _auc(-loss, poison)}
-    for q in (0.05, 0.1, 0.2):
-        flag = torch.zeros(len(train), dtype=torch.bool)
-        flag[order[: int(q * len(train))]] = True
-        low[f"lowest_{q}"] = _flag_stats(flag, poison)
-    low["mean_loss_poison"] = float(loss[poison].mean())
-    low["mean_loss_clean"] = float(loss[~poison].mean())
-    out["low_loss"] = low
+    if signals & {"loss", "teacher"}:
+        model, tok = _lora(path, a.seed)
+        train_muscle(model, tok, train, ref, dev, TrainConfig(epochs=a.epochs, **cfg))
+        p = predict_proba(model, tok, train, 64, 64)
+        loss = -torch.log(p.gather(1, labels[:, None])[:, 0].clamp_min(1e-12))
+        order = loss.argsort()
+        low: dict[str, Any] = {"epochs": a.epochs, "auc": _auc(-loss, poison)}
+        for q in (0.05, 0.1, 0.2):
+            flag = torch.zeros(len(train), dtype=torch.bool)
+            flag[order[: int(q * len(train))]] = True
+            low[f"lowest_{q}"] = _flag_stats(flag, poison)
+        low["mean_loss_poison"] = float(loss[poison].mean())
+        low["mean_loss_clean"] = float(loss[~poison].mean())
+        out["low_loss"] = low
+    if "discriminator" in signals:
+        out["discriminator"] = _discriminator(
+            path, train, ref, poison, [float(v) for v in a.l2.split(",")], a.seed
+        )
+    if "teacher" not in signals:
+        out["seconds"] = time.perf_counter() - t0
+        write_json(a.out, out)
+        print(out)
+        return out
 
     teacher, tok = _lora(path, a.seed)
     res = train_muscle(teacher, tok, ref, ref, dev, TrainConfig(epochs=a.teacher_epochs, **cfg))

@@ -116,6 +116,55 @@ def test_separation_runs_end_to_end(tmp_path):
     assert 0.0 <= d["low_loss"]["auc"] <= 1.0 and 0.0 <= d["gain_over_teacher"]["auc"] <= 1.0
     assert d["low_loss"]["lowest_0.2"]["flagged_rows"] == 4
     assert d["teacher"]["contradicted"]["flagged_rows"] >= 0 and d["teacher"]["epochs"] == 1
+    # the discriminator alone: no LoRA trained, its AUC, flags and the supervised bound reported
+    _separation().main([*args, "--ref-rows", "8", "--signals", "discriminator", "--out", str(out)])
+    d = json.loads(out.read_text())
+    assert "low_loss" not in d and "teacher" not in d
+    disc = d["discriminator"]
+    assert 0.0 <= disc["auc"] <= 1.0 and 0.0 <= disc["supervised_bound_auc"] <= 1.0
+    assert disc["highest_0.2"]["flagged_rows"] == 4 and disc["l2"] in (0.01, 0.1, 1.0, 10.0)
+    with pytest.raises(SystemExit, match="--signals: unknown"):
+        _separation().main([*args, "--signals", "magic", "--out", str(out)])
+
+
+def test_separation_logistic_regression_is_at_its_optimum():
+    """The discriminator's regression (float64 LBFGS): the regularised objective's gradient vanishes
+    at the returned coefficients (its optimality condition), with row weights and both classes."""
+    import torch
+
+    sep = _separation()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(90, 5, generator=g, dtype=torch.float64)
+    y = (x[:, 0] + 0.5 * torch.randn(90, generator=g, dtype=torch.float64) > 0.3).double()
+    w = torch.rand(90, generator=g, dtype=torch.float64) + 0.5
+    coef, bias = sep._logistic(x, y, w, l2=0.3)
+    p = torch.sigmoid(x @ coef + bias)
+    grad_coef = (w * (p - y)) @ x / w.sum() + 0.3 * coef
+    grad_bias = (w * (p - y)).sum() / w.sum()
+    assert grad_coef.abs().max() < 1e-7 and abs(float(grad_bias)) < 1e-7
+    assert coef[0] > 0.5  # the informative feature carries the weight
+
+
+def test_separation_discriminator_finds_a_shifted_component():
+    """Cross-fitted training-vs-reference scores rank a shifted 10 % of the training rows first;
+    every scored row comes from a fit that left its fold out."""
+    import torch
+
+    sep = _separation()
+    g = torch.Generator().manual_seed(1)
+    n, m = 600, 300
+    x = torch.randn(n + m, 8, generator=g, dtype=torch.float64)
+    poison = torch.zeros(n, dtype=torch.bool)
+    poison[: n // 10] = True
+    x[: n // 10, 2] += 4.0  # the poisoned training rows differ along one direction
+    is_train = torch.zeros(n + m, dtype=torch.bool)
+    is_train[:n] = True
+    score = sep._cross_fitted(x, is_train.double(), is_train, 5, 1e-2, seed=0)
+    assert score.shape == (n,) and sep._auc(score, poison) > 0.9
+    # a row's own label cannot leak into its score: random labels give chance-level AUC
+    noise = torch.rand(n + m, generator=g) < 0.5
+    s2 = sep._cross_fitted(x, noise.double(), torch.ones(n + m, dtype=torch.bool), 5, 1e-2, seed=0)
+    assert abs(sep._auc(s2, noise) - 0.5) < 0.1
 
 
 def test_separation_refuses_a_reference_file_too_small(tmp_path):
