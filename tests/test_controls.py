@@ -218,6 +218,22 @@ def test_ref_only_trains_once_for_every_attack(tmp_path, tiny, monkeypatch):
     assert len(again.skipped) == 4 and len(calls) == n
 
 
+def test_run_pairs_refuses_a_plan_that_trains_another_model(tmp_path, tiny):
+    """Only pairs with the same training_key share a training: a lora plan (trained on its own
+    attack's rows) is refused by name before anything trains."""
+    from muscle_fast.experiment import BaseModels, RunSpec, load_sets, plan_method, preset_for, run_pairs
+
+    data = ob_data(tmp_path / "data")
+    spec = RunSpec(
+        model="tiny", data_dir=str(data), ref_samples=4, epochs=1, batch_size=4, max_length=8, seed=1
+    )
+    (ds,) = load_sets(str(data), seed=1)
+    models, preset = BaseModels("tiny", 1), preset_for(spec)
+    ref_only, lora = (plan_method(ds, m, models, preset, spec) for m in ("ref-only", "lora"))
+    with pytest.raises(ValueError, match="badnets/lora does not train the same model as badnets/ref-only"):
+        run_pairs(ds, "ref-only", models, preset, spec, tmp_path / "out", plan=ref_only, shared=[lora])
+
+
 def test_dev_asr_leaves_out_the_reference_twins():
     """dev-poison row k is the k-th non-target dev-clean row triggered; the rows whose source is a
     reference row are not used for the dev ASR, through subsampling too."""
