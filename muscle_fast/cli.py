@@ -245,7 +245,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from .report import merge_records
 
-    records = merge_records([Path(f) for f in args.results])
+    records = merge_records([Path(f) for f in args.results], prefer_later=args.prefer_later)
     models = {str((r.get("config") or {}).get("model", "")) for r in records} - {""}
     model_name = args.model or (models.pop() if len(models) == 1 else "several models" if models else "model")
     out = Path(args.out)
@@ -496,6 +496,12 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("results", nargs="+", help="results.json files written by defend")
     r.add_argument("--out", required=True, help="folder for the merged results.json/md/png")
     r.add_argument("--model", help="model name for the titles (default: the one the records name)")
+    r.add_argument(
+        "--prefer-later",
+        action="store_true",
+        help="a run (dataset, attack, method, seed) in several files: keep the record of the file named "
+        "last instead of failing (reruns merged over an older table)",
+    )
     r.set_defaults(func=cmd_report)
 
     sc = sub.add_parser(

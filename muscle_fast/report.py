@@ -383,18 +383,22 @@ def _seed_order(rec: dict[str, Any]) -> tuple[bool, int]:
     return (not isinstance(seed, int), seed if isinstance(seed, int) else 0)
 
 
-def merge_records(files: Sequence[Path], warn: bool = True) -> list[dict[str, Any]]:
+def merge_records(
+    files: Sequence[Path], warn: bool = True, prefer_later: bool = False
+) -> list[dict[str, Any]]:
     """The records of several results.json files (runs split across processes), checked and ordered.
 
     A (dataset, attack, method, seed) present twice is an error: which run counts must be explicit;
-    the same pair with other seeds merges (``results.md`` shows their mean ± sd).
+    the same pair with other seeds merges (``results.md`` shows their mean ± sd). ``prefer_later``
+    makes the order of ``files`` that choice: a rerun in a later file replaces the earlier record
+    (logged by name), as when an old table is merged with reruns under newer code.
     Every problem with a file is a ResultsError naming it. ``warn``: log a warning when the records'
     configs differ in anything but seed, attack and method (mixed runs read as one comparison).
     """
     import json
 
     seen: dict[tuple[str, str, str, Any], Path] = {}
-    records: list[dict[str, Any]] = []
+    by_key: dict[tuple[str, str, str, Any], dict[str, Any]] = {}
     for f in files:
         try:
             data = json.loads(Path(f).read_text())
@@ -411,9 +415,12 @@ def merge_records(files: Sequence[Path], warn: bool = True) -> list[dict[str, An
             key = record_key(r)
             if key in seen:
                 what = "/".join(map(str, key[:3])) + (f" (seed {key[3]})" if key[3] is not None else "")
-                raise ResultsError(f"{what} is in both {seen[key]} and {f}")
+                if not prefer_later or seen[key] == Path(f):
+                    raise ResultsError(f"{what} is in both {seen[key]} and {f}")
+                log.info(f"muscle-fast: {what}: the record of {f} replaces the one of {seen[key]}")
             seen[key] = Path(f)
-            records.append(r)
+            by_key[key] = r
+    records = list(by_key.values())
     if warn:
         sources = [seen[record_key(r)] for r in records]
         diffs = config_differences(records, sources if len(set(sources)) > 1 else None)

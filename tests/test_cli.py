@@ -128,6 +128,26 @@ def test_report_merges_split_runs(smoke, tmp_path, capsys):
     assert (tmp_path / "merged" / "results.md").read_text() == (smoke / "results.md").read_text()
     assert "3 runs" in capsys.readouterr().out
     assert "is in both" in _exit_message(["report", str(parts[0]), str(parts[0]), "--out", str(tmp_path)])
+
+
+@needs_shared
+def test_report_prefer_later_replaces_a_rerun_by_file_order(smoke, tmp_path, caplog):
+    """--prefer-later: a run present in an older table and in a rerun counts once, from the file named last."""
+    records = json.loads((smoke / "results.json").read_text())
+    rerun = [dict(records[0], cacc=0.5, asr=0.25)]
+    old, new = tmp_path / "old.json", tmp_path / "new.json"
+    old.write_text(json.dumps(records))
+    new.write_text(json.dumps(rerun))
+    with caplog.at_level("INFO", logger="muscle_fast"):
+        assert main(["report", str(old), str(new), "--out", str(tmp_path / "m"), "--prefer-later"]) == 0
+    merged = json.loads((tmp_path / "m" / "results.json").read_text())
+    assert merged == rerun + records[1:]
+    assert f"the record of {new} replaces the one of {old}" in caplog.text
+    assert main(["report", str(new), str(old), "--out", str(tmp_path / "m2"), "--prefer-later"]) == 0
+    assert json.loads((tmp_path / "m2" / "results.json").read_text()) == records
+    both = [*records, records[0]]  # twice in one file: still an error, order cannot choose
+    old.write_text(json.dumps(both))
+    assert "is in both" in _exit_message(["report", str(old), "--out", str(tmp_path / "m3"), "--prefer-later"])
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps([{"attack": "badnets"}]))
     assert "record 0 lacks" in _exit_message(["report", str(bad), "--out", str(tmp_path)])
