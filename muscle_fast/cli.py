@@ -243,10 +243,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from .report import merge_records
+    from .report import merge_records, model_label
 
     records = merge_records([Path(f) for f in args.results], prefer_later=args.prefer_later)
-    models = {str((r.get("config") or {}).get("model", "")) for r in records} - {""}
+    models = {model_label(str(m)) for r in records if (m := (r.get("config") or {}).get("model"))}
     model_name = args.model or (models.pop() if len(models) == 1 else "several models" if models else "model")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

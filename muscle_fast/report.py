@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ResultsError
-from .experiment import EXECUTION_KEYS, METHODS, config_diff, record_key, record_seed
+from .experiment import EXECUTION_KEYS, LATER_KEY_DEFAULTS, METHODS, config_diff, record_key, record_seed
 from .fileio import write_json, write_text
 
 log = logging.getLogger("muscle_fast")
@@ -356,12 +356,20 @@ def config_differences(records: Sequence[dict[str, Any]], sources: Sequence[Path
             cfg = cfg.get(part) if isinstance(cfg, dict) else None
         return cfg
 
+    def compared(cfg: dict[str, Any], key: str) -> Any:
+        v = value(cfg, key)
+        if v is None:  # a record written before the key existed
+            return LATER_KEY_DEFAULTS.get(key)
+        return model_label(v) if key == "model" else v  # one package in two environments: one model
+
     first_of: dict[str, tuple[dict[str, Any], Path | None]] = {}
     for r, src in with_cfg:
         ref, ref_src = first_of.setdefault(r["method"], (r, src))
         if ref is r:
             continue
+        # the model is a run-wide key, compared below by its label
         ignore = EXECUTION_KEYS | SEED_AND_ATTACK_KEYS | DATA_DERIVED_KEYS.get(r["method"], frozenset())
+        ignore |= {"model"}
         for k in config_diff(ref["config"], r["config"], ignore):
             out.append(
                 f"{r['method']}: {k} {value(ref['config'], k)!r} in {where(ref, ref_src)}, "
@@ -372,7 +380,7 @@ def config_differences(records: Sequence[dict[str, Any]], sources: Sequence[Path
         of_attack = first_of_attack.setdefault((r["dataset"], r["attack"]), (r, src))
         for keys, (first, first_src) in ((RUN_WIDE_KEYS, with_cfg[0]), (ATTACK_WIDE_KEYS, of_attack)):
             for k in keys:
-                a, b = value(first["config"], k), value(r["config"], k)
+                a, b = compared(first["config"], k), compared(r["config"], k)
                 if a != b:
                     out.append(f"{k} {a!r} in {where(first, first_src)}, {b!r} in {where(r, src)}")
     return list(dict.fromkeys(out))

@@ -132,7 +132,7 @@ def test_report_merges_split_runs(smoke, tmp_path, capsys):
 
 @needs_shared
 def test_report_prefer_later_replaces_a_rerun_by_file_order(smoke, tmp_path, caplog):
-    """--prefer-later: a run present in an older table and in a rerun counts once, from the file named last."""
+    """--prefer-later: a run in an older table and in a rerun counts once, from the file named last."""
     records = json.loads((smoke / "results.json").read_text())
     rerun = [dict(records[0], cacc=0.5, asr=0.25)]
     old, new = tmp_path / "old.json", tmp_path / "new.json"
@@ -147,7 +147,8 @@ def test_report_prefer_later_replaces_a_rerun_by_file_order(smoke, tmp_path, cap
     assert json.loads((tmp_path / "m2" / "results.json").read_text()) == records
     both = [*records, records[0]]  # twice in one file: still an error, order cannot choose
     old.write_text(json.dumps(both))
-    assert "is in both" in _exit_message(["report", str(old), "--out", str(tmp_path / "m3"), "--prefer-later"])
+    argv = ["report", str(old), "--out", str(tmp_path / "m3"), "--prefer-later"]
+    assert "is in both" in _exit_message(argv)
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps([{"attack": "badnets"}]))
     assert "record 0 lacks" in _exit_message(["report", str(bad), "--out", str(tmp_path)])

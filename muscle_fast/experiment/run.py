@@ -65,6 +65,11 @@ class RunHooks:
 EXECUTION_KEYS = frozenset({"method_doc", "gradient_checkpointing"} | {f"train.{k}" for k in RUN_KEY_IGNORES})
 
 
+#: Record ``config`` keys added after records were first written, with the value every older record
+#: implicitly had: a record lacking the key does not differ from one at this value.
+LATER_KEY_DEFAULTS: dict[str, Any] = {"load_in_4bit": False}
+
+
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
     for k, v in d.items():
@@ -79,12 +84,13 @@ def config_diff(
     old: dict[str, Any] | None, new: dict[str, Any] | None, ignore: Collection[str] = EXECUTION_KEYS
 ) -> list[str]:
     """The dotted keys (``train.lr``, ``data.rows.train``) whose values differ between two record
-    configs, a key present in one only included unless it is a TrainConfig field at its default
-    (a record written before the field existed); keys in ``ignore``, or under one, left out."""
+    configs, a key present in one only included unless it is at its default (a TrainConfig field
+    or :data:`LATER_KEY_DEFAULTS`: a record written before the key existed); keys in ``ignore``,
+    or under one, left out."""
     from ..train import TrainConfig
 
     a, b = _flatten(old or {}), _flatten(new or {})
-    defaults = {f"train.{f.name}": f.default for f in dataclasses.fields(TrainConfig)}
+    defaults = {f"train.{f.name}": f.default for f in dataclasses.fields(TrainConfig)} | LATER_KEY_DEFAULTS
 
     def ignored(k: str) -> bool:
         return any(k == i or k.startswith(f"{i}.") for i in ignore)
