@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from . import experiment
-from .errors import ConfigError, FileFormatError, MuscleFastError, first_line
+from .errors import ConfigError, MuscleFastError, first_line
 from .experiment import (
     DEFAULT_METHODS,
     DEFAULT_MODEL_PRESET,
@@ -41,7 +41,6 @@ from .experiment import (
     run_defend,
     run_fourier,
 )
-from .fileio import read_json
 from .report import results_table, write_results
 
 __all__ = [
@@ -152,26 +151,6 @@ def eval_spec(args: argparse.Namespace) -> EvalSpec:
     )
 
 
-def json_object_arg(value: str, flag: str) -> dict[str, Any]:
-    """A flag's JSON object, given inline (``'{"lora_r": 4}'``) or as a file path; ConfigError
-    naming the flag (and the file) when it is neither, does not parse or is not an object."""
-    if value.lstrip()[:1] in ("{", "["):
-        try:
-            obj = json.loads(value)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{flag}: inline JSON does not parse: {e}") from None
-    elif Path(value).is_file():
-        try:
-            obj = read_json(value, f"the {flag} file")
-        except FileFormatError as e:
-            raise ConfigError(f"{flag}: {e}") from None
-    else:
-        raise ConfigError(f"{flag}: {value!r} is neither a JSON object nor an existing file")
-    if not isinstance(obj, dict):
-        raise ConfigError(f"{flag}: must be a JSON object, got {type(obj).__name__}")
-    return obj
-
-
 def parse_deltas(spec: str | None) -> list[float] | None:
     """Widths from a comma-separated list (None: chosen from the data), or a ConfigError saying why."""
     if spec is None:
@@ -194,7 +173,7 @@ def parse_deltas(spec: str | None) -> list[float] | None:
 def cmd_inspect(args: argparse.Namespace) -> int:
     from . import MuScleConfig, patch_model
 
-    overrides = json_object_arg(args.config, "--config") if args.config else {}
+    overrides = experiment.json_object(args.config, "--config") if args.config else {}
     model, _ = experiment.load_classifier(args.model or default_model(), args.num_labels)
     cfg = MuScleConfig.for_model(model, **overrides)
     patch_model(model, cfg)

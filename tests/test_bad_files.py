@@ -118,11 +118,11 @@ def test_help_states_the_defaults_a_run_uses(
     assert f"({DEFAULT_MODEL_PRESET}) {preset['max_length']};" in text
 
 
-def test_json_object_arg_rejects_non_objects() -> None:
-    from muscle_fast.cli import json_object_arg
+def test_json_object_rejects_non_objects() -> None:
+    from muscle_fast.experiment import json_object
 
     with pytest.raises(ConfigError, match="--x: must be a JSON object, got list"):
-        json_object_arg("[1]", "--x")
+        json_object("[1]", "--x")
 
 
 def test_defend_config_inline_or_file(tmp_path: Path) -> None:
@@ -133,9 +133,12 @@ def test_defend_config_inline_or_file(tmp_path: Path) -> None:
     f = tmp_path / "p.json"
     f.write_text(text)
     assert load_preset(text) == load_preset(str(f)) == {"lr": 1e-4, "methods": {"muscle": {"epochs": 1}}}
-    with pytest.raises(ConfigError, match="inline --config is not valid JSON"):
+    with pytest.raises(ConfigError, match="--config: inline JSON does not parse"):
         load_preset('{"lr": ')
-    with pytest.raises(ConfigError, match="inline --config: the preset must be a JSON object"):
+    with pytest.raises(ConfigError, match="--config: must be a JSON object, got list"):
         load_preset("[1]")
+    f.write_text("[1]")
+    with pytest.raises(ConfigError, match=rf"--config: {f} \(the --config file\) must hold a JSON dict"):
+        load_preset(str(f))
     with pytest.raises(ConfigError, match="unknown key"):
         load_preset('{"learning_rate": 1}')

@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from ..config import DEFAULT_SEED, TRAIN_DEFAULTS
-from ..errors import ConfigError, first_line
+from ..errors import ConfigError, FileFormatError, first_line
+from ..fileio import read_json
 from .spec import METHODS, RunSpec, _as_spec
 
 log = logging.getLogger("muscle_fast")
@@ -61,33 +62,42 @@ def builtin_presets() -> list[str]:
     return sorted(p.stem for p in PRESETS_DIR.glob("*.json"))
 
 
+def json_object(value: str, flag: str) -> dict[str, Any]:
+    """A flag's JSON object, given inline (``'{"lora_r": 4}'``) or as a file path; ConfigError
+    naming the flag (and the file) when it is neither, does not parse or is not an object."""
+    if value.lstrip()[:1] in ("{", "["):
+        try:
+            obj = json.loads(value)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{flag}: inline JSON does not parse: {e}") from None
+    elif Path(value).is_file():
+        try:
+            obj = read_json(value, f"the {flag} file")
+        except FileFormatError as e:
+            raise ConfigError(f"{flag}: {e}") from None
+    else:
+        raise ConfigError(f"{flag}: {value!r} is neither a JSON object nor an existing file")
+    if not isinstance(obj, dict):
+        raise ConfigError(f"{flag}: must be a JSON object, got {type(obj).__name__}")
+    return obj
+
+
 def load_preset(path: str | None) -> dict[str, Any]:
     """A JSON preset: a file, a built-in name (``minilm-sst2``) or the JSON object itself (inline,
     as ``--config '{"lr": 1e-4}'``); top-level hyperparameters plus optional per-method ``methods``
     sections. ConfigError names the file (or "inline --config") and the key at fault."""
     if path is None:
         return {}
-    if path.lstrip()[:1] in ("{", "["):
-        p: Any = "inline --config"
-        try:
-            data = json.loads(path)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{p} is not valid JSON: {e}") from None
-    else:
-        p = Path(path)
-        if not p.is_file() and path in builtin_presets():
-            p = PRESETS_DIR / f"{path}.json"
-        if not p.is_file():
+    inline = path.lstrip()[:1] in ("{", "[")
+    if not inline and not Path(path).is_file():
+        if path not in builtin_presets():
             raise ConfigError(
-                f"preset file {p} (--config) does not exist: pass a JSON file, a JSON object or a "
+                f"preset file {path} (--config) does not exist: pass a JSON file, a JSON object or a "
                 f"built-in preset ({', '.join(builtin_presets())})"
             )
-        try:
-            data = json.loads(p.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ConfigError(f"{p} (--config) is not valid JSON: {e}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{p}: the preset must be a JSON object")
+        path = str(PRESETS_DIR / f"{path}.json")
+    data = json_object(path, "--config")
+    p = "inline --config" if inline else path
     methods = data.pop("methods", {})
     data.pop("about", None)  # free text: where the numbers came from
     _check_section(data, "the top level", str(p))
