@@ -102,6 +102,10 @@ class TrainConfig:
     # over-represented against the reference rows of their label at this family-wise significance
     # level (a lexical trigger; muscle_fast.backdoor.scan); 0 = off
     scan_alpha: float = 0.0
+    # not in the paper, off by default: after the scan, drop the training rows a bag-of-n-grams
+    # regression tells from the reference rows of their label beyond this quantile of the reference
+    # rows' own held-out scores (a style or syntax trigger; muscle_fast.backdoor.discriminate); 0 = off
+    disc_quantile: float = 0.0
     grad_clip: float = 1.0  # max gradient norm; 0 turns clipping off
     weight_decay: float = 0.0
     single_pass: bool | None = None  # None: single pass when every trainable param is in a MuScleLinear
@@ -141,6 +145,10 @@ class TrainConfig:
             raise ValueError(
                 f"TrainConfig.teacher_relabel_prob must be in [0.5, 1], got {self.teacher_relabel_prob!r}"
             )
+        if self.disc_quantile != 0.0 and not 0.5 <= self.disc_quantile < 1.0:
+            raise ValueError(
+                f"TrainConfig.disc_quantile must be 0 (off) or in [0.5, 1), got {self.disc_quantile!r}"
+            )
         if not 0.0 <= self.scan_alpha < 1.0:
             raise ValueError(f"TrainConfig.scan_alpha must be in [0, 1) (0 = off), got {self.scan_alpha!r}")
         if not 0.0 <= self.row_filter_min_prob < 1.0:
@@ -176,6 +184,9 @@ class TrainResult:
     #: with ``scan_alpha``: the n-grams found and how many rows were dropped (``ScanResult.summary``),
     #: plus ``dropped_index``, the positions in ``train_rows`` of the dropped rows
     scan: dict[str, Any] = field(default_factory=dict)
+    #: with ``disc_quantile``: the discriminator's per-label fit and how many rows it dropped
+    #: (``DiscriminatorResult.summary``), plus ``dropped_index`` (positions in ``train_rows``)
+    disc: dict[str, Any] = field(default_factory=dict)
 
 
 # ---------------------------------------------------------------------------------------------- memory
@@ -246,6 +257,12 @@ def train_muscle(
         data.train, scan = _scanned(cfg, data)
         gone = set(scan["dropped_index"])
         at = [i for i in at if i not in gone]
+    disc: dict[str, Any] = {}
+    if cfg.disc_quantile:
+        data.train, disc = _discriminated(cfg, data)
+        disc["dropped_index"] = [at[i] for i in disc["dropped_index"]]
+        gone = set(disc["dropped_index"])
+        at = [i for i in at if i not in gone]
     teacher: dict[str, Any] = {}
     if cfg.teacher_epochs:
         data.train, teacher = _teacher_corrected(model, tokenizer, cfg, data)
@@ -254,6 +271,7 @@ def train_muscle(
     run = _Run(model, tokenizer, cfg, data)
     run.result.teacher = teacher
     run.result.scan = scan
+    run.result.disc = disc
     run.resume()
     t0 = run.t0 = time.perf_counter()
     was_training = core.training
@@ -311,6 +329,39 @@ def _scanned(cfg: TrainConfig, data: _Data) -> tuple[list[Row], dict[str, Any]]:
     return kept, record
 
 
+def _discriminated(cfg: TrainConfig, data: _Data) -> tuple[list[Row], dict[str, Any]]:
+    """The training rows without those the n-gram discriminator tells from the reference rows, with
+    its record (``dropped_index``: positions in ``data.train``); deterministic for the seed, so a
+    resumed run drops the same rows."""
+    from muscle_fast.backdoor.discriminate import discriminate_rows
+
+    if not data.ref:
+        raise ValueError("train_muscle: disc_quantile needs a non-empty reference set (ref_rows)")
+    res = discriminate_rows(data.train, data.ref, quantile=cfg.disc_quantile, seed=cfg.seed)
+    kept = [row for row, f in zip(data.train, res.flagged, strict=True) if not f]
+    if not kept:
+        raise ValueError(
+            f"train_muscle: the n-gram discriminator (disc_quantile={cfg.disc_quantile}) flagged every "
+            "training row"
+        )
+    if res.untested_labels:
+        logger.warning(
+            f"muscle_fast: n-gram discriminator: label(s) {res.untested_labels} have too few reference rows "
+            "to calibrate; their training rows were kept"
+        )
+    record = res.summary()
+    record["dropped_index"] = [i for i, f in enumerate(res.flagged) if f]
+    per_label = ", ".join(
+        f"label {lab}: AUC {v['auc']:.3f} (z {v['z']:.1f}), {v['flagged']} rows"
+        for lab, v in res.labels.items()
+    )
+    logger.info(
+        f"muscle_fast: n-gram discriminator {per_label or 'tested no label'}; {record['flagged']} of "
+        f"{len(data.train)} training rows dropped"
+    )
+    return kept, record
+
+
 def _teacher_corrected(
     model: nn.Module, tokenizer: Any, cfg: TrainConfig, data: _Data
 ) -> tuple[list[Row], dict[str, Any]]:
@@ -330,6 +381,7 @@ def _teacher_corrected(
         align=False,
         teacher_epochs=0,
         scan_alpha=0.0,
+        disc_quantile=0.0,
         row_filter_min_prob=0.0,
         checkpoint_dir=None,
         checkpoint_every=0,

@@ -522,17 +522,19 @@ def _split_by_poison(
 
 
 def filter_records(method: str, res: Any, ds: Any) -> dict[str, Any]:
-    """The ``scan`` and ``teacher`` records of a TrainResult that has them, for results.json: what
+    """The ``scan``, ``disc`` and ``teacher`` records of a TrainResult that has them, for results.json: what
     each dropped or relabelled, split into poisoned and clean rows where the data knows which."""
     flags = ds.train_poison_flags if METHODS[method].train_on == "train" else None  # row i of its rows
     return {
         **({"teacher": _teacher_record(res.teacher, flags)} if res.teacher else {}),
         **({"scan": _scan_record(res.scan, flags)} if res.scan else {}),
+        **({"disc": _scan_record(res.disc, flags)} if res.disc else {}),
     }
 
 
 def _scan_record(scan: dict[str, Any], flags: Sequence[bool] | None) -> dict[str, Any]:
-    """The n-gram scan's record for results.json: its findings and the rows it dropped."""
+    """A row filter's record (the n-gram scan, the discriminator) for results.json: what it found
+    and the rows it dropped."""
     return _split_by_poison(scan, flags, ("dropped",))
 
 
