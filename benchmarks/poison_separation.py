@@ -47,6 +47,8 @@ from typing import Any
 
 import torch
 
+from muscle_fast.backdoor.discriminate import fit_logistic as _logistic  # weighted, L2, float64
+
 
 def _auc(scores: torch.Tensor, positive: torch.Tensor) -> float:
     """P(score of a random positive > score of a random negative), ties counted half."""
@@ -85,33 +87,6 @@ def _embed(path: str, texts: list[str], max_length: int = 64, batch_size: int = 
             h, m = model(**b).last_hidden_state, b["attention_mask"][..., None].float()
             out.append((h * m).sum(1) / m.sum(1))
     return torch.cat(out).double()
-
-
-def _logistic(
-    x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, l2: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Weighted L2-regularised logistic regression (LBFGS, float64): (coefficients, intercept)."""
-    coef = torch.zeros(x.shape[1], dtype=x.dtype, requires_grad=True)
-    bias = torch.zeros((), dtype=x.dtype, requires_grad=True)
-    opt = torch.optim.LBFGS(
-        [coef, bias],
-        max_iter=1000,
-        tolerance_grad=1e-11,
-        tolerance_change=1e-15,
-        line_search_fn="strong_wolfe",
-    )
-
-    def closure() -> torch.Tensor:
-        opt.zero_grad()
-        loss = (
-            w * torch.nn.functional.binary_cross_entropy_with_logits(x @ coef + bias, y, reduction="none")
-        ).sum()
-        loss = loss / w.sum() + 0.5 * l2 * coef.pow(2).sum()
-        loss.backward()
-        return loss
-
-    opt.step(closure)
-    return coef.detach(), bias.detach()
 
 
 def _cross_fitted(

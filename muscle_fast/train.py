@@ -306,59 +306,54 @@ def _scanned(cfg: TrainConfig, data: _Data) -> tuple[list[Row], dict[str, Any]]:
     with the scan's record; deterministic, so a resumed run drops the same rows."""
     from muscle_fast.backdoor.scan import scan_ngrams
 
-    if not data.ref:
-        raise ValueError("train_muscle: scan_alpha needs a non-empty reference set (ref_rows)")
+    _needs_ref(data, "scan_alpha")
     res = scan_ngrams(data.train, data.ref, alpha=cfg.scan_alpha)
-    kept = [row for row, f in zip(data.train, res.flagged, strict=True) if not f]
-    if not kept:
-        raise ValueError(
-            f"train_muscle: the n-gram scan (scan_alpha={cfg.scan_alpha}) flagged every training row"
-        )
     if res.untested_labels:
         logger.warning(
             f"muscle_fast: n-gram scan: no reference row has label(s) {res.untested_labels}; "
             "their training rows were not scanned"
         )
-    record = res.summary()
-    record["dropped_index"] = [i for i, f in enumerate(res.flagged) if f]
     found = ", ".join(f"{f.ngram!r} (label {f.label}, {f.train_rows} rows)" for f in res.findings)
-    logger.info(
-        f"muscle_fast: n-gram scan found {found or 'nothing'}; {record['flagged']} of "
-        f"{len(data.train)} training rows dropped"
+    return _drop_flagged(
+        data, res, f"n-gram scan (scan_alpha={cfg.scan_alpha})", f"found {found or 'nothing'}"
     )
-    return kept, record
 
 
 def _discriminated(cfg: TrainConfig, data: _Data) -> tuple[list[Row], dict[str, Any]]:
     """The training rows without those the n-gram discriminator tells from the reference rows, with
-    its record (``dropped_index``: positions in ``data.train``); deterministic for the seed, so a
-    resumed run drops the same rows."""
+    its record; deterministic for the seed, so a resumed run drops the same rows."""
     from muscle_fast.backdoor.discriminate import discriminate_rows
 
-    if not data.ref:
-        raise ValueError("train_muscle: disc_quantile needs a non-empty reference set (ref_rows)")
+    _needs_ref(data, "disc_quantile")
     res = discriminate_rows(data.train, data.ref, quantile=cfg.disc_quantile, seed=cfg.seed)
-    kept = [row for row, f in zip(data.train, res.flagged, strict=True) if not f]
-    if not kept:
-        raise ValueError(
-            f"train_muscle: the n-gram discriminator (disc_quantile={cfg.disc_quantile}) flagged every "
-            "training row"
-        )
     if res.untested_labels:
         logger.warning(
             f"muscle_fast: n-gram discriminator: label(s) {res.untested_labels} have too few reference rows "
             "to calibrate; their training rows were kept"
         )
-    record = res.summary()
-    record["dropped_index"] = [i for i, f in enumerate(res.flagged) if f]
     per_label = ", ".join(
         f"label {lab}: AUC {v['auc']:.3f} (z {v['z']:.1f}), {v['flagged']} rows"
         for lab, v in res.labels.items()
     )
-    logger.info(
-        f"muscle_fast: n-gram discriminator {per_label or 'tested no label'}; {record['flagged']} of "
-        f"{len(data.train)} training rows dropped"
-    )
+    what = f"n-gram discriminator (disc_quantile={cfg.disc_quantile})"
+    return _drop_flagged(data, res, what, per_label or "tested no label")
+
+
+def _needs_ref(data: _Data, option: str) -> None:
+    if not data.ref:
+        raise ValueError(f"train_muscle: {option} needs a non-empty reference set (ref_rows)")
+
+
+def _drop_flagged(data: _Data, res: Any, what: str, found: str) -> tuple[list[Row], dict[str, Any]]:
+    """``data.train`` without the rows a filter's result flagged, and its record (``summary()`` plus
+    ``dropped_index``: positions in ``data.train``); a ValueError when it flagged every row."""
+    kept = [row for row, f in zip(data.train, res.flagged, strict=True) if not f]
+    if not kept:
+        raise ValueError(f"train_muscle: the {what} flagged every training row")
+    record = res.summary()
+    record["dropped_index"] = [i for i, f in enumerate(res.flagged) if f]
+    name, n = what.split(" (")[0], len(data.train)
+    logger.info(f"muscle_fast: {name} {found}; {record['flagged']} of {n} training rows dropped")
     return kept, record
 
 

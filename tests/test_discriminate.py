@@ -12,7 +12,7 @@ from helpers import WordTokenizer, make_rows
 from tiny_models import tiny_model
 
 from muscle_fast import patch_model
-from muscle_fast.backdoor.discriminate import _auc_z, _balanced, _features, _fit, discriminate_rows
+from muscle_fast.backdoor.discriminate import _auc_z, _balanced, _features, discriminate_rows, fit_logistic
 from muscle_fast.backdoor.scan import scan_ngrams
 from muscle_fast.train import TrainConfig, train_muscle
 
@@ -49,8 +49,8 @@ def test_fit_meets_its_optimality_condition():
     x = (torch.rand(203, 37, generator=g) < 0.2).double()  # odd sizes
     y = (torch.rand(203, generator=g) < 0.3).double()
     w = _balanced(y)
-    for l2 in (0.01, 0.3):
-        coef, bias = _fit(x.to_sparse().coalesce(), y, w, l2)
+    for l2, sparse in ((0.01, True), (0.3, True), (0.3, False)):
+        coef, bias = fit_logistic(x.to_sparse().coalesce() if sparse else x, y, w, l2)
         r = w * (torch.sigmoid(x @ coef + bias) - y)
         grad = torch.cat([x.t() @ r + l2 * coef, r.sum()[None]])
         assert grad.abs().max() < 1e-7, (l2, grad.abs().max())  # from ~1e-1 at the start

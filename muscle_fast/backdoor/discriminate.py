@@ -83,12 +83,15 @@ def _features(texts: Sequence[str], max_n: int, min_df: int) -> tuple[torch.Tens
     return x, len(vocab)
 
 
-def _fit(x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, l2: float) -> tuple[torch.Tensor, torch.Tensor]:
+def fit_logistic(
+    x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, l2: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Weighted L2-regularised logistic regression (LBFGS, float64, analytic gradient):
-    minimises ``sum w * bce(x @ coef + bias, y) + l2 / 2 * |coef|^2`` (``w`` sums to 1)."""
+    minimises ``sum w * bce(x @ coef + bias, y) / sum w + l2 / 2 * |coef|^2``; ``x`` dense or
+    sparse COO."""
     coef = torch.zeros(x.shape[1], dtype=torch.float64, requires_grad=True)
     bias = torch.zeros((), dtype=torch.float64, requires_grad=True)
-    xt = x.t().coalesce()
+    xt = x.t().coalesce() if x.is_sparse else x.t()
     opt = torch.optim.LBFGS(
         [coef, bias],
         max_iter=500,
@@ -97,13 +100,15 @@ def _fit(x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, l2: float) -> tuple[
         line_search_fn="strong_wolfe",
     )
 
+    wn = w / w.sum()
+
     def closure() -> torch.Tensor:
         with torch.no_grad():
-            z = torch.sparse.mm(x, coef.detach()[:, None])[:, 0] + bias.detach()
-            loss = (w * torch.nn.functional.binary_cross_entropy_with_logits(z, y, reduction="none")).sum()
+            z = (x @ coef.detach()[:, None])[:, 0] + bias.detach()
+            loss = (wn * torch.nn.functional.binary_cross_entropy_with_logits(z, y, reduction="none")).sum()
             loss = loss + 0.5 * l2 * coef.detach().pow(2).sum()
-            r = w * (torch.sigmoid(z) - y)
-            coef.grad = torch.sparse.mm(xt, r[:, None])[:, 0] + l2 * coef.detach()
+            r = wn * (torch.sigmoid(z) - y)
+            coef.grad = (xt @ r[:, None])[:, 0] + l2 * coef.detach()
             bias.grad = r.sum()
         return loss
 
@@ -142,7 +147,7 @@ def _held_out_scores(
         fit = fold != k
         fit_rows = dense_rows[fit]
         xf = x.index_select(0, fit_rows)
-        coef, bias = _fit(xf, y[fit], _balanced(y[fit]), l2)
+        coef, bias = fit_logistic(xf, y[fit], _balanced(y[fit]), l2)
         held = dense_rows[~fit]
         score[held] = torch.sparse.mm(x.index_select(0, held), coef[:, None])[:, 0] + bias
     return score
