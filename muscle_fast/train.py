@@ -106,6 +106,9 @@ class TrainConfig:
     # regression tells from the reference rows of their label beyond this quantile of the reference
     # rows' own held-out scores (a style or syntax trigger; muscle_fast.backdoor.discriminate); 0 = off
     disc_quantile: float = 0.0
+    # the family-wise level of the test that a label's training rows differ from its reference rows
+    # at all (held-out AUC); a label that does not pass loses no row
+    disc_alpha: float = 0.05
     grad_clip: float = 1.0  # max gradient norm; 0 turns clipping off
     weight_decay: float = 0.0
     single_pass: bool | None = None  # None: single pass when every trainable param is in a MuScleLinear
@@ -149,6 +152,8 @@ class TrainConfig:
             raise ValueError(
                 f"TrainConfig.disc_quantile must be 0 (off) or in [0.5, 1), got {self.disc_quantile!r}"
             )
+        if not 0.0 < self.disc_alpha < 1.0:
+            raise ValueError(f"TrainConfig.disc_alpha must be in (0, 1), got {self.disc_alpha!r}")
         if not 0.0 <= self.scan_alpha < 1.0:
             raise ValueError(f"TrainConfig.scan_alpha must be in [0, 1) (0 = off), got {self.scan_alpha!r}")
         if not 0.0 <= self.row_filter_min_prob < 1.0:
@@ -325,7 +330,7 @@ def _discriminated(cfg: TrainConfig, data: _Data) -> tuple[list[Row], dict[str, 
     from muscle_fast.backdoor.discriminate import discriminate_rows
 
     _needs_ref(data, "disc_quantile")
-    res = discriminate_rows(data.train, data.ref, quantile=cfg.disc_quantile, seed=cfg.seed)
+    res = discriminate_rows(data.train, data.ref, cfg.disc_quantile, seed=cfg.seed, alpha=cfg.disc_alpha)
     if res.untested_labels:
         logger.warning(
             f"muscle_fast: n-gram discriminator: label(s) {res.untested_labels} have too few reference rows "

@@ -156,6 +156,8 @@ def test_train_muscle_drops_the_discriminated_rows_after_the_scan():
     assert res.steps == -(-(len(at) - sum(expected.flagged)) // 64)
     with pytest.raises(ValueError, match=r"disc_quantile must be 0 \(off\) or in \[0.5, 1\)"):
         TrainConfig(disc_quantile=0.3)
+    with pytest.raises(ValueError, match=r"disc_alpha must be in \(0, 1\), got 0.0"):
+        TrainConfig(disc_alpha=0.0)
 
 
 def test_disc_record_counts_the_poisoned_rows_it_dropped():

@@ -18,8 +18,9 @@ one-sided test at family-wise ``alpha``; otherwise the ``1 - quantile`` share it
 clean rows, and none are. Deterministic for a seed (float64, LBFGS, sorted vocabulary).
 
 What it cannot find: poison in too small a share of its label's rows for the AUC test (at 10 %
-of SST-2's rows the style and syntax attacks' z is 4-5 against a bound of 3.7 with 300 reference
-rows per label), and triggers that leave no n-gram at all (a word-order change alone).
+of SST-2's rows, with ~300 reference rows per label, the style and syntax attacks' z is 2.9-4.8
+over six reference draws against a bound of 2.6 at alpha 0.05; clean labels reach 1.9), and
+triggers that leave no n-gram at all (a word-order change alone).
 """
 
 from __future__ import annotations
@@ -162,7 +163,7 @@ def discriminate_rows(
     l2: Sequence[float] = DEFAULT_L2,
     folds: int = 5,
     seed: int = 0,
-    alpha: float | None = 1e-3,
+    alpha: float | None = 0.05,
 ) -> DiscriminatorResult:
     """Flag the training rows whose held-out train-vs-reference score exceeds the ``quantile`` of
     the reference rows' held-out scores, per label (module docstring).
