@@ -444,6 +444,7 @@ def test_hyperparameter_precedence(tmp_path):
     # lora+filter: the method's defaults, then the preset (lora's section, then its own)
     f = effective_hparams(bert, "lora+filter", preset, spec)
     assert (f["lr"], f["scan_alpha"], f["teacher_epochs"], f["teacher_relabel_prob"]) == (1e-4, 1e-3, 20, 1.0)
+    assert f["disc_quantile"] == 0.9
     # the defaults sit under every preset key: the top level, lora's section, its own section
     preset["teacher_epochs"] = 5
     assert effective_hparams(bert, "lora+filter", preset, spec)["teacher_epochs"] == 5

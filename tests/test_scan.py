@@ -205,11 +205,15 @@ def test_defend_records_the_scan(tmp_path, monkeypatch):
         1.0,
         1e-3,
     )
+    # the discriminator ran after the scan: nothing left to tell apart, its AUC test keeps every row
+    disc = by["lora+filter"]["disc"]
+    assert train["disc_quantile"] == 0.9 and disc["flagged"] == 0 == disc["poison_dropped"]
+    assert all(v["flagged"] == 0 for v in disc["labels"].values())
     teacher = by["lora+filter"]["teacher"]
     assert teacher["rows"] == len(rows) - sum(flags) and teacher["poison_rows"] == sum(flags)
     assert teacher["poison_dropped"] == 0 == teacher["poison_relabeled"]  # the scan took them all
     assert teacher["clean_dropped"] == teacher["dropped"] and "dropped_index" not in teacher
-    assert "scan" not in by["lora"] and "teacher" not in by["lora"]
+    assert "scan" not in by["lora"] and "teacher" not in by["lora"] and "disc" not in by["lora"]
 
 
 def test_fourier_records_the_scan_and_the_teacher(tmp_path, monkeypatch):

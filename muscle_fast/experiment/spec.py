@@ -45,10 +45,16 @@ METHODS: dict[str, Method] = {
         False,
         False,
         "LoRA (lora's settings) on the training rows the reference set vouches for: the n-gram scan "
-        "drops rows holding a lexical trigger, a teacher trained on the reference rows drops the rows "
-        "whose label it contradicts (docs/SPEC.md §4: scan_alpha, teacher_epochs)",
+        "drops rows holding a lexical trigger, an n-gram regression drops rows it tells from the "
+        "reference rows (style, syntax), a teacher trained on the reference rows drops the rows whose "
+        "label it contradicts (docs/SPEC.md §4: scan_alpha, disc_quantile, teacher_epochs)",
         inherits="lora",
-        defaults=(("scan_alpha", 1e-3), ("teacher_epochs", 20), ("teacher_relabel_prob", 1.0)),
+        defaults=(
+            ("scan_alpha", 1e-3),
+            ("disc_quantile", 0.9),
+            ("teacher_epochs", 20),
+            ("teacher_relabel_prob", 1.0),
+        ),
     ),
     "oracle": Method(
         False,
