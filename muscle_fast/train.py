@@ -257,17 +257,14 @@ def train_muscle(
     cfg = config or TrainConfig.for_model(core)
     data = _checked_data(core, cfg, train_rows, ref_rows, dev_rows, eval_sets)
     at = list(range(len(data.train)))  # each row's position in the caller's train_rows
-    scan: dict[str, Any] = {}
-    if cfg.scan_alpha:
-        data.train, scan = _scanned(cfg, data)
-        gone = set(scan["dropped_index"])
-        at = [i for i in at if i not in gone]
-    disc: dict[str, Any] = {}
-    if cfg.disc_quantile:
-        data.train, disc = _discriminated(cfg, data)
-        disc["dropped_index"] = [at[i] for i in disc["dropped_index"]]
-        gone = set(disc["dropped_index"])
-        at = [i for i in at if i not in gone]
+    filters: dict[str, dict[str, Any]] = {}  # the row filters' records, in the order they ran
+    for name, on, drop in (("scan", cfg.scan_alpha, _scanned), ("disc", cfg.disc_quantile, _discriminated)):
+        if on:
+            data.train, rec = drop(cfg, data)
+            rec["dropped_index"] = [at[i] for i in rec["dropped_index"]]
+            gone = set(rec["dropped_index"])
+            at = [i for i in at if i not in gone]
+            filters[name] = rec
     teacher: dict[str, Any] = {}
     if cfg.teacher_epochs:
         data.train, teacher = _teacher_corrected(model, tokenizer, cfg, data)
@@ -275,8 +272,8 @@ def train_muscle(
             teacher[key] = [at[i] for i in teacher[key]]
     run = _Run(model, tokenizer, cfg, data)
     run.result.teacher = teacher
-    run.result.scan = scan
-    run.result.disc = disc
+    run.result.scan = filters.get("scan", {})
+    run.result.disc = filters.get("disc", {})
     run.resume()
     t0 = run.t0 = time.perf_counter()
     was_training = core.training
@@ -319,9 +316,8 @@ def _scanned(cfg: TrainConfig, data: _Data) -> tuple[list[Row], dict[str, Any]]:
             "their training rows were not scanned"
         )
     found = ", ".join(f"{f.ngram!r} (label {f.label}, {f.train_rows} rows)" for f in res.findings)
-    return _drop_flagged(
-        data, res, f"n-gram scan (scan_alpha={cfg.scan_alpha})", f"found {found or 'nothing'}"
-    )
+    setting = f"scan_alpha={cfg.scan_alpha}"
+    return _drop_flagged(data, res, "n-gram scan", setting, f"found {found or 'nothing'}")
 
 
 def _discriminated(cfg: TrainConfig, data: _Data) -> tuple[list[Row], dict[str, Any]]:
@@ -340,8 +336,8 @@ def _discriminated(cfg: TrainConfig, data: _Data) -> tuple[list[Row], dict[str, 
         f"label {lab}: AUC {v['auc']:.3f} (z {v['z']:.1f}), {v['flagged']} rows"
         for lab, v in res.labels.items()
     )
-    what = f"n-gram discriminator (disc_quantile={cfg.disc_quantile})"
-    return _drop_flagged(data, res, what, per_label or "tested no label")
+    setting = f"disc_quantile={cfg.disc_quantile}"
+    return _drop_flagged(data, res, "n-gram discriminator", setting, per_label or "tested no label")
 
 
 def _needs_ref(data: _Data, option: str) -> None:
@@ -349,15 +345,17 @@ def _needs_ref(data: _Data, option: str) -> None:
         raise ValueError(f"train_muscle: {option} needs a non-empty reference set (ref_rows)")
 
 
-def _drop_flagged(data: _Data, res: Any, what: str, found: str) -> tuple[list[Row], dict[str, Any]]:
+def _drop_flagged(
+    data: _Data, res: Any, name: str, setting: str, found: str
+) -> tuple[list[Row], dict[str, Any]]:
     """``data.train`` without the rows a filter's result flagged, and its record (``summary()`` plus
     ``dropped_index``: positions in ``data.train``); a ValueError when it flagged every row."""
     kept = [row for row, f in zip(data.train, res.flagged, strict=True) if not f]
     if not kept:
-        raise ValueError(f"train_muscle: the {what} flagged every training row")
+        raise ValueError(f"train_muscle: the {name} ({setting}) flagged every training row")
     record = res.summary()
     record["dropped_index"] = [i for i, f in enumerate(res.flagged) if f]
-    name, n = what.split(" (")[0], len(data.train)
+    n = len(data.train)
     logger.info(f"muscle_fast: {name} {found}; {record['flagged']} of {n} training rows dropped")
     return kept, record
 

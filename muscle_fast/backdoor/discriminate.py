@@ -17,10 +17,10 @@ reference rows at all: the chosen fit's held-out AUC (training over reference ro
 one-sided test at family-wise ``alpha``; otherwise the ``1 - quantile`` share it would flag is
 clean rows, and none are. Deterministic for a seed (float64, LBFGS, sorted vocabulary).
 
-What it cannot find: poison in too small a share of its label's rows for the AUC test (at 10 %
-of SST-2's rows, with ~300 reference rows per label, the style and syntax attacks' z is 2.9-4.8
-over six reference draws against a bound of 2.6 at alpha 0.05; clean labels reach 1.9), and
-triggers that leave no n-gram at all (a word-order change alone).
+What it cannot find: poison in too small a share of its label's rows for the AUC test to pass
+(the test's power grows with the poisoned share and the number of reference rows; measured
+figures: benchmarks/results/defense-minilm-sst2/README.md), and triggers that leave no n-gram at
+all (a word-order change alone).
 """
 
 from __future__ import annotations
@@ -42,8 +42,8 @@ DEFAULT_L2 = (0.01, 0.03, 0.1, 0.3, 1.0)
 @dataclass
 class DiscriminatorResult:
     """What :func:`discriminate_rows` found: per training row whether it was flagged, and per label
-    the fit (``train_rows``, ``ref_rows``, ``features``, ``l2``, ``held_out_loss``, ``threshold``,
-    ``flagged``)."""
+    the fit (``train_rows``, ``ref_rows``, ``features``, ``l2``, ``held_out_loss``, ``auc``, ``z``,
+    ``threshold``, ``flagged``)."""
 
     flagged: list[bool]
     quantile: float
@@ -130,7 +130,8 @@ def _auc_z(pos: torch.Tensor, neg: torch.Tensor) -> tuple[float, float]:
     order = s.argsort()
     ranks = torch.empty(len(s), dtype=torch.float64)
     ranks[order] = torch.arange(1, len(s) + 1, dtype=torch.float64)
-    for v in s.unique()[torch.unique(s, return_counts=True)[1] > 1]:  # ties: their mean rank
+    values, counts = torch.unique(s, return_counts=True)
+    for v in values[counts > 1]:  # ties: their mean rank
         tie = s == v
         ranks[tie] = ranks[tie].mean()
     n1, n2 = len(pos), len(neg)
@@ -142,15 +143,13 @@ def _held_out_scores(
     x: torch.Tensor, y: torch.Tensor, fold: torch.Tensor, folds: int, l2: float
 ) -> torch.Tensor:
     """Every row's score from a regression fitted on the other folds."""
-    dense_rows = torch.arange(len(y))
+    rows = torch.arange(len(y))
     score = torch.zeros(len(y), dtype=torch.float64)
     for k in range(folds):
         fit = fold != k
-        fit_rows = dense_rows[fit]
-        xf = x.index_select(0, fit_rows)
-        coef, bias = fit_logistic(xf, y[fit], _balanced(y[fit]), l2)
-        held = dense_rows[~fit]
-        score[held] = torch.sparse.mm(x.index_select(0, held), coef[:, None])[:, 0] + bias
+        coef, bias = fit_logistic(x.index_select(0, rows[fit]), y[fit], _balanced(y[fit]), l2)
+        held = rows[~fit]
+        score[held] = (x.index_select(0, held) @ coef[:, None])[:, 0] + bias
     return score
 
 
