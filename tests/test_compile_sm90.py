@@ -14,6 +14,8 @@ import sys
 
 import pytest
 
+pytestmark = pytest.mark.slow(minutes=2)  # compiles every config
+
 SHARED_LIMIT = 227 * 1024  # bytes of shared memory one block may use on sm_90 (H100 / H200)
 
 # Registers per thread, per kernel, each with the reason for its budget. 255 is the hardware ceiling.

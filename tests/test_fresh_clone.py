@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 
 pytestmark = [
-    pytest.mark.slow,
+    pytest.mark.slow(minutes=8),
     pytest.mark.skipif(
         os.environ.get("MUSCLE_FAST_FRESH_CLONE") != "1",
         reason="installs into a fresh venv and runs the demo (~8 min): set MUSCLE_FAST_FRESH_CLONE=1",
