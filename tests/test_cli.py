@@ -438,6 +438,7 @@ def test_hyperparameter_precedence(tmp_path):
         "lora+mslr",
         "lora+ga",
         "lora+filter",
+        "full+filter",
         "oracle",
         "ref-only",
     }
@@ -452,6 +453,10 @@ def test_hyperparameter_precedence(tmp_path):
     preset["methods"]["lora+filter"] = {"scan_alpha": 1e-2}
     f = effective_hparams(bert, "lora+filter", preset, spec)
     assert (f["lr"], f["scan_alpha"], f["teacher_epochs"], f["teacher_relabel_prob"]) == (7e-4, 1e-2, 3, 1.0)
+    # full+filter: the same defaults under vanilla's section
+    preset["methods"]["vanilla"] = {"lr": 3e-5}
+    f = effective_hparams(bert, "full+filter", preset, spec)
+    assert (f["lr"], f["scan_alpha"], f["disc_quantile"], f["teacher_epochs"]) == (3e-5, 1e-3, 0.9, 5)
 
 
 def test_bad_method_config_fails_before_training(tmp_path):
@@ -683,7 +688,7 @@ def test_cli_exit_status_of_the_process(tmp_path):
     assert p.returncode == 1 and p.stdout == ""
     assert p.stderr.strip().splitlines() == [
         "muscle-fast: unknown method(s) ['fancy']; valid methods: vanilla, lora, muscle, lora+mslr, lora+ga, "
-        "lora+filter, oracle, ref-only"
+        "lora+filter, full+filter, oracle, ref-only"
     ]
     p = subprocess.run(run, capture_output=True, text=True)  # --out missing
     assert p.returncode == 2 and "required: --out" in p.stderr

@@ -190,11 +190,12 @@ def test_defend_records_the_scan(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     d, rows, flags = _ob_folder(tmp_path, 4)
     preset = tmp_path / "p.json"
-    preset.write_text(json.dumps({"methods": {"lora+filter": {"teacher_epochs": 1}, "lora": {"lr": 1e-3}}}))
+    sections = {"lora+filter": {"teacher_epochs": 1}, "full+filter": {"teacher_epochs": 1}}
+    preset.write_text(json.dumps({"methods": {**sections, "lora": {"lr": 1e-3}, "vanilla": {"lr": 5e-4}}}))
     out = tmp_path / "out"
     argv = ["defend", "--data-dir", str(d), "--model", "tiny", "--out", str(out), "--config", str(preset)]
     flags_ = "--epochs 1 --batch-size 64 --max-length 16 --ref-samples 500 --device cpu --no-progress"
-    assert main([*argv, "--methods", "lora+filter,lora", *flags_.split()]) == 0
+    assert main([*argv, "--methods", "lora+filter,lora,full+filter", *flags_.split()]) == 0
     by = {r["method"]: r for r in json.loads((out / "results.json").read_text())}
     scan, train = by["lora+filter"]["scan"], by["lora+filter"]["config"]["train"]
     assert scan["alpha"] == 1e-3 and scan["rows"] == len(rows) and scan["poison_rows"] == sum(flags)
@@ -214,6 +215,11 @@ def test_defend_records_the_scan(tmp_path, monkeypatch):
     assert teacher["poison_dropped"] == 0 == teacher["poison_relabeled"]  # the scan took them all
     assert teacher["clean_dropped"] == teacher["dropped"] and "dropped_index" not in teacher
     assert "scan" not in by["lora"] and "teacher" not in by["lora"] and "disc" not in by["lora"]
+    # full+filter: the same filters (same reference rows: the same scan), vanilla's settings, no adapter
+    full = by["full+filter"]
+    assert full["scan"] == scan and full["config"]["muscle_config"] is None
+    assert (full["config"]["train"]["lr"], full["config"]["train"]["teacher_epochs"]) == (5e-4, 1)
+    assert full["teacher"]["rows"] == teacher["rows"]
 
 
 def test_fourier_records_the_scan_and_the_teacher(tmp_path, monkeypatch):

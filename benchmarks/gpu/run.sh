@@ -55,7 +55,7 @@ if [ "${TABLE:-0}" = 1 ] && [ -d .devcarry/minilm ]; then
   # ref-only does not depend on the attack: one process per seed trains it once for all attacks.
   mkdir -p out/table
   TPIDS=()
-  TM=",${TABLE_METHODS:-vanilla,oracle,lora,ref-only,muscle,lora+filter},"
+  TM=",${TABLE_METHODS:-vanilla,oracle,lora,ref-only,muscle,lora+filter,full+filter},"
   PER_ATTACK=$(echo "$TM" | sed 's/,ref-only,/,/; s/^,//; s/,$//')
   TATTACKS="${TABLE_ATTACKS:-badnets addsent stylebkd synbkd}"
   for s in ${TABLE_SEEDS:-42 43 44}; do

@@ -34,6 +34,20 @@ class Method:
     defaults: tuple[tuple[str, Any], ...] = ()
 
 
+#: The row filters of the ``+filter`` methods (docs/SPEC.md §4), applied before their training.
+FILTER_DEFAULTS: tuple[tuple[str, Any], ...] = (
+    ("scan_alpha", 1e-3),
+    ("disc_quantile", 0.9),
+    ("teacher_epochs", 20),
+    ("teacher_relabel_prob", 1.0),
+)
+_FILTER_DOC = (
+    "on the training rows the reference set vouches for: the n-gram scan drops rows holding a lexical "
+    "trigger, an n-gram regression drops rows it tells from the reference rows (style, syntax), a "
+    "teacher trained on the reference rows drops the rows whose label it contradicts (docs/SPEC.md §4: "
+    "scan_alpha, disc_quantile, teacher_epochs)"
+)
+
 METHODS: dict[str, Method] = {
     "vanilla": Method(False, False, False, "full fine-tune, no defense"),
     "lora": Method(True, False, False, "LoRA only"),
@@ -41,20 +55,15 @@ METHODS: dict[str, Method] = {
     "lora+mslr": Method(True, True, False, "ablation: LoRA + MSLR, no alignment"),
     "lora+ga": Method(True, False, True, "ablation: LoRA + gradient alignment, no MSLR"),
     "lora+filter": Method(
-        True,
+        True, False, False, f"LoRA (lora's settings) {_FILTER_DOC}", inherits="lora", defaults=FILTER_DEFAULTS
+    ),
+    "full+filter": Method(
         False,
         False,
-        "LoRA (lora's settings) on the training rows the reference set vouches for: the n-gram scan "
-        "drops rows holding a lexical trigger, an n-gram regression drops rows it tells from the "
-        "reference rows (style, syntax), a teacher trained on the reference rows drops the rows whose "
-        "label it contradicts (docs/SPEC.md §4: scan_alpha, disc_quantile, teacher_epochs)",
-        inherits="lora",
-        defaults=(
-            ("scan_alpha", 1e-3),
-            ("disc_quantile", 0.9),
-            ("teacher_epochs", 20),
-            ("teacher_relabel_prob", 1.0),
-        ),
+        False,
+        f"full fine-tune (vanilla's settings) {_FILTER_DOC}; the teacher is a full fine-tune too",
+        inherits="vanilla",
+        defaults=FILTER_DEFAULTS,
     ),
     "oracle": Method(
         False,
