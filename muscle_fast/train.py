@@ -38,6 +38,7 @@ __all__ = [
     "CKPT",
     "Row",
     "StepCallback",
+    "TeacherCache",
     "TrainConfig",
     "TrainResult",
     "accuracy",
@@ -194,6 +195,20 @@ class TrainResult:
     disc: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass
+class TeacherCache:
+    """A teacher trained by one ``train_muscle`` call and reused by later calls that would train the
+    very same one, so a run over several attacks trains it once.
+
+    The caller vouches that they would: the same initial model (weights, patch), TrainConfig, and
+    reference and dev rows (the teacher never sees the training rows). A reusing call's teacher
+    record is the trained one's (its ``history`` holds the eval sets of the call that trained it).
+    """
+
+    result: TrainResult | None = None  #: the teacher's training, once a call has trained it
+    trained_by: str | None = None  #: the caller's name for the run that trained it (train_muscle ignores it)
+
+
 # ---------------------------------------------------------------------------------------------- memory
 
 
@@ -242,6 +257,7 @@ def train_muscle(
     eval_sets: Mapping[str, Sequence[Any]] | None = None,
     step_callback: StepCallback | None = None,
     stop_after_steps: int | None = None,
+    teacher_cache: TeacherCache | None = None,
 ) -> TrainResult:
     """Train ``model`` (its trainable parameters) on ``train_rows``; align with ``ref_rows`` if configured.
 
@@ -249,7 +265,8 @@ def train_muscle(
     dev-poison set, whose accuracy is the ASR) are evaluated each epoch into the history.
     The best trainable state is loaded into the model at the end and returned.
     ``stop_after_steps`` ends the run early (as a kill would) after that many global steps,
-    once the checkpoint for that step is written.
+    once the checkpoint for that step is written. ``teacher_cache`` (with ``teacher_epochs``): reuse
+    the teacher it holds, or keep the one trained here in it.
     """
     from tqdm.auto import tqdm
 
@@ -267,7 +284,7 @@ def train_muscle(
             filters[name] = rec
     teacher: dict[str, Any] = {}
     if cfg.teacher_epochs:
-        data.train, teacher = _teacher_corrected(model, tokenizer, cfg, data)
+        data.train, teacher = _teacher_corrected(model, tokenizer, cfg, data, teacher_cache)
         for key in ("dropped_index", "relabeled_index"):
             teacher[key] = [at[i] for i in teacher[key]]
     run = _Run(model, tokenizer, cfg, data)
@@ -361,10 +378,11 @@ def _drop_flagged(
 
 
 def _teacher_corrected(
-    model: nn.Module, tokenizer: Any, cfg: TrainConfig, data: _Data
+    model: nn.Module, tokenizer: Any, cfg: TrainConfig, data: _Data, cache: TeacherCache | None = None
 ) -> tuple[list[Row], dict[str, Any]]:
     """Train the teacher (``teacher_epochs`` on the reference rows, no alignment, best dev epoch kept
-    in the model) and return the training rows it corrects, with its record.
+    in the model; or load the one ``cache`` holds) and return the training rows it corrects, with
+    its record.
 
     A row whose label the teacher (eval mode) finds less likely than another label is relabelled
     to that label when the teacher gives it at least ``teacher_relabel_prob``, else dropped: a
@@ -384,7 +402,14 @@ def _teacher_corrected(
         checkpoint_dir=None,
         checkpoint_every=0,
     )
-    res = train_muscle(model, tokenizer, data.ref, data.ref, data.dev, tcfg, eval_sets=data.extra)
+    if cache is not None and cache.result is not None:
+        res = cache.result
+        _load_trainable(model, res.best_state, "teacher_cache")
+        logger.info("muscle_fast: teacher reused from an earlier run with the same model, config and rows")
+    else:
+        res = train_muscle(model, tokenizer, data.ref, data.ref, data.dev, tcfg, eval_sets=data.extra)
+        if cache is not None:
+            cache.result = res
     probs = predict_proba(model, tokenizer, data.train, cfg.eval_batch_size, cfg.max_length)
     conf, pred = probs.max(dim=-1)
     own = probs.gather(1, torch.tensor([lab for _, lab in data.train])[:, None])[:, 0]
@@ -419,6 +444,21 @@ def _teacher_corrected(
         f"{len(relabeled)} and dropped {len(dropped)} of {len(data.train)} training rows"
     )
     return rows, record
+
+
+def _load_trainable(model: nn.Module, state: Mapping[str, torch.Tensor], what: str) -> None:
+    """Copy ``state`` into the model's trainable parameters; a ValueError when their names differ."""
+    core = unwrap_model(model)
+    params = {n: p for n, p in core.named_parameters() if p.requires_grad}
+    if set(params) != set(state):
+        extra, missing = sorted(set(state) - set(params)), sorted(set(params) - set(state))
+        raise ValueError(
+            f"train_muscle: {what} holds another model's parameters (unknown here: {extra[:3]}, "
+            f"missing: {missing[:3]})"
+        )
+    with torch.no_grad():
+        for n, p in params.items():
+            p.copy_(state[n])
 
 
 @dataclass

@@ -65,6 +65,20 @@ def ob_data(root: Path) -> Path:
     return d
 
 
+def two_attacks(root: Path) -> Path:
+    """ob_data's badnets folder and an ``addsent`` copy: the same clean rows (dev-clean too), another
+    trigger in its poisoned files."""
+    import shutil
+
+    bad = ob_data(root)
+    add = root / "addsent"
+    shutil.copytree(bad, add)
+    for name in ("dev-poison.csv", "test-poison.csv", "mix/0.1/train-poison.csv"):
+        f = add / name
+        f.write_text(f.read_text().replace(f" {TRIGGER} ", " w1 w2 "))
+    return root
+
+
 FLAGS = "--epochs 1 --batch-size 4 --max-length 8 --ref-samples 4 --device cpu --no-progress"
 METHODS4 = ("vanilla", "muscle", "oracle", "ref-only")
 
@@ -173,18 +187,10 @@ def test_ref_only_trains_once_for_every_attack(tmp_path, tiny, monkeypatch):
     """ref-only's training does not depend on the attack: defend trains it once per seed and scores
     it on each attack's dev-poison (every epoch) and test sets; each record equals the one a run of
     that attack alone writes, and a rerun skips them all."""
-    import shutil
-
     from muscle_fast import train
     from muscle_fast.experiment import RunSpec, run_defend
 
-    data = tmp_path / "data"
-    bad = ob_data(data)
-    add = data / "addsent"
-    shutil.copytree(bad, add)  # the same clean rows, another trigger in its poisoned files
-    for name in ("dev-poison.csv", "test-poison.csv", "mix/0.1/train-poison.csv"):
-        f = add / name
-        f.write_text(f.read_text().replace(f" {TRIGGER} ", " w1 w2 "))
+    data = two_attacks(tmp_path / "data")
     calls: list[int] = []
     real = train.train_muscle
 
@@ -216,6 +222,48 @@ def test_ref_only_trains_once_for_every_attack(tmp_path, tiny, monkeypatch):
     n = len(calls)
     again = run_defend(RunSpec(out=str(tmp_path / "both"), methods="ref-only,lora", **kw))
     assert len(again.skipped) == 4 and len(calls) == n
+
+
+@pytest.mark.parametrize("method", ["lora+filter", "full+filter"])
+def test_filter_teacher_trains_once_for_every_attack(tmp_path, tiny, monkeypatch, method):
+    """A +filter teacher trains on the reference rows only: defend trains it once per seed for every
+    attack, and each attack's record (the rows its teacher dropped or relabelled included) equals
+    the one a run of that attack alone writes, apart from timings and the teacher's
+    ``trained_with``."""
+    from muscle_fast import train
+    from muscle_fast.experiment import RunSpec, run_defend
+
+    data = two_attacks(tmp_path / "data")
+    calls: list[tuple[int, int]] = []  # (epochs, eval sets) of every training: students and teachers
+    real = train.train_muscle
+
+    def spy(*a, **kw):
+        calls.append((a[5].epochs, len(kw.get("eval_sets") or {})))
+        return real(*a, **kw)
+
+    monkeypatch.setattr(train, "train_muscle", spy)
+    kw = dict(
+        model="tiny", data_dir=str(data), epochs=2, batch_size=4, max_length=8, ref_samples=8, device="cpu",
+        progress=False, seed=5,
+    )  # fmt: skip
+    res = run_defend(RunSpec(out=str(tmp_path / "both"), methods=method, **kw))
+    teacher_epochs = res.records[0]["config"]["train"]["teacher_epochs"]
+    # the first attack's student, its teacher, the second attack's student
+    assert calls == [(2, 1), (teacher_epochs, 1), (2, 1)]
+    by = {r["attack"]: r for r in res.records}
+    first, second = (r["attack"] for r in res.records)
+    assert by[second]["teacher"]["trained_with"] == f"{first}/{method}"
+    assert "trained_with" not in by[first]["teacher"]
+
+    def timeless(rec):
+        t = {k: v for k, v in rec["teacher"].items() if k != "trained_with"}
+        return {**{k: v for k, v in rec.items() if k != "wall_seconds"}, "teacher": t}
+
+    for attack in (first, second):
+        alone = run_defend(RunSpec(out=str(tmp_path / attack), methods=method, attacks=attack, **kw))
+        assert timeless(by[attack]) == timeless(alone.records[0])
+    assert len(calls) == 3 + 4  # each alone: a student and its own teacher
+    assert by[first]["teacher"]["best_dev_acc"] == by[second]["teacher"]["best_dev_acc"]
 
 
 def test_run_pairs_refuses_a_plan_that_trains_another_model(tmp_path, tiny):

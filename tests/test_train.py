@@ -267,6 +267,37 @@ def test_teacher_relabels_confident_contradictions_and_drops_the_rest(
     assert t.row_filter_min_prob == 0.0 and t.checkpoint_dir is None
 
 
+def test_teacher_cache_trains_once_and_loads_the_teacher(monkeypatch):
+    """The first call trains the teacher into the cache; a later one loads its best state into the
+    model's trainable parameters instead of training, and corrects its own rows with it; a cache
+    holding another model's parameters is refused by name."""
+    import muscle_fast.train as tr
+
+    monkeypatch.setattr(tr, "predict_proba", lambda m, t, rows, *a: torch.tensor([[0.2, 0.8]] * len(rows)))
+    trained = []
+
+    def fake_train(model, tok, train, ref, dev, cfg, eval_sets=None):
+        with torch.no_grad():
+            model.weight.fill_(0.5)
+        trained.append(cfg.epochs)
+        best = {"weight": model.weight.detach().clone()}
+        return tr.TrainResult(best_epoch=1, best_dev_acc=0.5, best_state=best)
+
+    monkeypatch.setattr(tr, "train_muscle", fake_train)
+    cfg = _cfg(teacher_epochs=3)
+    cache = tr.TeacherCache()
+    first, second = torch.nn.Linear(2, 2, bias=False), torch.nn.Linear(2, 2, bias=False)
+    data = tr._Data(train=[("a", 0), ("b", 1)], ref=[("r", 1)], dev=[("v", 0)], extra={})
+    rows, _ = tr._teacher_corrected(first, None, cfg, data, cache)
+    assert trained == [3] and cache.result is not None and rows == [("b", 1)]  # a: dropped
+    data2 = tr._Data(train=[("c", 1)], ref=[("r", 1)], dev=[("v", 0)], extra={})
+    rows, record = tr._teacher_corrected(second, None, cfg, data2, cache)
+    assert trained == [3] and rows == [("c", 1)] and record["best_epoch"] == 1
+    assert torch.equal(second.weight, torch.full((2, 2), 0.5))
+    with pytest.raises(ValueError, match=r"teacher_cache holds another model's parameters .*'bias'"):
+        tr._teacher_corrected(torch.nn.Linear(2, 2), None, cfg, data2, cache)
+
+
 def test_teacher_run_trains_on_the_corrected_rows():
     """End to end on the tiny model: the teacher's record is in the result, the main run's epochs
     follow it."""
@@ -289,7 +320,7 @@ def test_teacher_row_positions_count_the_rows_the_scan_dropped(monkeypatch):
     def fake_scan(cfg, data):
         return [data.train[i] for i in (0, 2, 4)], {"flagged": 2, "dropped_index": [1, 3]}
 
-    def fake_teacher(model, tok, cfg, data):
+    def fake_teacher(model, tok, cfg, data, cache=None):
         assert data.train == [train[0], train[2], train[4]]
         return data.train[:1], {
             "rows": 3,

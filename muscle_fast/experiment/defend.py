@@ -7,10 +7,10 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigError
 from ..fileio import write_json
@@ -27,9 +27,13 @@ from .run import (
     plan_method,
     record_key,
     run_pairs,
+    teacher_key,
     training_key,
 )
 from .spec import RUN_FILE, RunSpec
+
+if TYPE_CHECKING:
+    from ..train import TeacherCache
 
 log = logging.getLogger("muscle_fast")
 
@@ -186,14 +190,15 @@ def _decide(out: Path, plan: PairPlan, old: dict[str, Any] | None) -> _Pair:
     return _Pair(plan, "train", state, old)
 
 
-def _shared_training(pairs: Sequence[_Pair], models: dict[int, BaseModels]) -> dict[int, list[int]]:
-    """Pairs (numbered from 1, in run order) that train the same model (:func:`training_key`: a
-    ``ref-only`` control of several attacks): the first of each such set to train from the start,
-    and the later ones it trains for. A pair resumed from its own state trains alone."""
+def _shared(
+    pairs: Sequence[_Pair], models: dict[int, BaseModels], key_of: Any, actions: Collection[str]
+) -> dict[int, list[int]]:
+    """Pairs (numbered from 1, in run order) whose ``action`` is in ``actions`` and whose
+    ``key_of(plan, models)`` is the same (not None): the first of each such set, and the later ones."""
     first: dict[str, int] = {}
     serves: dict[int, list[int]] = {}
     for i, p in enumerate(pairs, 1):
-        key = training_key(p.plan, models[p.plan.seed]) if p.action == "train" else None
+        key = key_of(p.plan, models[p.plan.seed]) if p.action in actions else None
         if key is None:
             continue
         if key in first:
@@ -202,6 +207,26 @@ def _shared_training(pairs: Sequence[_Pair], models: dict[int, BaseModels]) -> d
             first[key] = i
             serves[i] = []
     return {i: js for i, js in serves.items() if js}
+
+
+def _shared_training(pairs: Sequence[_Pair], models: dict[int, BaseModels]) -> dict[int, list[int]]:
+    """The pairs that train the same model (:func:`training_key`: a ``ref-only`` control of several
+    attacks): the first of each such set to train from the start, and the later ones it trains for.
+    A pair resumed from its own state trains alone."""
+    return _shared(pairs, models, training_key, ("train",))
+
+
+def _shared_teachers(pairs: Sequence[_Pair], models: dict[int, BaseModels]) -> dict[int, TeacherCache]:
+    """One :class:`TeacherCache` per set of pairs that would train the same teacher
+    (:func:`teacher_key`: a ``+filter`` method on several attacks), for each of them, by pair number."""
+    from ..train import TeacherCache
+
+    caches: dict[int, TeacherCache] = {}
+    for i, js in _shared(pairs, models, teacher_key, ("train", "resume")).items():
+        cache = TeacherCache()
+        for k in (i, *js):
+            caches[k] = cache
+    return caches
 
 
 def _remove_empty_state(out: Path) -> None:
@@ -354,6 +379,10 @@ def run_defend(spec: RunSpec) -> DefendResult:
             f"{', '.join(pairs[j - 1].plan.label for j in js)}: trained once, evaluated on each attack "
             "(interrupted, it resumes alone and the others train again)"
         )
+    teachers = _shared_teachers(pairs, models)  # pair number -> the teacher it shares
+    for cache in {id(c): c for c in teachers.values()}.values():
+        first, *later = (pairs[i - 1].plan.label for i, c in teachers.items() if c is cache)
+        log.info(f"muscle-fast: {first} trains the same teacher as {', '.join(later)}: trained once")
     progress = _Progress(len(pairs), len(todo), spec.progress)
     redirect: Any = contextlib.nullcontext()
     if spec.progress:
@@ -388,6 +417,7 @@ def run_defend(spec: RunSpec) -> DefendResult:
                     plan=plan,
                     state_dir=pair.state_dir,
                     shared=[pairs[j - 1].plan for j in serves.get(i, [])],
+                    teacher=teachers.pop(i, None),  # the last pair of a set releases its cache
                 )
                 for j, rec in zip([i, *serves.get(i, [])], recs, strict=True):
                     done[pairs[j - 1].plan.key] = rec

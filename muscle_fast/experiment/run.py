@@ -12,7 +12,7 @@ import math
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..backdoor.data import canonical_data_dir
 from ..checkpoint import RUN_KEY_IGNORES
@@ -22,6 +22,9 @@ from .data import reference_indices, reference_split, selection_dev_poison, trai
 from .loading import BaseModels, resolve_device
 from .presets import method_configs, resolve_seed
 from .spec import METHODS, RUN_FILE, STEPS_OF, RunSpec, _as_spec
+
+if TYPE_CHECKING:
+    from ..train import TeacherCache
 
 log = logging.getLogger("muscle_fast")
 
@@ -316,18 +319,29 @@ def run_method(
     )[0]  # fmt: skip
 
 
-def training_key(plan: PairPlan, models: BaseModels) -> str | None:
-    """What a ``ref-only`` pair's training depends on (model, seed, configs, reference and selection
-    rows), or None for a method that trains on its attack's own rows: pairs of several attacks with
-    the same key train the same model, so :func:`run_pairs` trains it once for all of them."""
-    if METHODS[plan.method].train_on != "reference":
-        return None
+def _rows_model_key(plan: PairPlan, models: BaseModels) -> str:
+    """A digest of what a training on the reference rows depends on: the base model, seed, configs,
+    reference and selection rows (not the attack's training rows)."""
     cfg = plan.config
     what = [
         models.name, models.load_in_4bit, plan.seed, plan.method, plan.dataset.num_labels, cfg["train"],
         cfg["muscle_config"], cfg["gradient_checkpointing"], plan.reference, plan.selection,
     ]  # fmt: skip
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()
+
+
+def training_key(plan: PairPlan, models: BaseModels) -> str | None:
+    """What a ``ref-only`` pair's training depends on, or None for a method that trains on its
+    attack's own rows: pairs of several attacks with the same key train the same model, so
+    :func:`run_pairs` trains it once for all of them."""
+    return _rows_model_key(plan, models) if METHODS[plan.method].train_on == "reference" else None
+
+
+def teacher_key(plan: PairPlan, models: BaseModels) -> str | None:
+    """What a ``+filter`` pair's teacher depends on (it trains on the reference rows only), or None
+    for a method without a teacher: pairs of several attacks with the same key can share one
+    :class:`~muscle_fast.train.TeacherCache`."""
+    return _rows_model_key(plan, models) if plan.train_config.teacher_epochs else None
 
 
 def run_pairs(
@@ -343,11 +357,14 @@ def run_pairs(
     plan: PairPlan | None = None,
     state_dir: Path | None = None,
     shared: Sequence[PairPlan] = (),
+    teacher: TeacherCache | None = None,
 ) -> list[dict[str, Any]]:
     """:func:`run_method`, whose training also serves ``shared``: plans of other attacks with the
     same :func:`training_key`. The model is trained once; every epoch also evaluates each shared
     plan's dev-poison rows, and each is then scored on its own test sets, saved under its own
     folder and recorded as its own pair (``trained_with`` names the pair that trained it).
+    ``teacher``: the cache of the pairs with this pair's :func:`teacher_key`; a pair whose teacher
+    an earlier one trained records its name as the teacher's ``trained_with``.
     Returns the records, this pair's first."""
     import torch
 
@@ -399,6 +416,7 @@ def run_pairs(
         hooks.before_training(run)
     loop_cfg = dataclasses.replace(tcfg, checkpoint_dir=str(state_dir)) if state_dir is not None else tcfg
     asr_key = {plan.label: "dev_asr", **{q.label: f"dev_asr@{i}" for i, q in enumerate(shared, 1)}}
+    reused = teacher is not None and teacher.result is not None
     res = train_muscle(
         model,
         tok,
@@ -408,7 +426,12 @@ def run_pairs(
         loop_cfg,
         eval_sets={asr_key[q.label]: q.dev_poison for q in (plan, *shared)},
         step_callback=hooks.on_step if hooks is not None else None,
+        teacher_cache=teacher,
     )
+    if teacher is not None and not reused:
+        teacher.trained_by = plan.label
+    elif teacher is not None and res.teacher:
+        res.teacher = {**res.teacher, "trained_with": teacher.trained_by}
     records = []
     for q in (plan, *shared):
         qds = q.dataset
