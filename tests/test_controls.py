@@ -79,6 +79,30 @@ def two_attacks(root: Path) -> Path:
     return root
 
 
+def two_attacks_spec(tmp_path: Path, ref_samples: int) -> dict[str, Any]:
+    """RunSpec fields (all but ``out`` and ``methods``) for the tiny model on :func:`two_attacks`."""
+    data = two_attacks(tmp_path / "data")
+    return dict(
+        model="tiny", data_dir=str(data), epochs=2, batch_size=4, max_length=8, ref_samples=ref_samples,
+        device="cpu", progress=False, seed=5,
+    )  # fmt: skip
+
+
+def spy_trainings(monkeypatch) -> list[tuple[int, int]]:
+    """(epochs, number of eval sets) of every ``train_muscle`` call from now on, in call order."""
+    from muscle_fast import train
+
+    calls: list[tuple[int, int]] = []
+    real = train.train_muscle
+
+    def spy(*a, **kw):
+        calls.append((a[5].epochs, len(kw.get("eval_sets") or {})))
+        return real(*a, **kw)
+
+    monkeypatch.setattr(train, "train_muscle", spy)
+    return calls
+
+
 FLAGS = "--epochs 1 --batch-size 4 --max-length 8 --ref-samples 4 --device cpu --no-progress"
 METHODS4 = ("vanilla", "muscle", "oracle", "ref-only")
 
@@ -187,24 +211,12 @@ def test_ref_only_trains_once_for_every_attack(tmp_path, tiny, monkeypatch):
     """ref-only's training does not depend on the attack: defend trains it once per seed and scores
     it on each attack's dev-poison (every epoch) and test sets; each record equals the one a run of
     that attack alone writes, and a rerun skips them all."""
-    from muscle_fast import train
     from muscle_fast.experiment import RunSpec, run_defend
 
-    data = two_attacks(tmp_path / "data")
-    calls: list[int] = []
-    real = train.train_muscle
-
-    def spy(*a, **kw):
-        calls.append(len(kw.get("eval_sets") or {}))
-        return real(*a, **kw)
-
-    monkeypatch.setattr(train, "train_muscle", spy)
-    kw = dict(
-        model="tiny", data_dir=str(data), epochs=2, batch_size=4, max_length=8, ref_samples=4, device="cpu",
-        progress=False, seed=5,
-    )  # fmt: skip
+    calls = spy_trainings(monkeypatch)
+    kw = two_attacks_spec(tmp_path, ref_samples=4)
     res = run_defend(RunSpec(out=str(tmp_path / "both"), methods="ref-only,lora", **kw))
-    assert calls == [2, 1, 1]  # ref-only for both attacks (two dev ASR sets), then each attack's lora
+    assert [n for _, n in calls] == [2, 1, 1]  # ref-only for both attacks (two dev ASR sets), then each lora
     assert not (tmp_path / "both" / ".train-state").exists()  # no state left of the served pair
     by = {(r["attack"], r["method"]): r for r in res.records}
     assert by[("badnets", "ref-only")]["trained_with"] == "addsent/ref-only"
@@ -230,22 +242,10 @@ def test_filter_teacher_trains_once_for_every_attack(tmp_path, tiny, monkeypatch
     attack, and each attack's record (the rows its teacher dropped or relabelled included) equals
     the one a run of that attack alone writes, apart from timings and the teacher's
     ``trained_with``."""
-    from muscle_fast import train
     from muscle_fast.experiment import RunSpec, run_defend
 
-    data = two_attacks(tmp_path / "data")
-    calls: list[tuple[int, int]] = []  # (epochs, eval sets) of every training: students and teachers
-    real = train.train_muscle
-
-    def spy(*a, **kw):
-        calls.append((a[5].epochs, len(kw.get("eval_sets") or {})))
-        return real(*a, **kw)
-
-    monkeypatch.setattr(train, "train_muscle", spy)
-    kw = dict(
-        model="tiny", data_dir=str(data), epochs=2, batch_size=4, max_length=8, ref_samples=8, device="cpu",
-        progress=False, seed=5,
-    )  # fmt: skip
+    calls = spy_trainings(monkeypatch)  # students and teachers
+    kw = two_attacks_spec(tmp_path, ref_samples=8)
     res = run_defend(RunSpec(out=str(tmp_path / "both"), methods=method, **kw))
     teacher_epochs = res.records[0]["config"]["train"]["teacher_epochs"]
     # the first attack's student, its teacher, the second attack's student
