@@ -41,7 +41,7 @@ from .experiment import (
     run_defend,
     run_fourier,
 )
-from .report import results_table, write_results
+from .report import overview_table, results_table, write_results
 
 __all__ = [
     "EXIT_ERROR",
@@ -201,9 +201,17 @@ def _print_resume(res: Any) -> None:
         )
 
 
+def _print_tables(records: Any) -> None:
+    """The results table, then (several attacks) the methods-by-attacks overview."""
+    print(results_table(records))
+    overview = overview_table(records)
+    if overview:
+        print("\ntest CACC % / ASR %:\n" + overview)
+
+
 def cmd_defend(args: argparse.Namespace) -> int:
     res = run_defend(run_spec(args))
-    print(results_table(res.records))
+    _print_tables(res.records)
     _print_resume(res)
     print(f"\nwrote {res.out / 'results.json'}, results.md, results.png in {res.seconds:.1f} s")
     return 0
@@ -230,7 +238,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     write_results(out, records, model_name)
-    print(results_table(records))
+    _print_tables(records)
     total = sum(r["wall_seconds"] for r in records)
     print(
         f"\n{len(records)} runs, {total / 60:.1f} min of training in all; wrote {out / 'results.json'}, "

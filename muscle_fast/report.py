@@ -150,6 +150,38 @@ def summary_table(records: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def overview_table(records: Sequence[dict[str, Any]]) -> str:
+    """Methods by attacks, the layout papers print: test ``CACC / ASR`` in percent per cell (with
+    several seeds, mean ± sd and the number of seeds), then the mean over the attacks; one table per
+    dataset, datasets with a single attack left out (the results table already reads that way)."""
+    groups = seed_groups(records)
+    multi = several_seeds(records)
+
+    def cell(cacc: Sequence[float], asr: Sequence[float]) -> str:
+        return f"{pm(cacc, digits=1)} / {pm(asr, digits=1)}" + (f" ({len(asr)})" if multi else "")
+
+    cacc_means = {(d, m): v for d, m, _, v in attack_means(records, lambda r: r["cacc"])}
+    asr_means = {(d, m): (n, v) for d, m, n, v in attack_means(records, lambda r: r["asr"])}
+    tables = []
+    for d in dict.fromkeys(d for d, _, _ in groups):
+        attacks = list(dict.fromkeys(a for dd, a, _ in groups if dd == d))
+        if len(attacks) < 2:
+            continue
+        lines = [
+            f"| {d}: method | " + " | ".join(attacks) + f" | mean of {len(attacks)} attacks |",
+            "|" + " --- |" * (len(attacks) + 2),
+        ]
+        for m in dict.fromkeys(m for dd, _, m in groups if dd == d):
+            cells = []
+            for a in attacks:
+                recs = groups.get((d, a, m), [])
+                cells.append(cell([r["cacc"] for r in recs], [r["asr"] for r in recs]) if recs else "")
+            mean = cell(cacc_means[d, m], asr_means[d, m][1]) if (d, m) in asr_means else ""
+            lines.append(f"| {m} | " + " | ".join(cells) + f" | {mean} |")
+        tables.append("\n".join(lines))
+    return "\n\n".join(tables)
+
+
 def results_table(records: Sequence[dict[str, Any]]) -> str:
     """The markdown table of the results (rates in percent): every run, or with several seeds per
     (attack, method) their mean ± sd (:func:`summary_table`)."""
@@ -214,6 +246,20 @@ def results_markdown(records: Sequence[dict[str, Any]], model_name: str) -> str:
         text += (
             "- Several seeds: each cell is the mean ± sample standard deviation over the seeds; the "
             "attack means average each seed's runs over the attacks first.\n"
+        )
+    overview = overview_table(records)
+    if overview:
+        text += (
+            "\n## Overview\n\nTest CACC % / ASR %"
+            + (
+                " (mean ± sd over the seeds, how many seeds); the mean over the attacks uses the seeds that "
+                "ran every attack"
+                if multi
+                else ""
+            )
+            + ".\n\n"
+            + overview
+            + "\n\n## Every attack and method\n"
         )
     text += "\n" + results_table(records) + "\n"
     means = attack_means(records, lambda r: r["cacc"])

@@ -356,8 +356,8 @@ def test_seeds_spec_and_hparams_inheritance():
     assert effective_hparams(model, "oracle", preset, RunSpec())["lr"] == 3e-5
 
 
-def test_report_merges_seeds_and_refuses_a_repeated_seed(tmp_path):
-    from muscle_fast.report import merge_records, results_markdown, results_table
+def test_report_merges_seeds_and_refuses_a_repeated_seed(tmp_path, capsys):
+    from muscle_fast.report import merge_records, overview_table, results_markdown, results_table
 
     def rec(method: str, seed: int, asr: float, attack: str = "badnets") -> dict[str, Any]:
         curves = {"epoch": [1], "dev_cacc": [0.5], "dev_asr": [0.5], "train_loss": [1.0]}
@@ -386,3 +386,17 @@ def test_report_merges_seeds_and_refuses_a_repeated_seed(tmp_path):
     # two attacks, two seeds: the mean over the attacks with its sd over seeds
     recs = [rec(m, s, asr, att) for m in ("lora",) for s, asr in ((1, 0.2), (2, 0.4)) for att in ("x", "y")]
     assert "| sst-2 | mean of 2 attacks | lora | 2 | 90.00 ± 0.00 | 30.00 ± 14.14 |" in results_table(recs)
+    # the overview: methods by attacks; a method missing an attack has a blank cell and no mean
+    recs.append(rec("oracle", 1, 0.1, "x"))
+    assert overview_table(recs).splitlines() == [
+        "| sst-2: method | x | y | mean of 2 attacks |",
+        "| --- | --- | --- | --- |",
+        "| lora" + " | 90.0 ± 0.0 / 30.0 ± 14.1 (2)" * 3 + " |",
+        "| oracle | 90.0 / 10.0 (1) |  |  |",
+    ]
+    assert "## Overview" in results_markdown(recs, "m") and overview_table(merged) == ""  # one attack
+    from muscle_fast.cli import main
+
+    (tmp_path / "c.json").write_text(json.dumps(recs))
+    assert main(["report", "--out", str(tmp_path / "merged"), str(tmp_path / "c.json")]) == 0
+    assert overview_table(recs) in capsys.readouterr().out
