@@ -100,22 +100,29 @@ def error_exit(e: BaseException) -> SystemExit:
 # ---------------------------------------------------------------------------------------------- specs
 
 
-def run_spec(args: argparse.Namespace) -> RunSpec:
-    """The RunSpec of a ``defend`` or ``fourier`` command line."""
-    return RunSpec(
-        out=args.out,
+def _data_fields(args: argparse.Namespace) -> dict[str, Any]:
+    """The spec fields of the data options every command shares (``_add_data_args``)."""
+    return dict(
         model=args.model,
-        methods=args.methods if hasattr(args, "methods") else args.method,
-        preset=args.config,
         data_dir=args.data_dir,
         attacks=args.attacks,
         poison_setting=args.poison_setting,
         poison_rate=args.poison_rate,
         target_label=args.target_label,
         num_labels=args.num_labels,
+        seed=args.seed,
+    )
+
+
+def run_spec(args: argparse.Namespace) -> RunSpec:
+    """The RunSpec of a ``defend`` or ``fourier`` command line."""
+    return RunSpec(
+        **_data_fields(args),
+        out=args.out,
+        methods=args.methods if hasattr(args, "methods") else args.method,
+        preset=args.config,
         max_train_rows=args.max_train_rows,
         max_eval_rows=args.max_eval_rows,
-        seed=args.seed,
         seeds=getattr(args, "seeds", None),
         epochs=args.epochs,
         batch_size=args.batch_size,
@@ -134,16 +141,9 @@ def run_spec(args: argparse.Namespace) -> RunSpec:
 def eval_spec(args: argparse.Namespace) -> EvalSpec:
     """The EvalSpec of an ``eval`` command line."""
     return EvalSpec(
+        **_data_fields(args),
         checkpoint=args.adapter,
-        model=args.model,
-        data_dir=args.data_dir,
-        attacks=args.attacks,
-        poison_setting=args.poison_setting,
-        poison_rate=args.poison_rate,
-        target_label=args.target_label,
-        num_labels=args.num_labels,
         max_eval_rows=args.max_eval_rows,
-        seed=args.seed,
         batch_size=args.batch_size,
         max_length=args.max_length,
         load_in_4bit=args.load_in_4bit,
@@ -264,17 +264,10 @@ def cmd_scan(args: argparse.Namespace) -> int:
     from .fileio import write_json
 
     spec = RunSpec(
-        model=args.model,
+        **_data_fields(args),
         methods=(SCAN_METHOD,),
         preset=args.config,
-        data_dir=args.data_dir,
-        attacks=args.attacks,
-        poison_setting=args.poison_setting,
-        poison_rate=args.poison_rate,
-        target_label=args.target_label,
-        num_labels=args.num_labels,
         max_train_rows=args.max_train_rows,
-        seed=args.seed,
         ref_samples=args.ref_samples,
         progress=False,
     )
