@@ -201,8 +201,8 @@ class TeacherCache:
     very same one, so a run over several attacks trains it once.
 
     The caller vouches that they would: the same initial model (weights, patch), TrainConfig, and
-    reference and dev rows (the teacher never sees the training rows). A reusing call's teacher
-    record is the trained one's (its ``history`` holds the eval sets of the call that trained it).
+    reference and dev rows (the teacher never sees the training rows or the eval sets). A reusing
+    call's teacher record is the one the training call made.
     """
 
     result: TrainResult | None = None  #: the teacher's training, once a call has trained it
@@ -407,7 +407,9 @@ def _teacher_corrected(
         _load_trainable(model, res.best_state, "teacher_cache")
         logger.info("muscle_fast: teacher reused from an earlier run with the same model, config and rows")
     else:
-        res = train_muscle(model, tokenizer, data.ref, data.ref, data.dev, tcfg, eval_sets=data.extra)
+        # scored on the dev rows only: the extra sets (a dev ASR) say nothing of a model that never
+        # sees the training rows, and cost as much as a third of its epochs
+        res = train_muscle(model, tokenizer, data.ref, data.ref, data.dev, tcfg)
         if cache is not None:
             cache.result = res
     probs = predict_proba(model, tokenizer, data.train, cfg.eval_batch_size, cfg.max_length)

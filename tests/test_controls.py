@@ -248,8 +248,8 @@ def test_filter_teacher_trains_once_for_every_attack(tmp_path, tiny, monkeypatch
     kw = two_attacks_spec(tmp_path, ref_samples=8)
     res = run_defend(RunSpec(out=str(tmp_path / "both"), methods=method, **kw))
     teacher_epochs = res.records[0]["config"]["train"]["teacher_epochs"]
-    # the first attack's student, its teacher, the second attack's student
-    assert calls == [(2, 1), (teacher_epochs, 1), (2, 1)]
+    # the first attack's student, its teacher (scored on the selection rows only), the second's student
+    assert calls == [(2, 1), (teacher_epochs, 0), (2, 1)]  # the teacher: no dev ASR
     by = {r["attack"]: r for r in res.records}
     first, second = (r["attack"] for r in res.records)
     assert by[second]["teacher"]["trained_with"] == f"{first}/{method}"
