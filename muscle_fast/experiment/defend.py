@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -191,7 +191,10 @@ def _decide(out: Path, plan: PairPlan, old: dict[str, Any] | None) -> _Pair:
 
 
 def _shared(
-    pairs: Sequence[_Pair], models: dict[int, BaseModels], key_of: Any, actions: Collection[str]
+    pairs: Sequence[_Pair],
+    models: dict[int, BaseModels],
+    key_of: Callable[[PairPlan, BaseModels], str | None],
+    actions: Collection[str],
 ) -> dict[int, list[int]]:
     """Pairs (numbered from 1, in run order) whose ``action`` is in ``actions`` and whose
     ``key_of(plan, models)`` is the same (not None): the first of each such set, and the later ones."""
