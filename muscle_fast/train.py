@@ -736,9 +736,7 @@ class _Run:
         res.steps = self.global_step
         res.wall_seconds = self.elapsed()
         if load_best and res.best_state:
-            with torch.no_grad():
-                for n, p in zip(self.names, self.params, strict=True):
-                    p.copy_(res.best_state[n])
+            _load_trainable(self.core, res.best_state, "the best state")
         self.core.train(was_training)
         return res
 
