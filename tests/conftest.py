@@ -35,5 +35,9 @@ def _minutes(item: pytest.Item) -> float:
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Longest first (``slow(minutes=...)``): under pytest-xdist none of them starts last, alone."""
+    """Longest first (``slow(minutes=...)``): under pytest-xdist none of them starts last, alone.
+
+    ``--dist loadscope`` hands out whole modules in this order only with ``--no-loadscope-reorder``
+    (README's command); its default reorders them by test count, which put the one-test fresh-clone
+    module last."""
     items.sort(key=_minutes, reverse=True)

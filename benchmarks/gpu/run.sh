@@ -61,14 +61,14 @@ if [ "${TABLE:-0}" = 1 ] && [ -d .devcarry/minilm ]; then
   for s in ${TABLE_SEEDS:-42 43 44}; do
     if [ "$PER_ATTACK" != "${TM:1:-1}" ]; then
       MUSCLE_FAST_BACKEND=${SWEEP_BACKEND:-torch} timeout -s INT -k 30 "${TABLE_S:-400}" python3 -m muscle_fast.cli \
-        defend --data-dir "${TABLE_DATA:-embedded:sst2}" --model .devcarry/minilm --config minilm-sst2 \
+        defend --data-dir "${TABLE_DATA:-embedded:sst2}" --model .devcarry/minilm --config "${TABLE_CONFIG:-minilm-sst2}" \
         --attacks "${TATTACKS// /,}" --seed "$s" --methods ref-only \
         --out "out/table/seed$s/ref-only" --device cuda --no-progress >"out/table/log-$s-ref-only.txt" 2>&1 &
       TPIDS+=($!)
     fi
     [ -n "$PER_ATTACK" ] && for a in $TATTACKS; do
       MUSCLE_FAST_BACKEND=${SWEEP_BACKEND:-torch} timeout -s INT -k 30 "${TABLE_S:-400}" python3 -m muscle_fast.cli \
-        defend --data-dir "${TABLE_DATA:-embedded:sst2}" --model .devcarry/minilm --config minilm-sst2 \
+        defend --data-dir "${TABLE_DATA:-embedded:sst2}" --model .devcarry/minilm --config "${TABLE_CONFIG:-minilm-sst2}" \
         --attacks "$a" --seed "$s" --methods "$PER_ATTACK" \
         --out "out/table/seed$s/$a" --device cuda --no-progress \
         >"out/table/log-$s-$a.txt" 2>&1 &
