@@ -71,6 +71,9 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "float | None": (int, float, type(None)),
 }
 
+#: when a ``teacher_epochs`` teacher runs (``TrainConfig.teacher_gate``; docs/SPEC.md §4)
+TEACHER_GATES = ("always", "unexplained")
+
 
 @dataclass
 class TrainConfig:
@@ -99,6 +102,10 @@ class TrainConfig:
     # training row whose label the teacher contradicts, and train on the corrected rows from there
     teacher_epochs: int = 0
     teacher_relabel_prob: float = 1.0
+    # when the teacher runs: "always", or "unexplained": not when the n-gram scan found a trigger and
+    # the discriminator's test then finds no label whose training rows differ from its reference
+    # rows (the poison was lexical and is gone; the teacher would only drop clean rows)
+    teacher_gate: str = "always"
     # not in the paper, off by default: before training, drop the training rows that hold an n-gram
     # over-represented against the reference rows of their label at this family-wise significance
     # level (a lexical trigger; muscle_fast.backdoor.scan); 0 = off
@@ -148,6 +155,20 @@ class TrainConfig:
         if not 0.5 <= self.teacher_relabel_prob <= 1.0:
             raise ValueError(
                 f"TrainConfig.teacher_relabel_prob must be in [0.5, 1], got {self.teacher_relabel_prob!r}"
+            )
+        if self.teacher_gate not in TEACHER_GATES:
+            raise ValueError(
+                f"TrainConfig.teacher_gate must be one of {TEACHER_GATES}, got {self.teacher_gate!r}"
+            )
+        if (
+            self.teacher_gate == "unexplained"
+            and self.teacher_epochs
+            and not (self.scan_alpha and self.disc_quantile)
+        ):
+            raise ValueError(
+                "TrainConfig.teacher_gate='unexplained' needs scan_alpha and disc_quantile on (the scan "
+                f"explains the poison, the discriminator checks nothing is left), got scan_alpha="
+                f"{self.scan_alpha!r}, disc_quantile={self.disc_quantile!r}"
             )
         if self.disc_quantile != 0.0 and not 0.5 <= self.disc_quantile < 1.0:
             raise ValueError(
@@ -283,7 +304,11 @@ def train_muscle(
             at = [i for i in at if i not in gone]
             filters[name] = rec
     teacher: dict[str, Any] = {}
-    if cfg.teacher_epochs:
+    explained = _poison_explained(cfg, filters)
+    if explained:
+        teacher = {"skipped": explained}
+        logger.info(f"muscle_fast: teacher not trained (teacher_gate='unexplained'): {explained}")
+    elif cfg.teacher_epochs:
         data.train, teacher = _teacher_corrected(model, tokenizer, cfg, data, teacher_cache)
         for key in ("dropped_index", "relabeled_index"):
             teacher[key] = [at[i] for i in teacher[key]]
@@ -355,6 +380,23 @@ def _discriminated(cfg: TrainConfig, data: _Data) -> tuple[list[Row], dict[str, 
     )
     setting = f"disc_quantile={cfg.disc_quantile}"
     return _drop_flagged(data, res, "n-gram discriminator", setting, per_label or "tested no label")
+
+
+def _poison_explained(cfg: TrainConfig, filters: Mapping[str, dict[str, Any]]) -> str | None:
+    """Why the teacher need not run (``teacher_gate='unexplained'``), or None: the scan dropped the
+    rows of a lexical trigger and no label's remaining training rows passed the discriminator's
+    test against its reference rows."""
+    if cfg.teacher_gate != "unexplained" or not cfg.teacher_epochs:
+        return None
+    scan, disc = filters["scan"], filters["disc"]
+    unsure = scan["untested_labels"] or disc["untested_labels"]
+    if not scan["flagged"] or unsure or any(v["passed"] for v in disc["labels"].values()):
+        return None
+    grams = ", ".join(repr(f["ngram"]) for f in scan["findings"])
+    return (
+        f"the n-gram scan dropped {scan['flagged']} rows holding {grams} and no label's remaining rows "
+        "differ from its reference rows (discriminator test)"
+    )
 
 
 def _needs_ref(data: _Data, option: str) -> None:

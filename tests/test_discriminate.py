@@ -171,3 +171,74 @@ def test_disc_record_counts_the_poisoned_rows_it_dropped():
     assert filter_records("lora+filter", res, ds) == {
         "disc": {"flagged": 2, "quantile": 0.9, "poison_rows": 1, "poison_dropped": 1, "clean_dropped": 1}
     }
+
+
+def _gate_run(monkeypatch, train, ref, gate: str) -> tuple[object, list[int]]:
+    """train_muscle with the scan, the discriminator and a stand-in teacher (it keeps every row and
+    counts its calls), one epoch on the tiny model."""
+    from helpers import WordTokenizer as Tok
+
+    import muscle_fast.train as tr
+
+    calls: list[int] = []
+
+    def fake_teacher(model, tok, cfg, data, cache=None):
+        calls.append(len(data.train))
+        kept = {"rows": len(data.train), "dropped": 0, "relabeled": 0}
+        return data.train, {**kept, "dropped_index": [], "relabeled_index": []}
+
+    monkeypatch.setattr(tr, "_teacher_corrected", fake_teacher)
+    cfg = TrainConfig(
+        epochs=1, batch_size=64, lr=1e-3, max_length=24, align=False, progress=False,
+        scan_alpha=1e-3, disc_quantile=0.9, teacher_epochs=2, teacher_gate=gate,
+    )  # fmt: skip
+    m = tiny_model("bert", num_labels=2)
+    patch_model(m)
+    return train_muscle(m, Tok(), train, ref, make_rows(16, 2), cfg), calls
+
+
+def test_teacher_gate_skips_the_teacher_only_when_the_scan_explained_the_poison(monkeypatch):
+    """teacher_gate='unexplained': a lexical trigger the scan removes, with nothing left for the
+    discriminator's test, trains no teacher; a style trigger beside it (the test passes), or no
+    finding at all (clean data), trains it as 'always' does."""
+    from helpers import WORDS
+
+    clean, _, ref = _styled(6, share=0.0, vocab=WORDS[:20], style=WORDS[20:])
+    styled, _, _ = _styled(6, share=0.15, vocab=WORDS[:20], style=WORDS[20:])
+    lexical = [(t + " w7 w7 w7 w7", 1) for t, _ in make_rows(120, 3)]
+
+    res, calls = _gate_run(monkeypatch, lexical + clean, ref, "unexplained")
+    assert calls == [] and set(res.scan["dropped_index"]) >= set(range(120))
+    assert not any(v["passed"] for v in res.disc["labels"].values()) and res.disc["flagged"] == 0
+    assert res.teacher == {"skipped": res.teacher["skipped"]} and "'w7 w7 w7'" in res.teacher["skipped"]
+    assert res.steps == -(-(len(clean) + 120 - res.scan["flagged"]) // 64)
+
+    res, calls = _gate_run(monkeypatch, lexical + clean, ref, "always")
+    assert calls == [len(clean) + 120 - res.scan["flagged"]] and "skipped" not in res.teacher
+
+    res, calls = _gate_run(monkeypatch, lexical + styled, ref, "unexplained")
+    assert res.scan["flagged"] >= 120 and any(v["passed"] for v in res.disc["labels"].values())
+    assert len(calls) == 1 and "skipped" not in res.teacher
+
+    res, calls = _gate_run(monkeypatch, clean, ref, "unexplained")
+    assert res.scan["flagged"] == 0 and len(calls) == 1 and "skipped" not in res.teacher
+
+
+def test_teacher_gate_needs_both_filters_and_a_known_value():
+    with pytest.raises(ValueError, match=r"teacher_gate must be one of \('always', 'unexplained'\), got 'x'"):
+        TrainConfig(teacher_gate="x")
+    with pytest.raises(ValueError, match=r"teacher_gate='unexplained' needs scan_alpha and disc_quantile .*"
+                       r"scan_alpha=0.001, disc_quantile=0.0"):  # fmt: skip
+        TrainConfig(teacher_epochs=3, scan_alpha=1e-3, teacher_gate="unexplained")
+    TrainConfig(teacher_gate="unexplained")  # no teacher: nothing to gate
+
+
+def test_a_skipped_teacher_is_recorded_as_such():
+    from types import SimpleNamespace
+
+    from muscle_fast.experiment.run import filter_records
+
+    why = "the n-gram scan dropped 2 rows holding 'cf' and ..."
+    res = SimpleNamespace(teacher={"skipped": why}, scan={}, disc={})
+    ds = SimpleNamespace(train_poison_flags=[False, True])
+    assert filter_records("lora+filter", res, ds) == {"teacher": {"skipped": why}}

@@ -43,7 +43,7 @@ DEFAULT_L2 = (0.01, 0.03, 0.1, 0.3, 1.0)
 class DiscriminatorResult:
     """What :func:`discriminate_rows` found: per training row whether it was flagged, and per label
     the fit (``train_rows``, ``ref_rows``, ``features``, ``l2``, ``held_out_loss``, ``auc``, ``z``,
-    ``threshold``, ``flagged``)."""
+    ``threshold``, ``passed`` (the test; else nothing is flagged), ``flagged``)."""
 
     flagged: list[bool]
     quantile: float
@@ -216,7 +216,8 @@ def discriminate_rows(
         s = scores[best]
         auc, z = _auc_z(s[:n], s[n:])
         threshold = float(torch.quantile(s[n:], quantile))
-        hits = (s[:n] > threshold).tolist() if z > z_min else [False] * n
+        passed = z > z_min
+        hits = (s[:n] > threshold).tolist() if passed else [False] * n
         for i, h in zip(members, hits, strict=True):
             flagged[i] = h
         labels[lab] = {
@@ -228,6 +229,7 @@ def discriminate_rows(
             "auc": auc,
             "z": z,
             "threshold": threshold,
+            "passed": passed,
             "flagged": sum(hits),
         }
     return DiscriminatorResult(flagged, quantile, labels, untested)

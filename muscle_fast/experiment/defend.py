@@ -385,7 +385,7 @@ def run_defend(spec: RunSpec) -> DefendResult:
     teachers = _shared_teachers(pairs, models)  # pair number -> the teacher it shares
     for cache in {id(c): c for c in teachers.values()}.values():
         first, *later = (pairs[i - 1].plan.label for i, c in teachers.items() if c is cache)
-        log.info(f"muscle-fast: {first} trains the same teacher as {', '.join(later)}: trained once")
+        log.info(f"muscle-fast: {first} shares its teacher with {', '.join(later)}: trained at most once")
     progress = _Progress(len(pairs), len(todo), spec.progress)
     redirect: Any = contextlib.nullcontext()
     if spec.progress:

@@ -428,7 +428,7 @@ def run_pairs(
         step_callback=hooks.on_step if hooks is not None else None,
         teacher_cache=teacher,
     )
-    if teacher is not None and not reused:
+    if teacher is not None and not reused and teacher.result is not None:  # not skipped (teacher_gate)
         teacher.trained_by = plan.label
     elif teacher is not None and res.teacher:
         res.teacher = {**res.teacher, "trained_with": teacher.trained_by}
@@ -563,7 +563,9 @@ def _scan_record(scan: dict[str, Any], flags: Sequence[bool] | None) -> dict[str
 
 def _teacher_record(teacher: dict[str, Any], flags: Sequence[bool] | None) -> dict[str, Any]:
     """The teacher's record for results.json: its epoch, dev accuracy and the rows it dropped or
-    relabelled."""
+    relabelled; or why it did not run (``skipped``: ``teacher_gate``)."""
+    if "skipped" in teacher:
+        return dict(teacher)
     return _split_by_poison(teacher, flags, ("dropped", "relabeled"))
 
 

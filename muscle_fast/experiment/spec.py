@@ -40,12 +40,14 @@ FILTER_DEFAULTS: tuple[tuple[str, Any], ...] = (
     ("disc_quantile", 0.9),
     ("teacher_epochs", 20),
     ("teacher_relabel_prob", 1.0),
+    ("teacher_gate", "unexplained"),
 )
 _FILTER_DOC = (
     "on the training rows the reference set vouches for: the n-gram scan drops rows holding a lexical "
     "trigger, an n-gram regression drops rows it tells from the reference rows (style, syntax), a "
-    "teacher trained on the reference rows drops the rows whose label it contradicts (docs/SPEC.md §4: "
-    "scan_alpha, disc_quantile, teacher_epochs)"
+    "teacher trained on the reference rows drops the rows whose label it contradicts, unless the scan "
+    "found the trigger and nothing else is left (docs/SPEC.md §4: scan_alpha, disc_quantile, "
+    "teacher_epochs, teacher_gate)"
 )
 
 METHODS: dict[str, Method] = {
