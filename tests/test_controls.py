@@ -400,3 +400,27 @@ def test_report_merges_seeds_and_refuses_a_repeated_seed(tmp_path, capsys):
     (tmp_path / "c.json").write_text(json.dumps(recs))
     assert main(["report", "--out", str(tmp_path / "merged"), str(tmp_path / "c.json")]) == 0
     assert overview_table(recs) in capsys.readouterr().out
+
+
+def test_a_skipped_teacher_neither_claims_nor_names_the_shared_one():
+    """With teacher_gate a pair may skip its teacher: it is then not the one that trained the
+    shared teacher, and its record names no trainer; the pairs that train and reuse it still do."""
+    from types import SimpleNamespace
+
+    from muscle_fast.experiment.run import _note_shared_teacher
+    from muscle_fast.train import TeacherCache
+
+    cache = TeacherCache()
+    skipped = SimpleNamespace(teacher={"skipped": "the scan found it"})
+    _note_shared_teacher(cache, skipped, False, "badnets/lora+filter")
+    assert cache.trained_by is None and skipped.teacher == {"skipped": "the scan found it"}
+    cache.result = object()  # the next pair trains it
+    trained = SimpleNamespace(teacher={"dropped": 3})
+    _note_shared_teacher(cache, trained, False, "stylebkd/lora+filter")
+    assert cache.trained_by == "stylebkd/lora+filter" and "trained_with" not in trained.teacher
+    again = SimpleNamespace(teacher={"skipped": "the scan found it"})
+    _note_shared_teacher(cache, again, True, "addsent/lora+filter")
+    assert again.teacher == {"skipped": "the scan found it"}
+    reused = SimpleNamespace(teacher={"dropped": 2})
+    _note_shared_teacher(cache, reused, True, "synbkd/lora+filter")
+    assert reused.teacher == {"dropped": 2, "trained_with": "stylebkd/lora+filter"}

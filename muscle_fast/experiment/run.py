@@ -428,10 +428,8 @@ def run_pairs(
         step_callback=hooks.on_step if hooks is not None else None,
         teacher_cache=teacher,
     )
-    if teacher is not None and not reused and teacher.result is not None:  # not skipped (teacher_gate)
-        teacher.trained_by = plan.label
-    elif teacher is not None and res.teacher:
-        res.teacher = {**res.teacher, "trained_with": teacher.trained_by}
+    if teacher is not None:
+        _note_shared_teacher(teacher, res, reused, plan.label)
     records = []
     for q in (plan, *shared):
         qds = q.dataset
@@ -559,6 +557,18 @@ def _scan_record(scan: dict[str, Any], flags: Sequence[bool] | None) -> dict[str
     """A row filter's record (the n-gram scan, the discriminator) for results.json: what it found
     and the rows it dropped."""
     return _split_by_poison(scan, flags, ("dropped",))
+
+
+def _note_shared_teacher(teacher: TeacherCache, res: Any, reused: bool, label: str) -> None:
+    """After a pair's training: the cache remembers the pair that trained its teacher, and a pair
+    that reused it records that pair as its teacher's ``trained_with``; a pair whose teacher was
+    skipped (``teacher_gate``) does neither."""
+    if "skipped" in res.teacher:
+        return
+    if not reused and teacher.result is not None:
+        teacher.trained_by = label
+    elif reused and res.teacher:
+        res.teacher = {**res.teacher, "trained_with": teacher.trained_by}
 
 
 def _teacher_record(teacher: dict[str, Any], flags: Sequence[bool] | None) -> dict[str, Any]:
