@@ -179,7 +179,8 @@ def _ob_folder(root, seed: int):
 def test_defend_records_the_scan(tmp_path, monkeypatch):
     """lora+filter through defend: its defaults (scan, teacher) reach the training loop under the
     preset's overrides; results.json carries the scan's record, which maps the dropped rows onto
-    the training file's poison flags, and the teacher's."""
+    the training file's poison flags, and the teacher's. full+filter keeps the default
+    teacher_gate: the scan explained the poison, so its record says why no teacher trained."""
     import json
 
     from helpers import use_tiny_models
@@ -190,7 +191,10 @@ def test_defend_records_the_scan(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     d, rows, flags = _ob_folder(tmp_path, 4)
     preset = tmp_path / "p.json"
-    sections = {"lora+filter": {"teacher_epochs": 1}, "full+filter": {"teacher_epochs": 1}}
+    sections = {
+        "lora+filter": {"teacher_epochs": 1, "teacher_gate": "always"},
+        "full+filter": {"teacher_epochs": 1},
+    }
     preset.write_text(json.dumps({"methods": {**sections, "lora": {"lr": 1e-3}, "vanilla": {"lr": 5e-4}}}))
     out = tmp_path / "out"
     argv = ["defend", "--data-dir", str(d), "--model", "tiny", "--out", str(out), "--config", str(preset)]
@@ -219,7 +223,8 @@ def test_defend_records_the_scan(tmp_path, monkeypatch):
     full = by["full+filter"]
     assert full["scan"] == scan and full["config"]["muscle_config"] is None
     assert (full["config"]["train"]["lr"], full["config"]["train"]["teacher_epochs"]) == (5e-4, 1)
-    assert full["teacher"]["rows"] == teacher["rows"]
+    assert (train["teacher_gate"], full["config"]["train"]["teacher_gate"]) == ("always", "unexplained")
+    assert list(full["teacher"]) == ["skipped"] and "the n-gram scan dropped" in full["teacher"]["skipped"]
 
 
 def test_fourier_records_the_scan_and_the_teacher(tmp_path, monkeypatch):
@@ -243,7 +248,7 @@ def test_fourier_records_the_scan_and_the_teacher(tmp_path, monkeypatch):
             [
                 *argv,
                 "--config",
-                '{"methods": {"lora+filter": {"teacher_epochs": 1}}}',
+                '{"methods": {"lora+filter": {"teacher_epochs": 1, "teacher_gate": "always"}}}',
                 *flags_.split(),
                 "--no-progress",
             ]
