@@ -168,7 +168,8 @@ class TrainConfig:
             raise ValueError(
                 "TrainConfig.teacher_gate='unexplained' needs scan_alpha and disc_quantile on (the scan "
                 f"explains the poison, the discriminator checks nothing is left), got scan_alpha="
-                f"{self.scan_alpha!r}, disc_quantile={self.disc_quantile!r}"
+                f"{self.scan_alpha!r}, disc_quantile={self.disc_quantile!r}; set teacher_gate='always' "
+                "to train the teacher without them"
             )
         if self.disc_quantile != 0.0 and not 0.5 <= self.disc_quantile < 1.0:
             raise ValueError(
