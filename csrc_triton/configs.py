@@ -75,17 +75,19 @@ CONFIGS: dict[str, dict[str, list[Config]]] = {
         "untuned": [_c(8, 2, BLOCK_M=64, BLOCK_K=64)],
         "interpret": [_c(4, 1, BLOCK_M=32, BLOCK_K=32)],
     },
-    # -- NF4 / FP4 dequantization (nf4.py): packed bytes per program (x2 output elements) ----------------
+    # -- NF4 / FP4 dequantization (nf4.py): WORDS = 32 * num_warps (one 4-byte word, 8 values, per
+    # thread and tile: the layout that needs no shared memory), ITERS tiles per program. The small
+    # programs keep the SMs busy on small weights (a 576 x 576 weight is 41 programs of 8192 values).
     "nf4.dequant": {
         "gpu": [
-            _c(4, 1, BYTES=1024),
-            _c(4, 1, BYTES=2048),
-            _c(8, 1, BYTES=2048),
-            _c(8, 1, BYTES=4096),
-            _c(16, 1, BYTES=4096),
+            _c(4, 1, WORDS=128, ITERS=1),
+            _c(4, 1, WORDS=128, ITERS=4),
+            _c(4, 1, WORDS=128, ITERS=8),
+            _c(8, 1, WORDS=256, ITERS=4),
+            _c(16, 1, WORDS=512, ITERS=2),
         ],
-        "untuned": [_c(4, 1, BYTES=2048)],
-        "interpret": [_c(4, 1, BYTES=512)],
+        "untuned": [_c(4, 1, WORDS=128, ITERS=4)],
+        "interpret": [_c(1, 1, WORDS=32, ITERS=2)],
     },
     # -- fused 4-bit matmul (nf4_matmul.py): decode shapes are memory-bound, wide N tiles ----------------
     "nf4.matmul": {

@@ -12,16 +12,18 @@ absmax per block), write ``n`` values. Layout, as bitsandbytes stores it:
   decoded as ``code2[q] * absmax2[block // blocksize2] + offset`` (fp32, multiply then add,
   two roundings, like bitsandbytes' ``dequantize_blockwise`` followed by ``absmax += offset``).
 
-Each program owns ``BYTES`` consecutive packed bytes, viewed as a ``[ROWS, COLS]`` tile whose
-rows never straddle a quantization block, so the (possibly double-quantized) absmax is decoded
-once per row rather than per element. The 16-entry code table is read one of two ways
-(``LOOKUP``): ``"gather"``, a per-element load from the tiny (64 B) global table, which stays in
-L1; or ``"select"``, the 16 values loaded as scalars (per program, not per element; the same
-16 addresses for both nibbles) and picked by a 4-level ``tl.where`` tree on the nibble's bits (what
-bitsandbytes' CUDA kernel does with branches): no memory access per element, 15 selects
-instead. Which is faster is the GPU's to say (``benchmarks/bench_nf4.py`` times both); both are
-exact. The two nibbles are interleaved with ``tl.interleave`` so the output
-store is one contiguous, vectorizable run per program.
+Each thread decodes one little-endian 4-byte word (8 values) per tile: a tile is ``WORDS = 32 *
+num_warps`` words, a program runs ``ITERS`` tiles. The word is read with one 4-byte load (byte
+loads for the tail and for a packed buffer not 4-byte aligned), its 8 nibbles are shifted out
+in output order, and the thread stores its values as one 16-byte vector (two for fp32). The
+load and the store then share one register layout, so the kernel uses no shared memory and no
+barrier (``tests/test_compile_sm90.py`` checks the PTX). A word never straddles a quantization
+block (every blocksize is a multiple of 8), so the absmax is decoded once per word. The
+16-entry code table is read one of two ways (``LOOKUP``): ``"gather"``, a per-element load from
+the tiny (64 B) global table, which stays in L1; or ``"select"``, 16 scalar loads and a 4-level
+``tl.where`` tree on the nibble's bits (what bitsandbytes' CUDA kernel does with branches): no
+memory access per element, 15 selects instead. Which is faster is the GPU's to say
+(``benchmarks/bench_nf4.py`` times both); both are exact.
 """
 
 from __future__ import annotations
@@ -40,6 +42,9 @@ SUPPORTED_BLOCKSIZES = NF4_BLOCKSIZES
 #: benchmark (bench_nf4.py) times both.
 LOOKUPS: tuple[str, ...] = ("gather", "select")
 LOOKUP: str = "gather"
+
+#: Element counts from which the kernel indexes in int64 (a program's last word may reach past numel).
+_INT32_LIMIT = 2**31 - 2**20
 
 #: Output dtypes the kernel writes.
 SUPPORTED_OUT_DTYPES: tuple[torch.dtype, ...] = (torch.float16, torch.bfloat16, torch.float32)
@@ -76,7 +81,7 @@ def round_bf16_rne(vals):
 
 
 @triton.jit
-def _dequant_tile(
+def _dequant_words(
     a_ptr,
     absmax_ptr,
     code_ptr,
@@ -84,37 +89,39 @@ def _dequant_tile(
     absmax2_ptr,
     offset_ptr,
     out_ptr,
-    start,
+    w0,
     numel,
     n_bytes,
     blocksize2,
-    HALF_BS: tl.constexpr,
+    BS: tl.constexpr,
     NESTED: tl.constexpr,
     BF16_RNE: tl.constexpr,
     SELECT: tl.constexpr,
-    BYTES: tl.constexpr,
-    COLS: tl.constexpr,
+    WORD_LOADS: tl.constexpr,
+    WORDS: tl.constexpr,
+    VEC: tl.constexpr,
     MASKED: tl.constexpr,
 ):
-    ROWS: tl.constexpr = BYTES // COLS
-    rows = tl.arange(0, ROWS)
-    cols = tl.arange(0, COLS)
-    local = rows[:, None] * COLS + cols[None, :]  # [ROWS, COLS] byte offsets from start
-    # One absmax per tile row: rows are aligned to and never straddle a quantization block.
-    blk = (start + rows * COLS) // HALF_BS
-
+    """Decode ``WORDS`` 4-byte words (8 values each) starting at word ``w0``: one word per thread."""
+    w = w0 + tl.arange(0, WORDS)
+    if WORD_LOADS and not MASKED:
+        word = tl.load(a_ptr.to(tl.pointer_type(tl.int32), bitcast=True) + w)
+    else:  # the tail, or a packed buffer not 4-byte aligned: assemble the word from bytes
+        b = 4 * w
+        word = tl.load(a_ptr + b, mask=b < n_bytes, other=0).to(tl.int32)
+        word |= tl.load(a_ptr + b + 1, mask=b + 1 < n_bytes, other=0).to(tl.int32) << 8
+        word |= tl.load(a_ptr + b + 2, mask=b + 2 < n_bytes, other=0).to(tl.int32) << 16
+        word |= tl.load(a_ptr + b + 3, mask=b + 3 < n_bytes, other=0).to(tl.int32) << 24
+    # One absmax per word: every blocksize is a multiple of 8, so a word never straddles a block.
+    blk = w // (BS // 8)
     if MASKED:
-        rem = tl.minimum(n_bytes - start, BYTES)  # valid bytes in this tile
-        row_mask = rows * COLS < rem
-        raw = tl.load(a_ptr + start + local, mask=local < rem, other=0)
+        live = 8 * w < numel
         if NESTED:
-            q = tl.load(absmax_ptr + blk, mask=row_mask, other=0).to(tl.int32)
-            scale2 = tl.load(absmax2_ptr + blk // blocksize2, mask=row_mask, other=0.0)
-            scale = tl.load(code2_ptr + q) * scale2
+            q = tl.load(absmax_ptr + blk, mask=live, other=0).to(tl.int32)
+            scale = tl.load(code2_ptr + q) * tl.load(absmax2_ptr + blk // blocksize2, mask=live, other=0.0)
         else:
-            scale = tl.load(absmax_ptr + blk, mask=row_mask, other=0.0)
+            scale = tl.load(absmax_ptr + blk, mask=live, other=0.0)
     else:
-        raw = tl.load(a_ptr + start + local)
         if NESTED:
             q = tl.load(absmax_ptr + blk).to(tl.int32)
             scale = tl.load(code2_ptr + q) * tl.load(absmax2_ptr + blk // blocksize2)
@@ -122,34 +129,29 @@ def _dequant_tile(
             scale = tl.load(absmax_ptr + blk)
     if NESTED:
         scale = scale + tl.load(offset_ptr)  # separate rounding: launched with fp fusion off
-
-    hi = (raw >> 4).to(tl.int32)  # first element of the pair
-    lo = (raw & 0xF).to(tl.int32)
-    if SELECT:
-        v_hi = _code_select(code_ptr, hi) * scale[:, None]
-        v_lo = _code_select(code_ptr, lo) * scale[:, None]
-    else:
-        v_hi = tl.load(code_ptr + hi) * scale[:, None]
-        v_lo = tl.load(code_ptr + lo) * scale[:, None]
-    vals = tl.interleave(v_hi, v_lo)  # [ROWS, 2*COLS]: hi0, lo0, hi1, lo1, ...
-
-    if BF16_RNE:
-        vals = round_bf16_rne(vals)
-    else:
-        vals = vals.to(out_ptr.dtype.element_ty)
-
-    out_local = rows[:, None] * (2 * COLS) + tl.arange(0, 2 * COLS)[None, :]
-    if MASKED:
-        n_out = tl.minimum(numel - 2 * start, 2 * BYTES)
-        tl.store(out_ptr + 2 * start + out_local, vals, mask=out_local < n_out)
-    else:
-        tl.store(out_ptr + 2 * start + out_local, vals)
+    # VEC consecutive values per thread and store (16 bytes); fp32 output takes two halves.
+    for half in tl.static_range(8 // VEC):
+        j = half * VEC + tl.arange(0, VEC)
+        # Little-endian word: byte k holds values 2k (high nibble) and 2k + 1 (low nibble).
+        shift = (j >> 1) * 8 + (1 - (j & 1)) * 4
+        nib = (word[:, None] >> shift[None, :]) & 0xF
+        if SELECT:
+            vals = _code_select(code_ptr, nib) * scale[:, None]
+        else:
+            vals = tl.load(code_ptr + nib) * scale[:, None]
+        if BF16_RNE:
+            vals = round_bf16_rne(vals)
+        else:
+            vals = vals.to(out_ptr.dtype.element_ty)
+        offs = 8 * w[:, None] + j[None, :]
+        if MASKED:
+            tl.store(out_ptr + offs, vals, mask=offs < numel)
+        else:
+            tl.store(out_ptr + offs, vals)
 
 
 @triton.autotune(configs=configs.triton_configs("nf4.dequant"),
-                 key=["n_bytes", "HALF_BS", "NESTED", "SELECT"])
-# Tile columns: a whole half-block (bytes per quantization block) when it fits, else the whole tile.
-@triton.heuristics({"COLS": lambda a: min(a["HALF_BS"], a["BYTES"])})
+                 key=["numel", "BS", "NESTED", "SELECT", "WORD_LOADS", "VEC"])
 @triton.jit
 def _dequant_4bit_kernel(
     a_ptr,  # uint8 [n_bytes] packed nibbles
@@ -162,25 +164,33 @@ def _dequant_4bit_kernel(
     numel,
     n_bytes,
     blocksize2,
-    HALF_BS: tl.constexpr,  # quantization blocksize // 2 = packed bytes per block
+    BS: tl.constexpr,  # quantization blocksize (values per absmax)
     NESTED: tl.constexpr,
-    BF16_RNE: tl.constexpr,  # round fp32 -> bf16 by hand (see dequantize_4bit_packed)
+    BF16_RNE: tl.constexpr,  # round fp32 -> bf16 by hand (see launch_dequant_4bit)
     SELECT: tl.constexpr,  # code lookup: where-tree (True) or gather (False), see the module doc
-    BYTES: tl.constexpr,
-    COLS: tl.constexpr,
+    WORD_LOADS: tl.constexpr,  # packed buffer 4-byte aligned: full tiles load int32 words
+    VEC: tl.constexpr,  # values per thread and store: 16 bytes of the output dtype
+    WIDE: tl.constexpr,  # int64 offsets (numel near or past 2**31)
+    WORDS: tl.constexpr,  # words per tile: 32 * num_warps, one per thread (module doc)
+    ITERS: tl.constexpr,  # tiles per program
 ):
-    start = tl.program_id(0).to(tl.int64) * BYTES  # 64-bit: element offsets may pass 2**31
+    w0 = tl.program_id(0)
+    if WIDE:
+        w0 = w0.to(tl.int64)
+    w0 = w0 * (WORDS * ITERS)
     # Only the tail program pays for masks (which also defeat vectorization).
-    if 2 * (start + BYTES) <= numel:
-        _dequant_tile(
-            a_ptr, absmax_ptr, code_ptr, code2_ptr, absmax2_ptr, offset_ptr, out_ptr, start, numel,
-            n_bytes, blocksize2, HALF_BS, NESTED, BF16_RNE, SELECT, BYTES, COLS, False,
-        )  # fmt: skip
+    if 8 * (w0 + WORDS * ITERS) <= numel:
+        for it in tl.static_range(ITERS):
+            _dequant_words(
+                a_ptr, absmax_ptr, code_ptr, code2_ptr, absmax2_ptr, offset_ptr, out_ptr, w0 + it * WORDS,
+                numel, n_bytes, blocksize2, BS, NESTED, BF16_RNE, SELECT, WORD_LOADS, WORDS, VEC, False,
+            )  # fmt: skip
     else:
-        _dequant_tile(
-            a_ptr, absmax_ptr, code_ptr, code2_ptr, absmax2_ptr, offset_ptr, out_ptr, start, numel,
-            n_bytes, blocksize2, HALF_BS, NESTED, BF16_RNE, SELECT, BYTES, COLS, True,
-        )  # fmt: skip
+        for it in tl.static_range(ITERS):
+            _dequant_words(
+                a_ptr, absmax_ptr, code_ptr, code2_ptr, absmax2_ptr, offset_ptr, out_ptr, w0 + it * WORDS,
+                numel, n_bytes, blocksize2, BS, NESTED, BF16_RNE, SELECT, WORD_LOADS, WORDS, VEC, True,
+            )  # fmt: skip
 
 
 def check_scale_args(
@@ -300,7 +310,7 @@ def launch_dequant_4bit(
         return
     n_bytes = (numel + 1) // 2
     lookup = LOOKUP if lookup is None else lookup
-    grid = lambda meta: (triton.cdiv(n_bytes, meta["BYTES"]),)  # noqa: E731
+    grid = lambda meta: (triton.cdiv(numel, 8 * meta["WORDS"] * meta["ITERS"]),)  # noqa: E731
     _dequant_4bit_kernel[grid](
         packed,
         absmax,
@@ -312,12 +322,15 @@ def launch_dequant_4bit(
         numel,
         n_bytes,
         blocksize2,
-        HALF_BS=blocksize // 2,
+        BS=blocksize,
         NESTED=nested,
         # The interpreter truncates fp32 -> bf16 casts; round by hand there. On the GPU the
         # native cast (cvt.rn) is already round-to-nearest-even.
         BF16_RNE=INTERPRET and out.dtype == torch.bfloat16,
         SELECT=lookup == "select",
+        WORD_LOADS=packed.data_ptr() % 4 == 0,
+        VEC=16 // out.element_size(),
+        WIDE=numel >= _INT32_LIMIT,
         # bitsandbytes rounds code2*absmax2 before adding offset: forbid the FMA contraction.
         enable_fp_fusion=False,
     )

@@ -252,8 +252,14 @@ def nf4_cases(full: bool) -> list[Case]:
                 **SCALES,
             )
             consts = dict(
-                HALF_BS=bs // 2, NESTED=nested, BF16_RNE=False, SELECT=select, COLS=min(bs // 2, c["BYTES"])
-            )  # the launcher's COLS heuristic
+                BS=bs,
+                NESTED=nested,
+                BF16_RNE=False,
+                SELECT=select,
+                WORD_LOADS=True,
+                VEC=16 // (4 if dt == "fp32" else 2),
+                WIDE=False,
+            )  # what launch_dequant_4bit passes for an aligned buffer under 2**31 values
             cases.append(
                 _case(
                     "nf4.dequant",
@@ -348,7 +354,14 @@ def align_cases(full: bool) -> list[Case]:
                 if loss_ptr:
                     types2 = {
                         k: types[k]
-                        for k in ("chunk_tid_ptr", "chunk_start_ptr", "t_numel_ptr", "dyn_ptr", "coef_ptr")
+                        for k in (
+                            "chunk_tid_ptr",
+                            "chunk_start_ptr",
+                            "t_numel_ptr",
+                            "dyn_ptr",
+                            "coef_ptr",
+                            "T",
+                        )
                     }
                     cases.append(
                         _case(
@@ -425,6 +438,11 @@ _PTXAS = re.compile(
 )
 
 
+_BAR = re.compile(r"^\s*(?:@%p\d+\s+)?bar\.sync\b", re.M)
+_SHARED_OP = re.compile(r"^\s*(?:@%p\d+\s+)?(?:ld|st)\.shared\b", re.M)
+_ST_V4 = re.compile(r"^\s*(?:@%p\d+\s+)?st\.global(?:\.\w+)*\.v4\.", re.M)
+
+
 def _init_worker(cache_dir: str) -> None:
     os.environ["TRITON_CACHE_DIR"] = cache_dir  # fresh cache: ptxas must run (its log is the measurement)
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
@@ -474,11 +492,16 @@ def compile_case(case: Case) -> dict:
             f"no ptxas -v report for {fn.__name__} (was the compile cached?):\n{log.getvalue()}"
         )
     m = found[-1]
+    ptx = k.asm["ptx"]
     return dict(
         kernel=case["kernel"], config=case["config"], label=case["label"], dtype=case["dtype"], R=case["R"],
         regs=int(m.group(5)), spill_stores=int(m.group(3)), spill_loads=int(m.group(4)),
         stack=int(m.group(2)),
         shared=int(k.metadata.shared),
+        # PTX structure (static instruction counts, every branch): barriers, shared-memory accesses
+        # (layout conversions and reductions go through shared memory), 16-byte global stores.
+        barriers=len(_BAR.findall(ptx)), shared_ops=len(_SHARED_OP.findall(ptx)),
+        st_v4=len(_ST_V4.findall(ptx)),
     )  # fmt: skip
 
 
@@ -545,20 +568,20 @@ def run(
 def _weight(c: Case) -> int:
     consts = c["consts"]
     tile = 1
-    for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "BYTES", "BLOCK"):
+    for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "WORDS", "ITERS", "BLOCK"):
         tile *= consts.get(k, 1)
     return tile * consts.get("BLOCK_R", 1) // c["num_warps"]
 
 
 def table(rows: list[dict]) -> str:
     head = f"{'kernel':18} {'config':42} {'variant':36} {'regs':>4} {'spill st/ld':>11} {'stack':>5} "
-    head += f"{'shared':>7}"
+    head += f"{'shared':>7} {'bar':>4} {'shm op':>6} {'st.v4':>5}"
     lines = [head, "-" * len(head)]
     for r in sorted(rows, key=lambda r: (r["kernel"], r["config"], r["label"])):
         spill = f"{r['spill_stores']}/{r['spill_loads']}"
         lines.append(
             f"{r['kernel']:18} {r['config']:42} {r['label']:36} {r['regs']:>4} {spill:>11} {r['stack']:>5} "
-            f"{r['shared']:>7}"
+            f"{r['shared']:>7} {r['barriers']:>4} {r['shared_ops']:>6} {r['st_v4']:>5}"
         )
     return "\n".join(lines)
 

@@ -91,6 +91,22 @@ def test_every_config_compiled(rows: list[dict]) -> None:
                 assert any(r["kernel"] == name and set(r["config"].split()) == want for r in rows), (name, c)
 
 
+# Streaming kernels whose every load and store shares one register layout: no shared memory (no
+# layout conversion, no reduction through shared memory), no barrier, 16-byte stores.
+NO_SHARED = {"nf4.dequant"}
+
+
+def test_streaming_kernels_need_no_shared_memory(rows: list[dict]) -> None:
+    bad = []
+    for r in rows:
+        if r["kernel"] in NO_SHARED and (r["barriers"] or r["shared_ops"] or r["shared"] or not r["st_v4"]):
+            bad.append(
+                f"{r['kernel']} [{r['config']}] {r['label']}: {r['barriers']} bar.sync, {r['shared_ops']} "
+                f"shared-memory accesses, {r['shared']} B shared, {r['st_v4']} 16-byte stores"
+            )
+    assert not bad, "\n".join(bad)
+
+
 def test_registers_spills_shared(rows: list[dict]) -> None:
     bad = []
     for r in rows:

@@ -131,6 +131,36 @@ def test_known_bytes_high_nibble_first(device: str, lookup: str) -> None:
     assert c[1] == pytest.approx(-0.6961928009986877) and c[15] == 1.0
 
 
+def test_unaligned_packed_buffer(device: str, lookup: str) -> None:
+    """A packed view at an odd byte offset cannot be read as 4-byte words: the kernel assembles
+    each word from bytes there, with the same result."""
+    for nested in (False, True):
+        packed, qs = _state((9, 70), 64, nested=nested, dtype=torch.bfloat16, device=device, seed=5)
+        shifted = torch.empty(packed.numel() + 1, dtype=torch.uint8, device=device)[1:]
+        shifted.copy_(packed.view(-1))
+        assert shifted.data_ptr() % 4 != 0
+        assert torch.equal(dequantize_4bit(shifted, qs), dequantize_4bit_ref(packed, qs)), nested
+
+
+def test_int64_offsets(device: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The int64 indexing the kernel switches to near 2**31 values, forced on a small tensor."""
+    from csrc_triton import nf4 as knf4
+
+    monkeypatch.setattr(knf4, "_INT32_LIMIT", 0)
+    for nested in (False, True):
+        packed, qs = _state((5, 131), 64, nested=nested, dtype=torch.float16, device=device, seed=6)
+        assert torch.equal(dequantize_4bit(packed, qs), dequantize_4bit_ref(packed, qs)), nested
+
+
+def test_dequant_configs_put_one_word_on_each_thread() -> None:
+    """The shared-memory-free layout (csrc_triton/nf4.py) needs WORDS == 32 * num_warps."""
+    from csrc_triton import configs
+
+    for mode, cfgs in configs.CONFIGS["nf4.dequant"].items():
+        for c in cfgs:
+            assert c["WORDS"] == 32 * c["num_warps"], (mode, c)
+
+
 def test_bf16_rounds_to_nearest_even(device: str) -> None:
     # code[15] = 1.0, so value = absmax exactly; pick absmax on bf16 rounding ties and near-ties.
     ties = [1 + 2**-8, 1 + 3 * 2**-8, -(1 + 2**-8), 1 + 2**-8 + 2**-20, 3 * 2**-126, 1e38]
