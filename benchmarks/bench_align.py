@@ -13,6 +13,7 @@ variant is skipped there (the Triton interpreter's timings say nothing about GPU
 from __future__ import annotations
 
 import os
+import time
 from collections import Counter
 from collections.abc import Callable
 
@@ -92,6 +93,30 @@ def _run(
     benchmark.extra_info.update(info)
 
 
+def device_and_host_us(fn: Callable[[], object], reps: int = 20) -> tuple[float, float]:
+    """(device us, host us) per call of ``fn``, apart.
+
+    A sleep kernel keeps the GPU busy while the host queues ``reps`` calls, so the events around
+    them time the kernels alone; the host's queueing time is measured on the side. The start event
+    must still be pending when the queueing ends (asserted), or host time would leak into the device
+    figure.
+    """
+    fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda._sleep(500_000_000)  # cycles: about 0.25 s at H100/H200 clocks
+    t0 = time.perf_counter()
+    start.record()
+    for _ in range(reps):
+        fn()
+    end.record()
+    queued_s = time.perf_counter() - t0
+    still_sleeping = not start.query()
+    torch.cuda.synchronize()
+    assert still_sleeping, f"queueing {reps} calls took {queued_s * 1e3:.1f} ms, longer than the sleep"
+    return start.elapsed_time(end) * 1e3 / reps, queued_s * 1e6 / reps
+
+
 @pytest.mark.skipif(not CUDA, reason="fused path timed on CUDA only: Triton interpreter timings mean nothing")
 @pytest.mark.parametrize("mode", list(MODES))
 def test_fused_triton(benchmark, mode: str) -> None:
@@ -100,6 +125,10 @@ def test_fused_triton(benchmark, mode: str) -> None:
     loss, epoch = MODES[mode]
     loss_t = torch.tensor(loss, device=DEVICE)
     _run(benchmark, lambda: al.align(refs, loss_t, epoch), params, f"fused[{mode}]", rounds=50)
+    # The wall time above is host + device in series (it syncs every step); these two say which.
+    dev_us, host_us = device_and_host_us(lambda: al.align(refs, loss_t, epoch))
+    benchmark.extra_info.update(device_us_per_step=dev_us, host_us_per_step=host_us)
+    print(f"fused[{mode}]: device {dev_us:.1f} us/step, host {host_us:.1f} us/step")
 
 
 @pytest.mark.parametrize("mode", list(MODES))

@@ -16,6 +16,10 @@ the ops call in ``csrc_triton.lowrank`` (issue #15):
 * ``ours-torch``: the torch path (real tensor work, tiny here);
 * ``base``: the frozen base alone (``F.linear`` forward, dX backward), the floor every path pays.
 
+``test_host_align`` does the same for one ``GradientAligner.align`` call over the Llama-2-7B LoRA
+set (448 tensors, as in ``bench_align.py``) with the two alignment kernels stubbed: the per-step
+Python work (reading and checking every ``g`` and ``c``, the pointer table) that the GPU waits on.
+
     pytest benchmarks/bench_host.py --benchmark-json=host.json
 
 Shape M=8, K=N=64, bf16 compute with fp32 adapters: LoRA r=16 and MSLR 4 scales x r=4. Numbers
@@ -167,3 +171,27 @@ def test_host_fwdbwd(benchmark, stubbed, adapter: str, impl: str) -> None:
             p.grad = None
 
     benchmark.pedantic(fwdbwd, rounds=50, iterations=40, warmup_rounds=5)
+
+
+def test_host_align(benchmark, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One alignment step's host time, kernels stubbed (the tensors' sizes do not enter it)."""
+    from bench_align import GA, adapter_shapes
+
+    import csrc_triton._common as common
+    import csrc_triton.align as kalign
+    from muscle_fast.align import GradientAligner
+
+    monkeypatch.delenv("MUSCLE_FAST_BACKEND", raising=False)
+    if not CUDA:
+        monkeypatch.setattr(common, "INTERPRET", True)
+    monkeypatch.setattr(kalign, "_align_stats_kernel", _NoLaunch())
+    monkeypatch.setattr(kalign, "_align_apply_kernel", _NoLaunch())
+    shapes = adapter_shapes(32, 16)
+    params = [nn.Parameter(torch.zeros(s, device=DEVICE)) for s in shapes]
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    refs = [torch.zeros(s, device=DEVICE) for s in shapes]
+    aligner = GradientAligner(params, backend="triton", **GA)
+    loss = torch.tensor(1.0, device=DEVICE)
+    benchmark.extra_info.update(dict(n_tensors=len(shapes), device=DEVICE, impl="ours-triton-stubbed"))
+    benchmark.pedantic(lambda: aligner.align(refs, loss, 3.0), rounds=30, iterations=10, warmup_rounds=2)

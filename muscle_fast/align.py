@@ -41,6 +41,7 @@ Three implementations of the same rule:
 from __future__ import annotations
 
 import math
+import operator
 import warnings
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -69,6 +70,8 @@ from muscle_fast.ops.align import (
 from muscle_fast.ops.dispatch import resolve_backend, use_kernels
 
 __all__ = ["AlignStats", "GradientAligner", "align_loop_reference", "raw_grad_ratio"]
+
+_GRAD = operator.attrgetter("grad")
 
 
 class AlignStats:
@@ -226,7 +229,7 @@ class GradientAligner:
         refs = list(ref_grads)
         if len(refs) != len(self.params):
             raise ValueError(f"ref_grads has {len(refs)} entries but there are {len(self.params)} params")
-        return [p.grad for p in self.params], refs
+        return list(map(_GRAD, self.params)), refs
 
     def _project(
         self, grads: list[torch.Tensor | None], refs: list[torch.Tensor | None]

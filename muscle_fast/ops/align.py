@@ -324,27 +324,26 @@ def align_fused(
     """
     from csrc_triton import align as kalign
 
-    if not all([g is None or g.is_contiguous() for g in grads]):
-        for i, g in enumerate(grads):
-            if g is not None and not g.is_contiguous():
-                # rare (non-dense parameter layouts): the kernels address g flat, so give p a dense grad
-                grads[i] = params[i].grad = g.contiguous()
-    if not all([c is None or c.is_contiguous() for c in refs]):
-        refs = [c if c is None or c.is_contiguous() else c.contiguous() for c in refs]
     if isinstance(ref_loss, torch.Tensor) and ref_loss.device.type == "cpu" and plan.device.type == "cuda":
         ref_loss = float(ref_loss)  # host memory: reading it does not sync the device
+    kw = dict(
+        min_ref_grad_norm=min_ref_grad_norm,
+        min_ref_loss=min_ref_loss,
+        rho=rho,
+        mixed_ok=mixed,
+        keep_raw_cos=keep_raw_cos,
+    )
     try:
-        return kalign.align_fused(
-            plan,
-            grads,
-            refs,
-            ref_loss,
-            min_ref_grad_norm=min_ref_grad_norm,
-            min_ref_loss=min_ref_loss,
-            rho=rho,
-            mixed_ok=mixed,
-            keep_raw_cos=keep_raw_cos,
-        )
+        try:
+            return kalign.align_fused(plan, grads, refs, ref_loss, **kw)
+        except kalign.NonContiguousError:
+            # Rare (non-dense parameter layouts). The kernels address g flat, so give p a dense
+            # grad (and c a dense copy) and launch again; the launcher checks before it launches.
+            for i, g in enumerate(grads):
+                if g is not None and not g.is_contiguous():
+                    grads[i] = params[i].grad = g.contiguous()
+            refs = [c if c is None or c.is_contiguous() else c.contiguous() for c in refs]
+            return kalign.align_fused(plan, grads, refs, ref_loss, **kw)
     except kalign.UnsupportedDtypeError:
         if fallback:
             return None
