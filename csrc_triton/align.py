@@ -34,9 +34,10 @@ Design
 * **Kernel 2 (update).** Each program reads its tensor's ``(a, b, apply)``; kept
   tensors are not touched at all, aligned tensors (``b == 0``) never read ``g``.
 
-Host work per step is one Python pass over the tensors (read ``data_ptr``, dtype,
-shape, contiguity) and, when an address changed, one pinned non-blocking copy of
-the table: no host sync anywhere.
+Host work per step is a few C-level ``map`` passes over each tensor list (``data_ptr``,
+dtype, device, contiguity, shape; a Python loop only for None entries or to name a bad
+tensor) and, when an entry changed, one pinned non-blocking copy of the table: no host
+sync anywhere.
 
 Non-finite handling: a tensor whose ||g||^2, ||c||^2 or <g,c> is not finite
 (any NaN/inf element, or overflow of the fp32 partial sums) keeps its raw ``g``,
@@ -460,7 +461,7 @@ def _fast_column(
 
     The per-step host cost of the fused path is these checks over hundreds of tensors: ``map`` over
     the bound methods does them at about a third of a Python loop's cost. Returns None when an entry
-    is None or fails a check; the per-tensor loop in :func:`align_fused` then skips it or names it.
+    is None or fails a check; the per-tensor loop (:func:`_table_rows`) then skips it or names it.
     """
     try:
         ptrs = list(map(_data_ptr, ts))

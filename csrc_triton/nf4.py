@@ -269,6 +269,9 @@ def dequantize_4bit_packed(
             f"packed must be uint8 with {n_bytes} bytes for {numel} values, got {packed.dtype} "
             f"with {packed.numel()} elements"
         )
+    for name, t in (("packed", packed), ("absmax", absmax)):
+        if not t.is_contiguous():  # the kernel reads both flat
+            raise ValueError(f"{name} must be contiguous, got strides {t.stride()}")
     code2, absmax2, offset = check_scale_args(
         absmax, code, code2, absmax2, offset, -(-numel // blocksize), blocksize2
     )

@@ -241,7 +241,11 @@ SCALES = dict(code_ptr="*fp32", code2_ptr="*fp32", absmax2_ptr="*fp32", offset_p
 def nf4_cases(full: bool) -> list[Case]:
     cases: list[Case] = []
     blocksizes = (64, 256, 4096) if full else (64,)
-    for dt, bs, nested, select in itertools.product(DTYPES, blocksizes, (False, True), (False, True)):
+    # as launched for an aligned buffer under 2**31 values; int64 indices; byte loads (unaligned buffer)
+    variants = [("", {}), (" wide", {"WIDE": True}), (" bytes", {"WORD_LOADS": False})]
+    for (dt, bs, nested, select), (tag, over) in itertools.product(
+        itertools.product(DTYPES, blocksizes, (False, True), (False, True)), variants
+    ):
         for c in _configs("nf4.dequant"):
             types = dict(
                 a_ptr="*u8",
@@ -260,11 +264,12 @@ def nf4_cases(full: bool) -> list[Case]:
                 VEC=16 // (4 if dt == "fp32" else 2),
                 WIDE=False,
             )  # what launch_dequant_4bit passes for an aligned buffer under 2**31 values
+            consts.update(over)
             cases.append(
                 _case(
                     "nf4.dequant",
                     "nf4:_dequant_4bit_kernel",
-                    f"{dt} bs{bs} nested{int(nested)} {'select' if select else 'gather'}",
+                    f"{dt} bs{bs} nested{int(nested)} {'select' if select else 'gather'}{tag}",
                     types,
                     consts,
                     c,
@@ -516,6 +521,8 @@ def _ci(c: Case) -> bool:
     if k == "nf4.matmul":
         return label in ("bf16 M16 nested1 split4", "fp32 M1 nested0 split4")
     if k == "nf4.dequant":
+        if label in ("bf16 bs64 nested1 gather wide", "bf16 bs64 nested1 gather bytes"):
+            return True
         return label == "bf16 bs64 nested1 select" or (
             label == "fp32 bs64 nested0 gather" and c["num_warps"] == 4
         )

@@ -347,6 +347,19 @@ def test_lookup_argument_checked(device: str) -> None:
         dequantize_4bit_packed(packed, absmax, NF4.to(device), out, 64, lookup="table")
 
 
+def test_launcher_rejects_strided_packed_and_absmax(device: str) -> None:
+    """The kernel reads packed and absmax flat: a strided view is an error, not wrong values."""
+    from csrc_triton.nf4 import dequantize_4bit_packed
+
+    out = torch.empty(8, device=device)
+    packed = torch.zeros(8, dtype=torch.uint8, device=device)[::2]
+    absmax = torch.ones(4, device=device)[::2]
+    with pytest.raises(ValueError, match=r"packed must be contiguous, got strides \(2,\)"):
+        dequantize_4bit_packed(packed, torch.ones(1, device=device), NF4.to(device), out, 64)
+    with pytest.raises(ValueError, match=r"absmax must be contiguous, got strides \(2,\)"):
+        dequantize_4bit_packed(packed.contiguous(), absmax, NF4.to(device), out, 64)
+
+
 def test_prepared_dequant_matches_and_tracks_identity(device: str, lookup: str) -> None:
     """The training path's checked-once dequantization: same bits, and a stale cache is detectable."""
     from muscle_fast.ops.nf4 import PreparedDequant4bit
