@@ -105,9 +105,17 @@ if [ "${SMOL:-0}" = 1 ]; then
       mkdir -p out/smol
       python3 -c "from muscle_fast.models import resolve; print('smollm2 at', resolve('smollm2'))"
       SPIDS=()
+      # SMOL_LRS="1e-4 1e-3": the 4-bit adapter methods once per learning rate (out/smol/nf4-lr<lr>),
+      # for a dev-only choice of the preset's adapter lr; empty: the preset's own.
+      QS="bf16 nf4"
+      [ -n "${SMOL_LRS:-}" ] && QS="bf16 $(printf 'nf4-lr%s ' $SMOL_LRS)"
       for a in ${SMOL_ATTACKS:-badnets addsent stylebkd synbkd}; do
-        for q in bf16 nf4; do
-          if [ $q = bf16 ]; then m=${SMOL_BF16_METHODS:-vanilla,oracle} f=""; else m=${SMOL_NF4_METHODS:-lora,muscle} f=--load-in-4bit; fi
+        for q in $QS; do
+          case $q in
+            bf16) m=${SMOL_BF16_METHODS:-vanilla,oracle} f="" ;;
+            nf4) m=${SMOL_NF4_METHODS:-lora,muscle} f=--load-in-4bit ;;
+            *) m=${SMOL_NF4_METHODS:-lora,muscle} f="--load-in-4bit --lr ${q#nf4-lr}" ;;
+          esac
           timeout -s INT -k 30 "${SMOL_S:-420}" python3 -m muscle_fast.cli defend --model smollm2 \
             --config "${SMOL_CONFIG:-smollm2-sst2}" --data-dir "${TABLE_DATA:-embedded:sst2}" --attacks "$a" \
             --seed "${SMOL_SEED:-42}" --methods "$m" $f --out "out/smol/$q/$a" --device cuda --no-progress \
@@ -116,8 +124,10 @@ if [ "${SMOL:-0}" = 1 ]; then
         done
       done
       wait "${SPIDS[@]}"
-      ls out/smol/*/*/results.json >/dev/null 2>&1 &&
-        python3 -m muscle_fast.cli report --out out/smol/merged out/smol/*/*/results.json >/dev/null
+      for q in $QS; do  # one merged table per folder: several lrs would repeat (attack, method)
+        ls out/smol/"$q"/*/results.json >/dev/null 2>&1 &&
+          python3 -m muscle_fast.cli report --out "out/smol/merged-$q" out/smol/"$q"/*/results.json >/dev/null
+      done
       tar -C out/smol -czf "$OUT/smol.tar.gz" --exclude='*.safetensors' --exclude='*.pt' --exclude='*.bin' .
       echo "smol: $(ls out/smol/*/*/results.json 2>/dev/null | wc -l) results at $((SECONDS - T0)) s"
     else
