@@ -35,8 +35,9 @@ else:
     torch.set_num_threads(2)
 # ours-auto: MuScleLinear's defaults (on CUDA the Triton reductions + cuBLAS-accumulated low-rank
 # terms); ours-triton: all five Triton kernels; ours-torch: the torch path (cuBLAS, read-modify-write
-# of the low-rank terms); ours-torch-accumulate: the torch path in the accumulate order (all cuBLAS)
-IMPLS = ["base", "peft", "addmm", "ours-auto", "ours-torch"]
+# of the low-rank terms); ours-torch-accumulate: the torch path in the accumulate order (all cuBLAS);
+# ours-auto-mslr4: ours-auto as MSLR, 4 scales of rank R/4 (issue #15: within 3 % of LoRA rank R)
+IMPLS = ["base", "peft", "addmm", "ours-auto", "ours-auto-mslr4", "ours-torch"]
 IMPLS += ["ours-triton", "ours-torch-accumulate"] if CUDA else []
 MODES = ["fwd", "bwd", "fwdbwd"]
 
@@ -87,6 +88,8 @@ def _make(impl: str, k: int, n: int, r: int) -> Callable[[torch.Tensor], torch.T
         return lambda x: _AddmmLoRA.apply(x, base.weight, A, B, 2.0)
     if impl == "ours-auto":  # exactly what a user gets: MuScleLinear's default backend and adapter dtype
         return MuScleLinear(base, (1.0,), r, 2.0 * r, init_B="kaiming")
+    if impl == "ours-auto-mslr4":  # the same total rank R as 4 scales of R/4
+        return MuScleLinear(base, (1.0, 2.0, 3.0, 4.0), r // 4, 2.0 * r, init_B="kaiming")
     backend = "torch" if impl.startswith("ours-torch") else "triton"
     m = MuScleLinear(base, (1.0,), r, 2.0 * r, init_B="kaiming", backend=backend)
     return m
