@@ -87,7 +87,7 @@ CONFIGS: dict[str, dict[str, list[Config]]] = {
             _c(16, 1, WORDS=512, ITERS=2),
         ],
         "untuned": [_c(4, 1, WORDS=128, ITERS=4)],
-        "interpret": [_c(1, 1, WORDS=32, ITERS=2)],
+        "interpret": [_c(4, 1, WORDS=128, ITERS=2)],
     },
     # -- fused 4-bit matmul (nf4_matmul.py): decode shapes are memory-bound, wide N tiles ----------------
     "nf4.matmul": {
