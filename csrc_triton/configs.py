@@ -30,17 +30,18 @@ def _c(num_warps: int, num_stages: int, **meta: int) -> Config:
 CONFIGS: dict[str, dict[str, list[Config]]] = {
     # -- low-rank layer (lowrank.py) --------------------------------------------------------------------
     # Sized with ptxas (tests/test_compile_sm90.py, figures in docs/kernels.md) to run without spills
-    # at R = 64 with dropout, in every dtype. The rules that measure out: at most 32 elements of an
-    # elementwise tile per thread (the Philox dropout mask is computed per element in registers); 16
+    # at R = 16 and 64 with dropout, in every dtype. The rules that measure out: at most 32 elements of
+    # an elementwise tile per thread (the Philox dropout mask is computed per element in registers); 16
     # warps cap a thread at 128 registers, which only shrink's 128 x 128 tile fits; and fp32
-    # dots (FMA units) reduce 16 deep at a time whatever the tile (``lowrank._CHUNK``).
+    # dots (FMA units) reduce 16 deep at a time whatever the tile (``lowrank._CHUNK``). At R = 16 the
+    # warp-level MMA spilled shrink's 32 x 128 and dS/dB's 64 x 128 tiles at 4 warps: they run 8.
     "lowrank.shrink": {
         "gpu": [
             _c(8, 4, BLOCK_M=64, BLOCK_K=128),
             _c(16, 3, BLOCK_M=128, BLOCK_K=128),
             _c(8, 4, BLOCK_M=128, BLOCK_K=64),
             _c(8, 4, BLOCK_M=32, BLOCK_K=256),
-            _c(4, 5, BLOCK_M=32, BLOCK_K=128),
+            _c(8, 5, BLOCK_M=32, BLOCK_K=128),
             _c(4, 3, BLOCK_M=64, BLOCK_K=64),
         ],
         "untuned": [_c(4, 2, BLOCK_M=64, BLOCK_K=64)],
@@ -59,7 +60,7 @@ CONFIGS: dict[str, dict[str, list[Config]]] = {
     "lowrank.bwd_ds_db": {
         "gpu": [
             _c(4, 3, BLOCK_M=64, BLOCK_N=64),
-            _c(4, 3, BLOCK_M=64, BLOCK_N=128),
+            _c(8, 3, BLOCK_M=64, BLOCK_N=128),
             _c(8, 3, BLOCK_M=128, BLOCK_N=64),
             _c(8, 3, BLOCK_M=128, BLOCK_N=128),
         ],

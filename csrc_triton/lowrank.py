@@ -20,7 +20,10 @@ Precision. Every product is accumulated in fp32. Two kinds of dots occur:
   which is then split exactly into two bf16 parts, avoiding fp16 overflow of S). The error is
   ~2**-17 relative per product instead of 2**-9 if S were rounded to bf16, and it stays on the tensor
   cores: an fp32 IEEE dot runs on the FMA units and would make the backward (R = 64) compute-bound.
-  With an fp32 storage operand the IEEE fp32 dot is used.
+  With an fp32 storage operand the IEEE fp32 dot is used. The backward launchers also take S and dS
+  already rounded to the storage dtype (``backend="auto"`` rounds them for its cuBLAS products anyway):
+  then S.T @ dY and dS.T @ x are single tensor-core dots. dB is then the exact gradient of the forward
+  that multiplied B with the rounded S; dA has the 2**-9 relative error per product of the torch path.
 
 Under Triton's CPU interpreter bf16 ``tl.dot`` is broken, so the ``UPCAST`` flag
 (``_common.upcast_dot``) casts bf16 dot operands to fp32 there only (exact).
@@ -121,6 +124,12 @@ def _alloc(
 _NEEDS_ZERO: dict[tuple, bool] = {}
 
 
+# Widest R block for which the backward's dB takes a 16-bit S in one tensor-core dot. At 64 the dot's
+# (BLOCK_N, 64) fp32 tile spills in the 4-warp configs (tests/compile_sm90.py): a 16-bit S goes through
+# the fp32 split path there, loaded as fp32 (its lo part is zero: the same sums).
+_S16_MAX_BLOCK_R = 32
+
+
 def _block_r(R: int) -> int:
     return max(16, _pow2(R))
 
@@ -161,6 +170,13 @@ def _check_2d(name: str, t: torch.Tensor, rows: int | None = None, cols: int | N
         raise ValueError(f"{name} must be 2-D, got shape {tuple(t.shape)}")
     if (rows is not None and t.shape[0] != rows) or (cols is not None and t.shape[1] != cols):
         raise ValueError(f"{name} has shape {tuple(t.shape)}, expected ({rows}, {cols})")
+
+
+def _check_intermediate(name: str, t: torch.Tensor, operand: torch.Tensor) -> None:
+    """S and dS enter the backward dots as fp32 (hi + lo split) or already rounded to the big operand's
+    dtype (one tensor-core dot); a third dtype has no kernel path."""
+    if t.dtype not in (torch.float32, operand.dtype):
+        raise TypeError(f"{name} must be float32 or {operand.dtype} (the operand's dtype), got {t.dtype}")
 
 
 def _check_split(row_split: int | None, M: int) -> tuple[int, int]:
@@ -226,6 +242,28 @@ def _dot_split(acc, a, b, MODE: tl.constexpr, UPCAST: tl.constexpr):
             b_lo = (b32 - b_hi.to(tl.float32)).to(tl.bfloat16)
             acc = _dot_tc(acc, a_lo, b_hi, UPCAST)
             acc = _dot_tc(acc, a_hi, b_lo, UPCAST)
+            acc = _dot_tc(acc, a_hi, b_hi, UPCAST)
+    return acc
+
+
+@triton.jit
+def _dot_split_b(acc, a, b, MODE: tl.constexpr, UPCAST: tl.constexpr):
+    """acc += a @ b for an fp32 intermediate ``b`` (S or dS) and ``a`` in its storage dtype: the
+    mirror of ``_dot_split``, for products whose wide dim is a's rows (the MMA's M side)."""
+    if MODE == 0:
+        acc = tl.dot(a.to(tl.float32), b, acc, input_precision="ieee")
+    else:
+        b_hi = b.to(tl.bfloat16)
+        b_lo = (b - b_hi.to(tl.float32)).to(tl.bfloat16)
+        if MODE == 1:
+            acc = _dot_tc(acc, a, b_lo, UPCAST)
+            acc = _dot_tc(acc, a, b_hi, UPCAST)
+        else:
+            a32 = a.to(tl.float32)
+            a_hi = a32.to(tl.bfloat16)
+            a_lo = (a32 - a_hi.to(tl.float32)).to(tl.bfloat16)
+            acc = _dot_tc(acc, a_hi, b_lo, UPCAST)
+            acc = _dot_tc(acc, a_lo, b_hi, UPCAST)
             acc = _dot_tc(acc, a_hi, b_hi, UPCAST)
     return acc
 
@@ -351,6 +389,7 @@ def _bwd_ds_db_kernel(
     stride_dsm, stride_dsr, stride_dbg, stride_dbn, stride_dbr,
     BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_N: tl.constexpr,
     F32_DOT: tl.constexpr, MODE: tl.constexpr, UPCAST: tl.constexpr, CHUNK: tl.constexpr,
+    S16: tl.constexpr,
 ):
     """One pass over dY: dS = (dY @ B) * scale and dB[g] += dY.T @ S, each dY tile loaded once.
 
@@ -363,6 +402,9 @@ def _bwd_ds_db_kernel(
 
     fp32 dots (FMA units) reduce over N (dS) and over the rows (dB): they run on CHUNK x CHUNK
     sub-tiles, the block's rows taken CHUNK at a time, each over all its columns (or they would spill).
+    S16: S is already in dY's 16-bit dtype (what the forward multiplied B with): dB.T = dY.T @ S is one
+    tensor-core dot with the wide N tile on the MMA's M side, instead of a hi + lo pair of dots with
+    BLOCK_R there (up to ``_S16_MAX_BLOCK_R``).
     """
     if F32_DOT or MODE == 0 or UPCAST:
         SUB_M: tl.constexpr = CHUNK
@@ -388,9 +430,12 @@ def _bwd_ds_db_kernel(
     for m0 in range(0, tl.minimum(row_end - row0, BLOCK_M), SUB_M):  # one trip unless SUB_M < BLOCK_M
         rows = row0 + m0 + tl.arange(0, SUB_M)
         row_mask = rows < row_end
-        # S.T tile (BLOCK_R, SUB_M): the fp32 operand of the dB dot, loaded once.
-        s_t = tl.load(s_ptr + rows[None, :] * stride_sm + offs_r[:, None] * stride_sr,
-                      mask=r_mask[:, None] & row_mask[None, :], other=0.0).to(tl.float32)
+        if S16:  # S tile (SUB_M, BLOCK_R): dB.T tile = dY.T @ S, the wide N tile on the MMA's M side
+            s_t = tl.load(s_ptr + rows[:, None] * stride_sm + offs_r[None, :] * stride_sr,
+                          mask=row_mask[:, None] & r_mask[None, :], other=0.0)
+        else:  # S.T tile (BLOCK_R, SUB_M), split hi + lo: at R 64 the transposed pair of dots spills
+            s_t = tl.load(s_ptr + rows[None, :] * stride_sm + offs_r[:, None] * stride_sr,
+                          mask=r_mask[:, None] & row_mask[None, :], other=0.0).to(tl.float32)
         ds_acc = tl.zeros((SUB_M, BLOCK_R), dtype=tl.float32)
         for n0 in range(n_start, n_stop, STEP_N):
             cols = (n0 + tl.arange(0, STEP_N)).to(tl.int64)
@@ -400,10 +445,16 @@ def _bwd_ds_db_kernel(
             b = tl.load(b_ptr + cols[:, None] * stride_bn + offs_r[None, :] * stride_br,
                         mask=col_mask[:, None] & r_mask[None, :], other=0.0)
             ds_acc = _dot_plain(ds_acc, dy, b, F32_DOT)
-            db_t = tl.zeros((BLOCK_R, STEP_N), dtype=tl.float32)
-            db_t = _dot_split(db_t, s_t, dy, MODE, UPCAST)
-            tl.atomic_add(db_base + cols[None, :] * stride_dbn + offs_r[:, None] * stride_dbr, db_t,
-                          mask=r_mask[:, None] & col_mask[None, :])
+            if S16:
+                db_nr = tl.zeros((STEP_N, BLOCK_R), dtype=tl.float32)
+                db_nr = _dot_tc(db_nr, tl.trans(dy), s_t, UPCAST)
+                tl.atomic_add(db_base + cols[:, None] * stride_dbn + offs_r[None, :] * stride_dbr, db_nr,
+                              mask=col_mask[:, None] & r_mask[None, :])
+            else:
+                db_t = tl.zeros((BLOCK_R, STEP_N), dtype=tl.float32)
+                db_t = _dot_split(db_t, s_t, dy, MODE, UPCAST)
+                tl.atomic_add(db_base + cols[None, :] * stride_dbn + offs_r[:, None] * stride_dbr, db_t,
+                              mask=r_mask[:, None] & col_mask[None, :])
         ds_acc = ds_acc * sc[None, :]
         ds_ptrs = ds_ptr + rows[:, None] * stride_dsm + offs_r[None, :] * stride_dsr
         ds_mask = row_mask[:, None] & r_mask[None, :]
@@ -411,6 +462,12 @@ def _bwd_ds_db_kernel(
             tl.store(ds_ptrs, ds_acc, mask=ds_mask)
         else:
             tl.atomic_add(ds_ptrs, ds_acc, mask=ds_mask)
+
+
+def _grad_a_transposed(x_dtype: torch.dtype, block_r: int) -> bool:
+    """Whether grad A computes dA.T = x.T @ dS: always, but for fp32 x at BLOCK_R 64, whose FMA dot
+    spills that way (tests/compile_sm90.py)."""
+    return x_dtype != torch.float32 or block_r <= 32
 
 
 def _grad_a_split(a: dict) -> int:
@@ -429,13 +486,17 @@ def _grad_a_kernel(
     seed, p_drop, inv_keep,
     BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_M: tl.constexpr,
     DROPOUT: tl.constexpr, MODE: tl.constexpr, UPCAST: tl.constexpr, CHUNK: tl.constexpr,
+    DS16: tl.constexpr, TRANS: tl.constexpr,
 ):
     """dA[g][:, cols] = sum over the group's rows of dS.T @ drop(x): a reduction over M.
 
     Program (j, s) owns a BLOCK_K column strip and the (s % SPLIT_M)-th row range of group
     s // SPLIT_M, so x is read once. The (R x BLOCK_K) result is stored, or atomically added when
     the rows are split over SPLIT_M programs (small K would otherwise leave the GPU idle).
-    An fp32 dot (FMA units) takes the rows ``CHUNK`` at a time.
+    An fp32 dot (FMA units) takes the rows ``CHUNK`` at a time. DS16: dS is already in x's 16-bit
+    dtype, one tensor-core dot instead of a hi + lo pair. TRANS (``_grad_a_transposed``): the tile is
+    dA.T = x.T @ dS, so the MMA's M side is BLOCK_K (Hopper's warpgroup MMA; with BLOCK_R = 16 there
+    the compiler falls back to the older warp-level MMA).
     """
     if MODE == 0 or UPCAST:
         STEP: tl.constexpr = CHUNK
@@ -455,20 +516,36 @@ def _grad_a_kernel(
     offs_r = tl.arange(0, BLOCK_R)
     k_mask = cols < K
     r_mask = offs_r < R
-    acc = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
+    if TRANS:  # dA.T tile = x.T @ dS: the wide K tile on the MMA's M side
+        acc = tl.zeros((BLOCK_K, BLOCK_R), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
     for m0 in range(m_start, m_stop, STEP):
         rows = (m0 + tl.arange(0, STEP)).to(tl.int64)
         row_mask = rows < m_stop
-        ds_t = tl.load(ds_ptr + rows[None, :] * stride_dsm + offs_r[:, None] * stride_dsr,
-                       mask=r_mask[:, None] & row_mask[None, :], other=0.0).to(tl.float32)
         x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xk,
                     mask=row_mask[:, None] & k_mask[None, :], other=0.0)
         if DROPOUT:
             x = tl.where(_keep_mask(seed, rows, cols, K, p_drop), x, 0.0)
-        acc = _dot_split(acc, ds_t, x, MODE, UPCAST)
+        if TRANS:
+            ds = tl.load(ds_ptr + rows[:, None] * stride_dsm + offs_r[None, :] * stride_dsr,
+                         mask=row_mask[:, None] & r_mask[None, :], other=0.0)
+            if DS16:
+                acc = _dot_tc(acc, tl.trans(x), ds, UPCAST)
+            else:
+                acc = _dot_split_b(acc, tl.trans(x), ds.to(tl.float32), MODE, UPCAST)
+        else:
+            ds_t = tl.load(ds_ptr + rows[None, :] * stride_dsm + offs_r[:, None] * stride_dsr,
+                           mask=r_mask[:, None] & row_mask[None, :], other=0.0).to(tl.float32)
+            acc = _dot_split(acc, ds_t, x, MODE, UPCAST)
     acc = acc * inv_keep
-    da_ptrs = da_ptr + g.to(tl.int64) * stride_dag + offs_r[:, None] * stride_dar + cols[None, :] * stride_dak
-    da_mask = r_mask[:, None] & k_mask[None, :]
+    da_g = da_ptr + g.to(tl.int64) * stride_dag
+    if TRANS:
+        da_ptrs = da_g + cols[:, None] * stride_dak + offs_r[None, :] * stride_dar
+        da_mask = k_mask[:, None] & r_mask[None, :]
+    else:
+        da_ptrs = da_g + offs_r[:, None] * stride_dar + cols[None, :] * stride_dak
+        da_mask = r_mask[:, None] & k_mask[None, :]
     if SPLIT_M == 1:
         tl.store(da_ptrs, acc, mask=da_mask)
     else:
@@ -571,6 +648,7 @@ def lowrank_backward_dS_dB(dY: torch.Tensor, B: torch.Tensor, S: torch.Tensor, s
     """One pass over dY (M, N): dS = (dY @ B) * scale (M, R) fp32 and dB = dY.T @ S as (G, N, R) fp32.
 
     With ``row_split = m1``: G = 2, dB[0] from rows [0, m1), dB[1] from rows [m1, M); else G = 1.
+    ``S`` is fp32, or in dY's dtype when the forward rounded it there (one tensor-core dot for dB).
     """
     check_device(dY, B, S, scale)
     _check_float(dY, B, S)
@@ -579,6 +657,7 @@ def lowrank_backward_dS_dB(dY: torch.Tensor, B: torch.Tensor, S: torch.Tensor, s
     _check_2d("B", B, rows=N)
     R = B.shape[1]
     _check_2d("S", S, rows=M, cols=R)
+    _check_intermediate("S", S, dY)
     if scale.shape != (R,):
         raise ValueError(f"scale must have shape ({R},), got {tuple(scale.shape)}")
     m1, G = _check_split(row_split, M)
@@ -609,6 +688,7 @@ def launch_backward_dS_dB(dY: torch.Tensor, B: torch.Tensor, S: torch.Tensor, sc
         dS.stride(0), dS.stride(1), dB.stride(0), dB.stride(1), dB.stride(2),
         BLOCK_R=_block_r(R), F32_DOT=_plain_f32(dY.dtype, B.dtype),
         MODE=_split_mode(dY.dtype), UPCAST=_split_upcast(dY.dtype), CHUNK=_CHUNK,
+        S16=S.dtype != torch.float32 and _block_r(R) <= _S16_MAX_BLOCK_R,
     )
     return dS, dB
 
@@ -618,11 +698,13 @@ def lowrank_grad_A(dS: torch.Tensor, x: torch.Tensor, *, row_split: int | None =
     """dA = dS.T @ drop(x) as (G, R, K) fp32, grouped by ``row_split`` like ``lowrank_backward_dS_dB``.
 
     The dropout mask is the one ``lowrank_shrink`` used with the same ``seed`` and ``dropout_p``.
+    ``dS`` is fp32, or in x's dtype (one tensor-core dot instead of a hi + lo pair).
     """
     check_device(dS, x)
     _check_float(dS, x)
     _check_2d("x", x)
     _check_2d("dS", dS, rows=x.shape[0])
+    _check_intermediate("dS", dS, x)
     m1, G = _check_split(row_split, x.shape[0])
     split = None if G == 1 else m1
     return launch_grad_A(dS, x, row_split=split, dropout_p=dropout_p, seed=seed)
@@ -649,7 +731,7 @@ def launch_grad_A(dS: torch.Tensor, x: torch.Tensor, *, row_split: int | None = 
         dS.stride(0), dS.stride(1), x.stride(0), x.stride(1), dA.stride(0), dA.stride(1), dA.stride(2),
         seed, p, inv_keep,
         BLOCK_R=_block_r(R), DROPOUT=dropout, MODE=_split_mode(x.dtype), UPCAST=_split_upcast(x.dtype),
-        CHUNK=_CHUNK,
+        CHUNK=_CHUNK, DS16=dS.dtype != torch.float32, TRANS=_grad_a_transposed(x.dtype, _block_r(R)),
     )
     return dA
 

@@ -11,9 +11,9 @@ other integer arguments divisible by 16 (Triton's specialisation for the usual L
 
     python tests/compile_sm90.py [--full] [--jobs N] [--kernels lowrank.expand,nf4.matmul] [--json F]
 
-By default every config is compiled for every launcher dtype at the register-heaviest setting of the
-other constexprs (R = 64, dropout on, split reductions); ``--full`` sweeps them all (R in 1, 16, 64;
-dropout on and off; split and unsplit; a few blocksizes), which takes several minutes.
+By default every config is compiled for every launcher dtype at the register-heaviest settings of the
+other constexprs (R = 16 and 64, dropout on, split reductions); ``--full`` sweeps them all (R in 1, 16,
+64; dropout on and off; split and unsplit; a few blocksizes), which takes several minutes.
 Prints one table row per compiled variant, then ``JSON <list of rows>``; a failed compile raises.
 ``--ci`` is the subset ``tests/test_compile_sm90.py`` runs: every config once or more, at the variants
 that measured heaviest. ``COMPILE_SM90_LOG=1`` echoes each ptxas report to stderr.
@@ -37,6 +37,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SHARED_LIMIT = 227 * 1024  # bytes of shared memory one block may use on sm_90
 DTYPES = ("bf16", "fp16", "fp32")  # the layer casts x, A, B, y and dY to one dtype (ops/lowrank.py)
 SPLIT_MODE = {"fp32": 0, "bf16": 1, "fp16": 2}  # lowrank._split_mode
+TORCH_DTYPE = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}  # attribute names in torch
 
 # A case is plain data (picklable for the process pool): the kernel's module attribute, its argument
 # types (a leading "*" marks a pointer; "1" passes the integer constant 1), the constexprs, the
@@ -69,11 +70,15 @@ def _case(kernel, fn, label, types, consts, config, fusion=True, **extra) -> Cas
 
 
 def lowrank_cases(full: bool) -> list[Case]:
+    import torch
+
     from csrc_triton import lowrank
 
     chunk = {"CHUNK": lowrank._CHUNK}
     cases: list[Case] = []
-    ranks = (1, 16, 64) if full else (64,)
+    # R 16 as well as 64: at BLOCK_R 16 some dots fall back to warp-level MMA, with its own register
+    # profile, and spills were found there that R 64 did not show.
+    ranks = (1, 16, 64) if full else (16, 64)
     drops = (False, True) if full else (True,)
     splits = (1, 4) if full else (4,)
 
@@ -157,12 +162,19 @@ def lowrank_cases(full: bool) -> list[Case]:
                         R=r,
                     )
                 )
+        # "s16": S / dS already rounded to the storage dtype (backend "auto"), one tensor-core dot. dB's
+        # takes it up to BLOCK_R 32 (lowrank._S16_MAX_BLOCK_R), so R 64 stands in with R 32.
+        rounded = (False, True) if dt != "fp32" else (False,)
+        bwd = [(r, False)]
+        if dt != "fp32":
+            bwd.append((32 if r == 64 else r, True))
         for c in _configs("lowrank.bwd_ds_db"):
-            for split in splits:
+            for split, (r_b, s16) in itertools.product(splits, bwd):
+                rt_b, rc_b = rank(r_b)
                 types = dict(
                     dy_ptr="*" + dt,
                     b_ptr="*" + dt,
-                    s_ptr="*fp32",
+                    s_ptr="*" + (dt if s16 else "fp32"),
                     scale_ptr="*fp32",
                     ds_ptr="*fp32",
                     db_ptr="*fp32",
@@ -181,25 +193,27 @@ def lowrank_cases(full: bool) -> list[Case]:
                     stride_dbg="i32",
                     stride_dbn="i32",
                     stride_dbr="1",
-                    **rt,
+                    **rt_b,
                 )
-                consts = dict(rc, **chunk, SPLIT_N=split, F32_DOT=f32, MODE=SPLIT_MODE[dt], UPCAST=False)
+                consts = dict(
+                    rc_b, **chunk, SPLIT_N=split, F32_DOT=f32, MODE=SPLIT_MODE[dt], UPCAST=False, S16=s16
+                )
                 cases.append(
                     _case(
                         "lowrank.bwd_ds_db",
                         "lowrank:_bwd_ds_db_kernel",
-                        f"{dt} R{r} split{split}",
+                        f"{dt} R{r_b} split{split}" + " s16" * s16,
                         types,
                         consts,
                         c,
                         dtype=dt,
-                        R=r,
+                        R=r_b,
                     )
                 )
         for c in _configs("lowrank.grad_a"):
-            for drop, split in itertools.product(drops, splits):
+            for drop, split, s16 in itertools.product(drops, splits, rounded):
                 types = dict(
-                    ds_ptr="*fp32",
+                    ds_ptr="*" + (dt if s16 else "fp32"),
                     x_ptr="*" + dt,
                     da_ptr="*fp32",
                     M="i32",
@@ -219,12 +233,21 @@ def lowrank_cases(full: bool) -> list[Case]:
                     inv_keep="fp32",
                     **rt,
                 )
-                consts = dict(rc, **chunk, SPLIT_M=split, DROPOUT=drop, MODE=SPLIT_MODE[dt], UPCAST=False)
+                consts = dict(
+                    rc,
+                    **chunk,
+                    SPLIT_M=split,
+                    DROPOUT=drop,
+                    MODE=SPLIT_MODE[dt],
+                    UPCAST=False,
+                    DS16=s16,
+                    TRANS=lowrank._grad_a_transposed(getattr(torch, TORCH_DTYPE[dt]), rc["BLOCK_R"]),
+                )
                 cases.append(
                     _case(
                         "lowrank.grad_a",
                         "lowrank:_grad_a_kernel",
-                        f"{dt} R{r} drop{int(drop)} split{split}",
+                        f"{dt} R{r} drop{int(drop)} split{split}" + " s16" * s16,
                         types,
                         consts,
                         c,
@@ -446,6 +469,8 @@ _PTXAS = re.compile(
 _BAR = re.compile(r"^\s*(?:@%p\d+\s+)?bar\.sync\b", re.M)
 _SHARED_OP = re.compile(r"^\s*(?:@%p\d+\s+)?(?:ld|st)\.shared\b", re.M)
 _ST_V4 = re.compile(r"^\s*(?:@%p\d+\s+)?st\.global(?:\.\w+)*\.v4\.", re.M)
+_WGMMA = re.compile(r"^\s*(?:@%p\d+\s+)?wgmma\.mma_async\b", re.M)  # Hopper warpgroup MMA
+_MMA_SYNC = re.compile(r"^\s*(?:@%p\d+\s+)?mma\.sync\b", re.M)  # Ampere-style warp MMA
 
 
 def _init_worker(cache_dir: str) -> None:
@@ -506,7 +531,7 @@ def compile_case(case: Case) -> dict:
         # PTX structure (static instruction counts, every branch): barriers, shared-memory accesses
         # (layout conversions and reductions go through shared memory), 16-byte global stores.
         barriers=len(_BAR.findall(ptx)), shared_ops=len(_SHARED_OP.findall(ptx)),
-        st_v4=len(_ST_V4.findall(ptx)),
+        st_v4=len(_ST_V4.findall(ptx)), wgmma=len(_WGMMA.findall(ptx)), mma_sync=len(_MMA_SYNC.findall(ptx)),
     )  # fmt: skip
 
 
@@ -514,10 +539,16 @@ def _ci(c: Case) -> bool:
     """The CI subset: every config at least once, at the variants that measured heaviest (fp16 is
     heavier than bf16 everywhere: three tensor-core dots instead of two; fp32 takes the FMA path)."""
     k, label, dt = c["kernel"], c["label"], c["dtype"]
-    if k == "lowrank.expand":
-        return (dt == "fp16" and "dx" in label) or dt == "fp32"
     if k.startswith("lowrank."):
-        return dt in ("fp16", "fp32")
+        # R 64 in fp16 and fp32; bf16 at R 16 (warp-level MMA there) and backend "auto"'s reductions
+        # with rounded S / dS ("s16")
+        if label.endswith("s16"):
+            return dt == "bf16"
+        if dt == "bf16":
+            return c["R"] == 16 and (k != "lowrank.expand" or "dx" in label)
+        if k == "lowrank.expand" and dt == "fp16":
+            return c["R"] == 64 and "dx" in label
+        return c["R"] == 64
     if k == "nf4.matmul":
         return label in ("bf16 M16 nested1 split4", "fp32 M1 nested0 split4")
     if k == "nf4.dequant":
@@ -582,13 +613,14 @@ def _weight(c: Case) -> int:
 
 def table(rows: list[dict]) -> str:
     head = f"{'kernel':18} {'config':42} {'variant':36} {'regs':>4} {'spill st/ld':>11} {'stack':>5} "
-    head += f"{'shared':>7} {'bar':>4} {'shm op':>6} {'st.v4':>5}"
+    head += f"{'shared':>7} {'bar':>4} {'shm op':>6} {'st.v4':>5} {'wgmma':>5} {'mma':>4}"
     lines = [head, "-" * len(head)]
     for r in sorted(rows, key=lambda r: (r["kernel"], r["config"], r["label"])):
         spill = f"{r['spill_stores']}/{r['spill_loads']}"
         lines.append(
             f"{r['kernel']:18} {r['config']:42} {r['label']:36} {r['regs']:>4} {spill:>11} {r['stack']:>5} "
-            f"{r['shared']:>7} {r['barriers']:>4} {r['shared_ops']:>6} {r['st_v4']:>5}"
+            f"{r['shared']:>7} {r['barriers']:>4} {r['shared_ops']:>6} {r['st_v4']:>5} {r['wgmma']:>5} "
+            f"{r['mma_sync']:>4}"
         )
     return "\n".join(lines)
 

@@ -381,8 +381,22 @@ def test_accumulate_ops_leave_the_low_rank_terms_to_cublas(dtype, dropout, expan
 
         return run
 
+    seen: dict[str, torch.Tensor] = {}
+
+    def recorded(name: str, fn):
+        def run(*args, **kwargs):
+            seen[name] = args[2] if name == "S" else args[0]
+            return fn(*args, **kwargs)
+
+        return run
+
     base = lowrank.accumulate_ops()
-    ops = base._replace(expand_=counted("expand_", base.expand_), dx_=counted("dx_", base.dx_))
+    ops = base._replace(
+        expand_=counted("expand_", base.expand_),
+        dx_=counted("dx_", base.dx_),
+        backward_dS_dB=recorded("S", base.backward_dS_dB),
+        grad_A=recorded("dS", base.grad_A),
+    )
     m = _make("linear", 37, 21, (1.0, 2.0), 2, device, dtype, "triton", dropout=dropout)
     x = torch.randn(19, 37, device=device, dtype=dtype, requires_grad=True)
     seed = 77
@@ -392,6 +406,14 @@ def test_accumulate_ops_leave_the_low_rank_terms_to_cublas(dtype, dropout, expan
     gy = torch.randn_like(y)
     y.backward(gy)
     assert len(calls) == expands, calls
+    # S and dS are rounded once to the compute dtype where cuBLAS multiplies them (fp32 and bf16); the
+    # backward's reductions take those rounded values: dB is the exact gradient of the forward that ran.
+    rounded = dtype if dtype != torch.float16 else torch.float32
+    assert seen["S"].dtype == seen["dS"].dtype == rounded
+    dB = gy.double().reshape(-1, 21).T @ seen["S"].double()
+    # exact products summed in fp32; fp16's dY takes the hi + lo split with S (2**-16 per product)
+    tol = 2**-8 if m.lora_B.dtype != torch.float32 else (1e-5 if dtype != torch.float16 else 5e-5)
+    assert_rel_close(m.lora_B.grad, dB, tol, "dB")
     mask = ops.dropout_mask(19, 37, dropout, seed, x.device) if dropout else None
     xr, Ar, Br = (t.detach().double().requires_grad_(True) for t in (x, m.lora_A, m.lora_B))
     ref = lowrank_ref(xr, m.base.weight, m.base.bias, Ar, Br, m.scale_vector, m.scaling, mask=mask, p=dropout)

@@ -202,6 +202,15 @@ def get_ops(backend: str, device: torch.device, dtype: torch.dtype | None = None
     return accumulate_ops() if resolve_backend(backend) == "auto" else triton_ops()
 
 
+def rounds_intermediates(ops: LowRankOps, dtype: torch.dtype) -> bool:
+    """Whether S and dS are rounded to the compute dtype once, right after their kernels.
+
+    The accumulate path multiplies them with B and A in cuBLAS in that dtype; the backward's reductions
+    then take the same rounded S and dS (one tensor-core dot each, no hi + lo split): dB is the
+    exact gradient of the forward that ran, dA carries the torch path's rounding (docs/kernels.md)."""
+    return ops.accumulate and dtype in _ACCUMULATE_DTYPES
+
+
 def base_plus_lowrank(
     ops: LowRankOps,
     x2: torch.Tensor,
@@ -211,7 +220,7 @@ def base_plus_lowrank(
     Bc: torch.Tensor,
 ) -> torch.Tensor:
     """y = x2 @ W^T + bias + S @ Bc^T, in the order ``ops.accumulate`` asks for."""
-    if ops.accumulate and x2.dtype in _ACCUMULATE_DTYPES:
+    if rounds_intermediates(ops, x2.dtype):
         Sc = S.to(x2.dtype)
         y = torch.mm(Sc, Bc.t()) if bias is None else torch.addmm(bias, Sc, Bc.t())
         return y.addmm_(x2, W.t())
@@ -229,7 +238,7 @@ def input_grad(
     seed: int,
 ) -> torch.Tensor:
     """dX = dY2 @ W + drop'(dS @ Ac), in the order ``ops.accumulate`` asks for."""
-    if ops.accumulate and dropout_p == 0.0 and dY2.dtype in _ACCUMULATE_DTYPES:
+    if dropout_p == 0.0 and rounds_intermediates(ops, dY2.dtype):
         if torch.is_autocast_enabled(dY2.device.type):  # a backward run under autocast: keep dY2's dtype
             with torch.autocast(dY2.device.type, enabled=False):
                 return torch.mm(dS.to(dY2.dtype), Ac).addmm_(dY2, W)
@@ -374,6 +383,8 @@ class MuScleLinearFunction(torch.autograd.Function):
             y = nf4.matmul_4bit(x2, w.data, w.quant_state, bias, backend="triton")
             ops.expand_(y, S, Bc)
         else:
+            if rounds_intermediates(ops, dtype):
+                S = S.to(dtype)  # saved rounded too: half the bytes, and the backward's dB operand
             y = base_plus_lowrank(ops, x2, base_weight(base, kind, dtype, ops.kernels), bias, S, Bc)
         row_split = None if split is None else _row_split(x, x2.shape[0], split, module)
         ctx.save_for_backward(x2, Ac, Bc, scale, S)
@@ -399,6 +410,8 @@ class MuScleLinearFunction(torch.autograd.Function):
         if dY2.dtype != x2.dtype:
             dY2 = dY2.to(x2.dtype)
         dS, dB = ops.backward_dS_dB(dY2, Bc, S, scale, row_split=row_split)
+        if rounds_intermediates(ops, x2.dtype):
+            dS = dS.to(x2.dtype)  # one rounding for grad A and the dX product
         dA = None
         if ctx.needs_input_grad[1] or sink is not None:
             dA = ops.grad_A(dS, x2, row_split=row_split, dropout_p=dropout_p, seed=seed)

@@ -137,6 +137,51 @@ def test_dx(case: tuple, device: str) -> None:
     _assert_close(dX, ref, TOL_OUT[dt])
 
 
+ROUNDED_CASES = [c for c in CASES if c[4] != F32]
+
+
+@pytest.mark.parametrize("case", [pytest.param(c, id=_case_id(c)) for c in ROUNDED_CASES])
+@pytest.mark.parametrize("m1", [None, 5], ids=["nosplit", "split5"])
+def test_backward_reductions_take_rounded_intermediates(case: tuple, m1: int | None, device: str) -> None:
+    """S and dS already rounded to the 16-bit dtype (what backend "auto" saves and passes) are loaded as
+    16-bit operands of one tensor-core dot each. Products of two 16-bit values are exact in fp32, so the
+    references take the very same rounded S and dS at the fp32-output tolerance (row groups and the
+    dropout mask included)."""
+    M, K, N, R, dt, layout = case
+    dY = _rand(M, N, dt, device, layout)
+    B = _rand(N, R, dt, device, layout)
+    S = _rand(M, R, F32, device).to(dt)
+    scale = _scale(R, device)
+    split = None if m1 is None else min(m1, M)
+    parts = [slice(0, M)] if split is None else [slice(0, split), slice(split, M)]
+    dS, dB = lowrank.lowrank_backward_dS_dB(dY, B, S, scale, row_split=split)
+    assert dS.dtype == dB.dtype == F32 and dB.shape == (len(parts), N, R)
+    _assert_close(dS, (_d(dY) @ _d(B)) * _d(scale), TOL_F32_OUT[dt])
+    # Above lowrank._S16_MAX_BLOCK_R the dB dot takes the split path (an fp16 dY is split too).
+    tol_db = TOL_F32_OUT[F32] if lowrank._block_r(R) <= lowrank._S16_MAX_BLOCK_R else TOL_F32_OUT[dt]
+    for g, rows in enumerate(parts):
+        if rows.stop > rows.start:
+            _assert_close(dB[g], _d(dY)[rows].T @ _d(S)[rows], tol_db)
+
+    x = _rand(M, K, dt, device, layout)
+    dS16 = dS.to(dt)
+    for p in (0.0, 0.3):
+        dA = lowrank.lowrank_grad_A(dS16, x, row_split=split, dropout_p=p, seed=11)
+        assert dA.dtype == F32 and dA.shape == (len(parts), R, K)
+        xd = _d(x) * _keep(M, K, p, 11, device) if p else _d(x)
+        for g, rows in enumerate(parts):
+            if rows.stop > rows.start:
+                _assert_close(dA[g], _d(dS16)[rows].T @ xd[rows], TOL_F32_OUT[F32])
+
+
+def test_rounded_intermediate_of_another_dtype_is_refused(device: str) -> None:
+    dY, B = _rand(9, 7, BF16, device), _rand(7, 2, BF16, device)
+    with pytest.raises(TypeError, match=r"S must be float32 or torch.bfloat16.*got torch.float16"):
+        lowrank.lowrank_backward_dS_dB(dY, B, _rand(9, 2, F16, device), _scale(2, device))
+    with pytest.raises(TypeError, match=r"dS must be float32 or torch.bfloat16.*got torch.float16"):
+        lowrank.lowrank_grad_A(_rand(9, 2, F16, device), dY)
+
+
 def test_mixed_dtypes(device: str) -> None:
     """Adapters in fp32 while the activations are bf16 (cast in-kernel, fp32 IEEE dot)."""
     M, K, N, R = 17, 67, 131, 3
