@@ -36,7 +36,9 @@ no rounding of a scaled x). The mask is never materialised (``dropout_mask`` doe
 
 Reductions over many rows or columns are split across programs when there would otherwise be too
 few programs to fill the GPU (``_split_count``); split partial sums go through fp32 ``atomic_add``
-into a zero-initialised output (so those outputs are deterministic only up to fp32 summation order).
+into a zero-initialised output (so those outputs are deterministic only up to fp32 summation order),
+with ``sem="relaxed"``: a sum needs no ordering, and Triton's default (acq_rel) makes each add a
+returning ``atom`` with acquire/release semantics instead of a fire-and-forget ``red``.
 """
 
 from __future__ import annotations
@@ -324,7 +326,7 @@ def _shrink_kernel(
     if SPLIT_K == 1:
         tl.store(s_ptrs, acc, mask=s_mask)
     else:
-        tl.atomic_add(s_ptrs, acc, mask=s_mask)
+        tl.atomic_add(s_ptrs, acc, mask=s_mask, sem="relaxed")
 
 
 @triton.autotune(configs=configs.triton_configs("lowrank.expand"), key=["M_BUCKET", "N", "BLOCK_R"],
@@ -449,19 +451,19 @@ def _bwd_ds_db_kernel(
                 db_nr = tl.zeros((STEP_N, BLOCK_R), dtype=tl.float32)
                 db_nr = _dot_tc(db_nr, tl.trans(dy), s_t, UPCAST)
                 tl.atomic_add(db_base + cols[:, None] * stride_dbn + offs_r[None, :] * stride_dbr, db_nr,
-                              mask=col_mask[:, None] & r_mask[None, :])
+                              mask=col_mask[:, None] & r_mask[None, :], sem="relaxed")
             else:
                 db_t = tl.zeros((BLOCK_R, STEP_N), dtype=tl.float32)
                 db_t = _dot_split(db_t, s_t, dy, MODE, UPCAST)
                 tl.atomic_add(db_base + cols[None, :] * stride_dbn + offs_r[:, None] * stride_dbr, db_t,
-                              mask=r_mask[:, None] & col_mask[None, :])
+                              mask=r_mask[:, None] & col_mask[None, :], sem="relaxed")
         ds_acc = ds_acc * sc[None, :]
         ds_ptrs = ds_ptr + rows[:, None] * stride_dsm + offs_r[None, :] * stride_dsr
         ds_mask = row_mask[:, None] & r_mask[None, :]
         if SPLIT_N == 1:
             tl.store(ds_ptrs, ds_acc, mask=ds_mask)
         else:
-            tl.atomic_add(ds_ptrs, ds_acc, mask=ds_mask)
+            tl.atomic_add(ds_ptrs, ds_acc, mask=ds_mask, sem="relaxed")
 
 
 def _grad_a_transposed(x_dtype: torch.dtype, block_r: int) -> bool:
@@ -549,7 +551,7 @@ def _grad_a_kernel(
     if SPLIT_M == 1:
         tl.store(da_ptrs, acc, mask=da_mask)
     else:
-        tl.atomic_add(da_ptrs, acc, mask=da_mask)
+        tl.atomic_add(da_ptrs, acc, mask=da_mask, sem="relaxed")
 
 
 @triton.jit

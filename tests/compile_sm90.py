@@ -471,6 +471,12 @@ _SHARED_OP = re.compile(r"^\s*(?:@%p\d+\s+)?(?:ld|st)\.shared\b", re.M)
 _ST_V4 = re.compile(r"^\s*(?:@%p\d+\s+)?st\.global(?:\.\w+)*\.v4\.", re.M)
 _WGMMA = re.compile(r"^\s*(?:@%p\d+\s+)?wgmma\.mma_async\b", re.M)  # Hopper warpgroup MMA
 _MMA_SYNC = re.compile(r"^\s*(?:@%p\d+\s+)?mma\.sync\b", re.M)  # Ampere-style warp MMA
+# Float atomics with acquire/release ordering (Triton's default sem): a partial-sum accumulation needs
+# none, and the relaxed form is a fire-and-forget ``red`` (vectorised where the layout allows).
+_ORDERED_FLOAT_ATOMIC = re.compile(
+    r"^\s*(?:@%p\d+\s+)?(?:atom|red)\.global(?:\.\w+)*\.(?:acq_rel|acquire|release)(?:\.\w+)*\.f(?:16|32|64)\b",
+    re.M,
+)
 
 
 def _init_worker(cache_dir: str) -> None:
@@ -532,6 +538,7 @@ def compile_case(case: Case) -> dict:
         # (layout conversions and reductions go through shared memory), 16-byte global stores.
         barriers=len(_BAR.findall(ptx)), shared_ops=len(_SHARED_OP.findall(ptx)),
         st_v4=len(_ST_V4.findall(ptx)), wgmma=len(_WGMMA.findall(ptx)), mma_sync=len(_MMA_SYNC.findall(ptx)),
+        ordered_float_atomics=len(_ORDERED_FLOAT_ATOMIC.findall(ptx)),
     )  # fmt: skip
 
 

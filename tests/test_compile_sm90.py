@@ -107,6 +107,17 @@ def test_streaming_kernels_need_no_shared_memory(rows: list[dict]) -> None:
     assert not bad, "\n".join(bad)
 
 
+def test_partial_sums_use_relaxed_atomics(rows: list[dict]) -> None:
+    """The split reductions of the low-rank kernels add fp32 partial sums: no ordering is needed, and
+    Triton's default (acq_rel) turns each into a returning ``atom`` with acquire/release semantics."""
+    bad = [
+        f"{r['kernel']} [{r['config']}] {r['label']}: {r['ordered_float_atomics']} ordered float atomics"
+        for r in rows
+        if r["kernel"].startswith("lowrank.") and r["ordered_float_atomics"]
+    ]
+    assert not bad, "\n".join(bad)
+
+
 def test_registers_spills_shared(rows: list[dict]) -> None:
     bad = []
     for r in rows:
