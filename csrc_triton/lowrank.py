@@ -224,6 +224,13 @@ def _dot_plain(acc, a, b, F32: tl.constexpr):
 
 
 @triton.jit
+def _hi_lo(v):
+    """An fp32 ``v`` as ``hi + lo``, both bf16 (exact to about 2**-17 of v)."""
+    hi = v.to(tl.bfloat16)
+    return hi, (v - hi.to(tl.float32)).to(tl.bfloat16)
+
+
+@triton.jit
 def _dot_split(acc, a, b, MODE: tl.constexpr, UPCAST: tl.constexpr):
     """acc += a @ b for an fp32 intermediate ``a`` (S or dS) and ``b`` in its storage dtype.
 
@@ -233,15 +240,12 @@ def _dot_split(acc, a, b, MODE: tl.constexpr, UPCAST: tl.constexpr):
     if MODE == 0:
         acc = tl.dot(a, b.to(tl.float32), acc, input_precision="ieee")
     else:
-        a_hi = a.to(tl.bfloat16)
-        a_lo = (a - a_hi.to(tl.float32)).to(tl.bfloat16)
+        a_hi, a_lo = _hi_lo(a)
         if MODE == 1:
             acc = _dot_tc(acc, a_lo, b, UPCAST)
             acc = _dot_tc(acc, a_hi, b, UPCAST)
         else:
-            b32 = b.to(tl.float32)
-            b_hi = b32.to(tl.bfloat16)
-            b_lo = (b32 - b_hi.to(tl.float32)).to(tl.bfloat16)
+            b_hi, b_lo = _hi_lo(b.to(tl.float32))
             acc = _dot_tc(acc, a_lo, b_hi, UPCAST)
             acc = _dot_tc(acc, a_hi, b_lo, UPCAST)
             acc = _dot_tc(acc, a_hi, b_hi, UPCAST)
@@ -250,20 +254,17 @@ def _dot_split(acc, a, b, MODE: tl.constexpr, UPCAST: tl.constexpr):
 
 @triton.jit
 def _dot_split_b(acc, a, b, MODE: tl.constexpr, UPCAST: tl.constexpr):
-    """acc += a @ b for an fp32 intermediate ``b`` (S or dS) and ``a`` in its storage dtype: the
-    mirror of ``_dot_split``, for products whose wide dim is a's rows (the MMA's M side)."""
+    """``_dot_split`` with the fp32 intermediate as ``b``: for products whose wide dim is a's rows
+    (the MMA's M side)."""
     if MODE == 0:
         acc = tl.dot(a.to(tl.float32), b, acc, input_precision="ieee")
     else:
-        b_hi = b.to(tl.bfloat16)
-        b_lo = (b - b_hi.to(tl.float32)).to(tl.bfloat16)
+        b_hi, b_lo = _hi_lo(b)
         if MODE == 1:
             acc = _dot_tc(acc, a, b_lo, UPCAST)
             acc = _dot_tc(acc, a, b_hi, UPCAST)
         else:
-            a32 = a.to(tl.float32)
-            a_hi = a32.to(tl.bfloat16)
-            a_lo = (a32 - a_hi.to(tl.float32)).to(tl.bfloat16)
+            a_hi, a_lo = _hi_lo(a.to(tl.float32))
             acc = _dot_tc(acc, a_hi, b_lo, UPCAST)
             acc = _dot_tc(acc, a_lo, b_hi, UPCAST)
             acc = _dot_tc(acc, a_hi, b_hi, UPCAST)
