@@ -90,9 +90,8 @@ CONFIGS: dict[str, dict[str, list[Config]]] = {
         "untuned": [_c(4, 1, WORDS=128, ITERS=4)],
         "interpret": [_c(4, 1, WORDS=128, ITERS=2)],
     },
-    # -- fused 4-bit matmul (nf4_matmul.py): decode shapes are memory-bound, wide N tiles. Spill-free
-    # under Triton 3.6's ptxas too (docs/kernels.md): N 128 x K 256 spilled there at 8 warps and under
-    # both at 16, and N 32 x K 256 needs 8 warps -------------------------------------------------------
+    # -- fused 4-bit matmul (nf4_matmul.py): decode shapes are memory-bound, wide N tiles; sized to be
+    # spill-free under the ptxas of Triton 3.6 (the GPU image's) as well as 3.9 (docs/kernels.md) ------
     "nf4.matmul": {
         "gpu": [
             _c(4, 1, BLOCK_N=64, BLOCK_K=128),

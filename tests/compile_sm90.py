@@ -76,8 +76,8 @@ def lowrank_cases(full: bool) -> list[Case]:
 
     chunk = {"CHUNK": lowrank._CHUNK}
     cases: list[Case] = []
-    # R 16 as well as 64: at BLOCK_R 16 some dots fall back to warp-level MMA, with its own register
-    # profile, and spills were found there that R 64 did not show.
+    # R 16 as well as 64: at BLOCK_R 16 the dots with R on the MMA's M side lower to the warp-level MMA,
+    # whose register profile differs, so R 64 is not the heaviest case everywhere.
     ranks = (1, 16, 64) if full else (16, 64)
     drops = (False, True) if full else (True,)
     splits = (1, 4) if full else (4,)
