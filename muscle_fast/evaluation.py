@@ -58,15 +58,29 @@ def _logits(
     was = core.training
     core.eval()
     device = next(core.parameters()).device
-    out = []
+    out: torch.Tensor | None = None
     try:
-        for i in range(0, len(rows), batch_size):
-            batch = encode(tokenizer, rows[i : i + batch_size], max_length, device)
+        for idx in _length_batches(tokenizer, rows, batch_size, max_length):
+            batch = encode(tokenizer, [rows[j] for j in idx], max_length, device)
             batch.pop("labels")
-            out.append(core(**batch).logits.float().cpu())
+            logits = core(**batch).logits.float().cpu()
+            if out is None:
+                out = logits.new_empty((len(rows), logits.shape[-1]))
+            out[idx] = logits
     finally:
         core.train(was)
-    return torch.cat(out) if out else torch.empty(0, 0)
+    return out if out is not None else torch.empty(0, 0)
+
+
+def _length_batches(tokenizer: Any, rows: Sequence[Row], batch_size: int, max_length: int) -> list[list[int]]:
+    """Row indices in batches of similar token length: each batch is padded to its longest row, so
+    sorting by length skips most padding (a row's logits do not depend on its batch mates; only the
+    float summation order of padded positions can differ)."""
+    enc = tokenizer([t for t, _ in rows], truncation=True, max_length=max_length)
+    mask = enc.get("attention_mask")
+    lengths = [int(sum(m)) for m in mask] if mask is not None else [len(ids) for ids in enc["input_ids"]]
+    order = sorted(range(len(rows)), key=lengths.__getitem__)
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
 
 def predict(
