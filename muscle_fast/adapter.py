@@ -106,7 +106,10 @@ def read_adapter_config(directory: str | os.PathLike) -> MuScleConfig:
         )
     if not isinstance(meta.get("muscle_config"), dict):
         raise ValueError(f"load_adapter: {path} has no muscle_config object (not a muscle_fast adapter?)")
-    return MuScleConfig.from_dict(meta["muscle_config"])
+    try:
+        return MuScleConfig.from_dict(meta["muscle_config"])
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"load_adapter: {path}: {e}") from e
 
 
 def load_adapter(model: nn.Module, directory: str | os.PathLike, strict: bool = True) -> nn.Module:
@@ -117,6 +120,8 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, strict: bool = 
     config (or of another model type) is an error naming the differing fields. An unpatched
     model is patched first, so after a key or shape error it is left patched: reload it.
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"load_adapter: model must be a torch nn.Module, got {type(model).__name__}")
     d = Path(directory)
     saved_cfg = read_adapter_config(d)
     model_type = getattr(getattr(model, "config", None), "model_type", None)

@@ -57,7 +57,7 @@ from csrc_triton._common import (
     STAT_REF_LOSS,
     STAT_RHO,
 )
-from muscle_fast.config import ALIGN_DEFAULTS
+from muscle_fast.config import ALIGN_DEFAULTS, check_align_settings
 from muscle_fast.ops.align import (
     RefSubspace,
     align_fused,
@@ -148,6 +148,9 @@ class GradientAligner:
         self.params: list[torch.Tensor] = list(params)
         if not self.params:
             raise ValueError("GradientAligner needs at least one parameter, got an empty list")
+        check_align_settings(
+            "GradientAligner ", min_ref_grad_norm, min_ref_loss, max_raw_grad_ratio, ga_epoch
+        )
         self.min_ref_grad_norm = float(min_ref_grad_norm)
         self.min_ref_loss = float(min_ref_loss)
         self.max_raw_grad_ratio = float(max_raw_grad_ratio)

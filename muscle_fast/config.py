@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable
+import numbers
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -206,9 +207,18 @@ class MuScleConfig:
             if not all(isinstance(t, str) for t in v):
                 raise ValueError(f"MuScleConfig.{name} must be a list of module names, got {v!r}")
             setattr(self, name, list(v))
-        if not all(isinstance(k, (int, float)) and not isinstance(k, bool) for k in self.mslr_scales):
+        if not all(isinstance(k, numbers.Real) and not isinstance(k, bool) for k in self.mslr_scales):
             raise ValueError(f"MuScleConfig.mslr_scales must be a list of numbers, got {self.mslr_scales!r}")
         self.mslr_scales = [float(k) for k in self.mslr_scales]
+        # numpy scalars (a sweep's np.arange, say) as the Python numbers JSON stores
+        for name in ("lora_r", "mslr_r", "head_hidden"):
+            v = getattr(self, name)
+            if isinstance(v, numbers.Integral) and not isinstance(v, bool):
+                setattr(self, name, int(v))
+        for name in ("lora_alpha", "mslr_alpha", "lora_dropout", "mslr_dropout", "head_dropout"):
+            v = getattr(self, name)
+            if isinstance(v, numbers.Real) and not isinstance(v, bool):
+                setattr(self, name, float(v))
         self.validate()
 
     def validate(self) -> None:
@@ -219,12 +229,16 @@ class MuScleConfig:
                 raise ValueError(f"MuScleConfig.{name} must be an integer >= 1, got {v!r}")
         for name in ("lora_alpha", "mslr_alpha"):
             v = getattr(self, name)
-            if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
+            if not (is_number(v) and math.isfinite(v) and v > 0):
                 raise ValueError(f"MuScleConfig.{name} must be > 0, got {v!r}")
         for name in ("lora_dropout", "mslr_dropout", "head_dropout"):
             v = getattr(self, name)
-            if not (isinstance(v, (int, float)) and 0.0 <= v < 1.0):
+            if not (is_number(v) and 0.0 <= v < 1.0):
                 raise ValueError(f"MuScleConfig.{name} must be in [0, 1), got {v!r}")
+        if not isinstance(self.decoder_head, bool):
+            raise ValueError(f"MuScleConfig.decoder_head must be true or false, got {self.decoder_head!r}")
+        if self.model_type is not None and not isinstance(self.model_type, str):
+            raise ValueError(f"MuScleConfig.model_type must be a string or None, got {self.model_type!r}")
         validate_scales(self.mslr_scales, where="MuScleConfig.mslr_scales")
         for name in ("lora_init_B", "mslr_init_B"):
             if getattr(self, name) not in INIT_CHOICES:
@@ -283,11 +297,35 @@ class MuScleConfig:
         return cls(**d)
 
 
+def is_number(v: Any) -> bool:
+    """A real number that is not a bool (True would pass as 1)."""
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+
+def check_align_settings(
+    prefix: str, min_ref_grad_norm: Any, min_ref_loss: Any, max_raw_grad_ratio: Any, ga_epoch: Any
+) -> None:
+    """The alignment rule's thresholds (SPEC §4) must be finite and in range: a NaN threshold compares
+    false, which turns the alignment off without a word, and a ratio above 1 is silently capped."""
+    for name, v in (("min_ref_grad_norm", min_ref_grad_norm), ("min_ref_loss", min_ref_loss)):
+        if not (is_number(v) and math.isfinite(v) and v >= 0):
+            raise ValueError(f"{prefix}{name} must be a finite number >= 0, got {v!r}")
+    if not (is_number(max_raw_grad_ratio) and 0.0 <= max_raw_grad_ratio <= 1.0):
+        raise ValueError(f"{prefix}max_raw_grad_ratio must be a number in [0, 1], got {max_raw_grad_ratio!r}")
+    if not (is_number(ga_epoch) and math.isfinite(ga_epoch) and ga_epoch >= 0):
+        raise ValueError(f"{prefix}ga_epoch must be a finite number >= 0, got {ga_epoch!r}")
+
+
 def validate_scales(scales: Any, where: str) -> tuple[float, ...]:
     """Scales must be a non-empty sequence of finite positive numbers."""
+    if isinstance(scales, (str, bytes)) or not isinstance(scales, Iterable):
+        raise ValueError(f"{where} must be a sequence of positive numbers, got {scales!r}")
+    scales = list(scales)
     try:
+        if any(isinstance(k, (str, bytes, bool)) for k in scales):
+            raise TypeError
         out = tuple(float(k) for k in scales)
-    except TypeError:
+    except (TypeError, ValueError):
         raise ValueError(f"{where} must be a sequence of positive numbers, got {scales!r}") from None
     if not out:
         raise ValueError(f"{where} must not be empty")

@@ -7,6 +7,7 @@ wherever it was computed.
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -24,17 +25,36 @@ __all__ = ["Row", "accuracy", "as_rows", "encode", "predict"]
 
 def as_rows(rows: Sequence[Any], what: str) -> list[Row]:
     """Accept (text, label) pairs or dicts with text/sentence and label; ``what`` names the set in errors."""
+    if isinstance(rows, (str, bytes)):
+        raise ValueError(f"{what}: expected a sequence of rows, got a string: {rows[:60]!r}")
     out: list[Row] = []
     for i, r in enumerate(rows):
         if isinstance(r, Mapping):
             text = r.get("text", r.get("sentence"))
             label = r.get("label")
-        else:
+        elif not isinstance(r, (str, bytes)) and hasattr(r, "__getitem__") and _len(r) == 2:
+            # a tuple, a list, a row of a numpy object array
             text, label = r[0], r[1]
-        if not isinstance(text, str) or label is None:
-            raise ValueError(f"{what}: row {i} has no text/label: {r!r}")
+        else:
+            text = label = None
+        if isinstance(label, torch.Tensor) and label.numel() == 1:
+            label = label.item()
+        # a float label (0.7) would truncate, a bool pass as 0/1: a label is an integer class index
+        integral = isinstance(label, numbers.Integral) or (isinstance(label, float) and label.is_integer())
+        if not isinstance(text, str) or isinstance(label, bool) or not integral:
+            raise ValueError(
+                f"{what}: row {i} must be (text, integer label) or a dict with text/sentence and label, "
+                f"got {r!r}"
+            )
         out.append((text, int(label)))
     return out
+
+
+def _len(r: Any) -> int | None:
+    try:
+        return len(r)
+    except TypeError:
+        return None
 
 
 def encode(

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from .config import INIT_CHOICES, resolve_backend, validate_scales
+from .config import INIT_CHOICES, is_number, resolve_backend, validate_scales
 from .ops.lowrank import MuScleLinearFunction, base_kind, current_split, get_ops
 
 
@@ -48,9 +48,9 @@ class MuScleLinear(nn.Module):
         scales = validate_scales(scales, where=f"{where} scales")
         if not isinstance(r, int) or isinstance(r, bool) or r < 1:
             raise ValueError(f"{where}: r must be an integer >= 1, got {r!r}")
-        if not (math.isfinite(alpha) and alpha > 0):
+        if not (is_number(alpha) and math.isfinite(alpha) and alpha > 0):
             raise ValueError(f"{where}: alpha must be > 0, got {alpha!r}")
-        if not 0.0 <= dropout < 1.0:
+        if not (is_number(dropout) and 0.0 <= dropout < 1.0):
             raise ValueError(f"{where}: dropout must be in [0, 1), got {dropout!r}")
         if init_B not in INIT_CHOICES:
             raise ValueError(f"{where}: init_B must be one of {INIT_CHOICES}, got {init_B!r}")
@@ -125,6 +125,13 @@ class MuScleLinear(nn.Module):
         self._host = _HostCache()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor) or x.dim() == 0 or not x.dtype.is_floating_point:
+            # the base weight would be cast to an integer dtype (all zeros), not fail as nn.Linear does
+            got = f"a {x.dim()}-d {x.dtype} tensor" if isinstance(x, torch.Tensor) else type(x).__name__
+            raise TypeError(
+                f"MuScleLinear({self.name}): input must be a floating-point tensor of at least 1 dim, "
+                f"got {got}"
+            )
         if x.shape[-1] != self.in_features:
             raise ValueError(
                 f"MuScleLinear({self.name}): input last dim {x.shape[-1]} != in_features "

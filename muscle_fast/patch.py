@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 from dataclasses import dataclass
@@ -93,7 +94,8 @@ def _param_count(module: nn.Module) -> int:
     return total
 
 
-def _replace_decoder_head(model: nn.Module, cfg: MuScleConfig) -> None:
+def _replace_decoder_head(model: nn.Module, cfg: MuScleConfig) -> nn.Module:
+    """Put the paper's head in place of ``model.score``; returns the old ``score``."""
     old = getattr(model, "score", None)
     if not isinstance(old, nn.Linear):
         raise ValueError(
@@ -113,6 +115,7 @@ def _replace_decoder_head(model: nn.Module, cfg: MuScleConfig) -> None:
         dtype=dtype,
     )
     model.score.requires_grad_(False)  # the paper freezes the random output layer
+    return old
 
 
 def _exact_cpu_4bit(model: nn.Module) -> None:
@@ -137,7 +140,17 @@ def _exact_cpu_4bit(model: nn.Module) -> None:
 
 
 def patch_model(model: nn.Module, cfg: MuScleConfig | None = None, **overrides: Any) -> nn.Module:
-    """Freeze ``model`` and add LoRA/MSLR modules per ``cfg`` (paper defaults when None); in place."""
+    """Freeze ``model`` and add LoRA/MSLR modules per ``cfg`` (paper defaults when None); in place.
+
+    The model keeps a copy of ``cfg`` (``model.muscle_config``: what ``save_adapter`` writes). On an
+    error the model is left as it was: modules restored, parameters trainable as before."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"patch_model: model must be a torch nn.Module, got {type(model).__name__}")
+    if cfg is not None and not isinstance(cfg, MuScleConfig):
+        raise TypeError(
+            f"patch_model: cfg must be a MuScleConfig (MuScleConfig.from_dict for a dict), "
+            f"got {type(cfg).__name__}"
+        )
     if is_patched(model):
         raise ValueError(f"patch_model: {type(model).__name__} is already patched by muscle_fast")
     if cfg is None:
@@ -145,11 +158,40 @@ def patch_model(model: nn.Module, cfg: MuScleConfig | None = None, **overrides: 
     elif overrides:
         raise ValueError("patch_model: pass either cfg or keyword overrides, not both")
     cfg.validate()
-    _exact_cpu_4bit(model)
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if cfg.model_type is not None and model_type is not None and cfg.model_type != model_type:
+        raise ValueError(
+            f"patch_model: the config is for a {cfg.model_type!r} model, {type(model).__name__} is "
+            f"{model_type!r} (MuScleConfig.for_model builds one for this model)"
+        )
+    cfg = copy.deepcopy(cfg)  # the caller's object may change later; the saved adapter must not
+    _exact_cpu_4bit(model)  # result-preserving (bitsandbytes' CPU shortcut off), kept on an error
+    grads = [(p, p.requires_grad) for p in model.parameters()]
+    undo: list[tuple[nn.Module, str, nn.Module]] = []
+    try:
+        lora, mslr, heads = _patch(model, cfg, undo)
+    except BaseException:
+        for parent, child, old in reversed(undo):
+            setattr(parent, child, old)
+        for p, flag in grads:
+            p.requires_grad_(flag)
+        raise
+    model.muscle_config = cfg
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    report = PatchReport(lora, mslr, heads, trainable, _param_count(model))
+    model.muscle_report = report
+    logger.info(str(report))
+    return model
+
+
+def _patch(
+    model: nn.Module, cfg: MuScleConfig, undo: list[tuple[nn.Module, str, nn.Module]]
+) -> tuple[list[str], list[str], list[str]]:
+    """patch_model's changes, each module swap recorded in ``undo`` (parent, attribute, old module)."""
     for p in model.parameters():
         p.requires_grad_(False)
     if cfg.decoder_head:
-        _replace_decoder_head(model, cfg)
+        undo.append((model, "score", _replace_decoder_head(model, cfg)))
 
     plan: dict[str, str] = {}
     for kind, targets in (("lora", cfg.lora_targets), ("mslr", cfg.mslr_targets)):
@@ -163,6 +205,12 @@ def patch_model(model: nn.Module, cfg: MuScleConfig | None = None, **overrides: 
                 if n in plan and plan[n] != kind:
                     raise ValueError(f"patch_model: module {n!r} is both a LoRA and an MSLR target")
                 plan[n] = kind
+    for t in cfg.head_modules:
+        if not find_modules(model, [t]):
+            raise ValueError(
+                f"patch_model: head module {t!r} matches no module of {type(model).__name__} (it would "
+                "not be saved with the adapter); pass head_modules=[] for a model without a task head"
+            )
 
     lora, mslr = [], []
     for name, kind in plan.items():
@@ -193,15 +241,9 @@ def patch_model(model: nn.Module, cfg: MuScleConfig | None = None, **overrides: 
                 name=name,
             )
             mslr.append(name)
+        undo.append((parent, child, base))
         setattr(parent, child, new)
-
-    heads = head_module_names(model, cfg)
-    model.muscle_config = cfg
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    report = PatchReport(lora, mslr, heads, trainable, _param_count(model))
-    model.muscle_report = report
-    logger.info(str(report))
-    return model
+    return lora, mslr, head_module_names(model, cfg)
 
 
 def muscle_modules(model: nn.Module) -> dict[str, MuScleLinear]:

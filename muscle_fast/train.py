@@ -29,7 +29,14 @@ import torch
 from torch import nn
 
 from .checkpoint import CKPT, check_same_run, load_train_state, run_key, save_train_state
-from .config import ALIGN_DEFAULTS, BACKENDS, DEFAULT_SEED, TRAIN_DEFAULTS, model_family
+from .config import (
+    ALIGN_DEFAULTS,
+    BACKENDS,
+    DEFAULT_SEED,
+    TRAIN_DEFAULTS,
+    check_align_settings,
+    model_family,
+)
 from .distributed import average_across_ranks, rank_share, unwrap_model, world
 from .dual import default_loss, dual_gradients, trainable_params
 from .evaluation import Row, accuracy, as_rows, encode, predict, predict_proba
@@ -126,6 +133,11 @@ class TrainConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Reject a field of the wrong type or out of range, naming it (``train_muscle`` calls this
+        again: the dataclass is mutable)."""
         # types first (presets are JSON): "epochs": 1.5 or "lr": "3e-4" must fail here, naming the field
         for f in dataclasses.fields(self):
             v = getattr(self, f.name)
@@ -137,6 +149,13 @@ class TrainConfig:
         for name in ("lr", "batch_size", "epochs", "eval_batch_size", "max_length"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"TrainConfig.{name} must be > 0, got {getattr(self, name)!r}")
+        if not math.isfinite(self.lr):
+            raise ValueError(f"TrainConfig.lr must be finite, got {self.lr!r}")
+        if not 0 <= self.seed < 2**63:  # torch's and the kernels' seeds are 64-bit
+            raise ValueError(f"TrainConfig.seed must be in [0, 2**63), got {self.seed!r}")
+        check_align_settings(
+            "TrainConfig.", self.min_ref_grad_norm, self.min_ref_loss, self.max_raw_grad_ratio, self.ga_epoch
+        )
         # a negative max norm flips the gradient's sign in clip_grad_norm_ (gradient ascent)
         for name in ("grad_clip", "weight_decay", "checkpoint_every"):
             v = getattr(self, name)
@@ -293,7 +312,13 @@ def train_muscle(
     from tqdm.auto import tqdm
 
     core = unwrap_model(model)
+    if config is not None and not isinstance(config, TrainConfig):
+        raise TypeError(
+            f"train_muscle: config must be a TrainConfig (TrainConfig(**d) for a dict), got "
+            f"{type(config).__name__}"
+        )
     cfg = config or TrainConfig.for_model(core)
+    cfg.validate()
     data = _checked_data(core, cfg, train_rows, ref_rows, dev_rows, eval_sets)
     at = list(range(len(data.train)))  # each row's position in the caller's train_rows
     filters: dict[str, dict[str, Any]] = {}  # the row filters' records, in the order they ran
@@ -538,7 +563,9 @@ def _checked_data(
     if cfg.align and not data.ref:
         raise ValueError("train_muscle: gradient alignment needs a non-empty reference set (ref_rows)")
     num_labels = getattr(core.config, "num_labels", None)
-    for name, rows in (("train_rows", data.train), ("ref_rows", data.ref), ("dev_rows", data.dev)):
+    named = [("train_rows", data.train), ("ref_rows", data.ref), ("dev_rows", data.dev)]
+    named += [(f"eval_sets[{k!r}]", rows) for k, rows in data.extra.items()]  # an ASR set: target labels
+    for name, rows in named:
         bad = [lab for _, lab in rows if num_labels is not None and not 0 <= lab < num_labels]
         if bad:
             raise ValueError(

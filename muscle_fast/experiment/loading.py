@@ -132,6 +132,8 @@ def load_classifier(
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+    if isinstance(num_labels, bool) or not isinstance(num_labels, int) or num_labels < 2:
+        raise ConfigError(f"num_labels must be an integer >= 2 (a classifier's classes), got {num_labels!r}")
     extra = _quantized_kwargs(device) if load_in_4bit else {}  # bitsandbytes missing: say so first
     check_model_path(name_or_path)
     try:
