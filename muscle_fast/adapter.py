@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from pathlib import Path
@@ -141,7 +142,10 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, strict: bool = 
                 )
             )
     else:
-        patch_model(model, saved_cfg)
+        # a head this model lacks (an adapter saved on a model without a task head, before patch_model
+        # refused such names) is left out; tensors saved for it are unexpected keys below
+        heads = [h for h in saved_cfg.head_modules if find_modules(model, [h])]
+        patch_model(model, dataclasses.replace(saved_cfg, head_modules=heads))
     weights = d / ADAPTER_WEIGHTS
     if not weights.is_file():
         raise FileNotFoundError(f"load_adapter: no {ADAPTER_WEIGHTS} in {d}")

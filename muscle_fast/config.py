@@ -210,19 +210,19 @@ class MuScleConfig:
         if not all(isinstance(k, numbers.Real) and not isinstance(k, bool) for k in self.mslr_scales):
             raise ValueError(f"MuScleConfig.mslr_scales must be a list of numbers, got {self.mslr_scales!r}")
         self.mslr_scales = [float(k) for k in self.mslr_scales]
-        # numpy scalars (a sweep's np.arange, say) as the Python numbers JSON stores
+        self.validate()
+
+    def validate(self) -> None:
+        """Reject values that would silently give a wrong model; numpy scalars (a sweep's np.arange,
+        say) become the Python numbers JSON stores, also when set after construction."""
         for name in ("lora_r", "mslr_r", "head_hidden"):
             v = getattr(self, name)
             if isinstance(v, numbers.Integral) and not isinstance(v, bool):
                 setattr(self, name, int(v))
         for name in ("lora_alpha", "mslr_alpha", "lora_dropout", "mslr_dropout", "head_dropout"):
             v = getattr(self, name)
-            if isinstance(v, numbers.Real) and not isinstance(v, bool):
+            if is_number(v):
                 setattr(self, name, float(v))
-        self.validate()
-
-    def validate(self) -> None:
-        """Reject values that would silently give a wrong model."""
         for name in ("lora_r", "mslr_r", "head_hidden"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
@@ -239,7 +239,7 @@ class MuScleConfig:
             raise ValueError(f"MuScleConfig.decoder_head must be true or false, got {self.decoder_head!r}")
         if self.model_type is not None and not isinstance(self.model_type, str):
             raise ValueError(f"MuScleConfig.model_type must be a string or None, got {self.model_type!r}")
-        validate_scales(self.mslr_scales, where="MuScleConfig.mslr_scales")
+        self.mslr_scales = list(validate_scales(self.mslr_scales, where="MuScleConfig.mslr_scales"))
         for name in ("lora_init_B", "mslr_init_B"):
             if getattr(self, name) not in INIT_CHOICES:
                 raise ValueError(

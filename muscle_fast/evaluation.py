@@ -8,7 +8,7 @@ wherever it was computed.
 from __future__ import annotations
 
 import numbers
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -37,10 +37,12 @@ def as_rows(rows: Sequence[Any], what: str) -> list[Row]:
             text, label = r[0], r[1]
         else:
             text = label = None
-        if isinstance(label, torch.Tensor) and label.numel() == 1:
+        if hasattr(label, "item") and getattr(label, "ndim", None) == 0:  # a 0-d tensor or array
             label = label.item()
         # a float label (0.7) would truncate, a bool pass as 0/1: a label is an integer class index
-        integral = isinstance(label, numbers.Integral) or (isinstance(label, float) and label.is_integer())
+        integral = isinstance(label, numbers.Integral) or (
+            isinstance(label, numbers.Real) and float(label).is_integer()
+        )
         if not isinstance(text, str) or isinstance(label, bool) or not integral:
             raise ValueError(
                 f"{what}: row {i} must be (text, integer label) or a dict with text/sentence and label, "
@@ -71,7 +73,12 @@ def encode(
 
 @torch.no_grad()
 def _logits(
-    model: nn.Module, tokenizer: Any, rows: Sequence[Row], batch_size: int, max_length: int
+    model: nn.Module,
+    tokenizer: Any,
+    rows: Sequence[Row],
+    batch_size: int,
+    max_length: int,
+    on_batch: Callable[[int], object] | None = None,
 ) -> torch.Tensor:
     """[rows, labels] fp32 CPU logits (eval mode for the call, the previous mode restored)."""
     core = unwrap_model(model)
@@ -87,6 +94,8 @@ def _logits(
             if out is None:
                 out = logits.new_empty((len(rows), logits.shape[-1]))
             out[idx] = logits
+            if on_batch is not None:
+                on_batch(len(idx))
     finally:
         core.train(was)
     return out if out is not None else torch.empty(0, 0)
@@ -94,8 +103,9 @@ def _logits(
 
 def _length_batches(tokenizer: Any, rows: Sequence[Row], batch_size: int, max_length: int) -> list[list[int]]:
     """Row indices in batches of similar token length: each batch is padded to its longest row, so
-    sorting by length skips most padding (a row's logits do not depend on its batch mates; only the
-    float summation order of padded positions can differ)."""
+    sorting by length skips most padding. A row's batch mates reach its logits only through its
+    padding: the float summation order, and for a model with absolute positions padded on the left,
+    its positions (less padding, closer to the row alone)."""
     enc = tokenizer([t for t, _ in rows], truncation=True, max_length=max_length)
     mask = enc.get("attention_mask")
     lengths = [int(sum(m)) for m in mask] if mask is not None else [len(ids) for ids in enc["input_ids"]]
@@ -109,11 +119,16 @@ def predict(
     rows: Sequence[Row],
     batch_size: int = TRAIN_DEFAULTS.eval_batch_size,
     max_length: int = TRAIN_DEFAULTS.max_length,
+    *,
+    on_batch: Callable[[int], object] | None = None,
 ) -> torch.Tensor:
-    """Predicted labels for ``rows`` (eval mode for the call, the previous mode restored)."""
+    """Predicted labels for ``rows`` (eval mode for the call, the previous mode restored).
+
+    ``on_batch(n)`` is called after each batch of ``n`` rows (a progress bar's ``update``). The
+    batches depend on all of ``rows``: pass a whole set for the numbers every evaluation reports."""
     if not rows:
         return torch.empty(0, dtype=torch.long)
-    return _logits(model, tokenizer, rows, batch_size, max_length).argmax(-1)
+    return _logits(model, tokenizer, rows, batch_size, max_length, on_batch).argmax(-1)
 
 
 def predict_proba(

@@ -151,8 +151,8 @@ class TrainConfig:
                 raise ValueError(f"TrainConfig.{name} must be > 0, got {getattr(self, name)!r}")
         if not math.isfinite(self.lr):
             raise ValueError(f"TrainConfig.lr must be finite, got {self.lr!r}")
-        if not 0 <= self.seed < 2**63:  # torch's and the kernels' seeds are 64-bit
-            raise ValueError(f"TrainConfig.seed must be in [0, 2**63), got {self.seed!r}")
+        if not -(2**63) <= self.seed < 2**64 - 1:  # what torch.manual_seed takes, seed + 1 included
+            raise ValueError(f"TrainConfig.seed must be in [-2**63, 2**64 - 1), got {self.seed!r}")
         check_align_settings(
             "TrainConfig.", self.min_ref_grad_norm, self.min_ref_loss, self.max_raw_grad_ratio, self.ga_epoch
         )

@@ -36,7 +36,8 @@ NAN, INF = float("nan"), float("inf")
         ("max_raw_grad_ratio", NAN),
         ("ga_epoch", -3),
         ("seed", 2**70),
-        ("seed", -1),
+        ("seed", -(2**63) - 1),
+        ("seed", 2**64 - 1),
     ],
 )
 def test_train_config_out_of_range(field, value):
@@ -89,8 +90,10 @@ def test_row_forms_that_hold_a_text_and_an_integer_label():
         {"sentence": "c", "label": 1.0},
         np.array(["d", 1], dtype=object),
         ("e", torch.tensor(1)),
+        ("f", np.float32(0)),
+        ("g", np.array(1)),
     ]
-    assert as_rows(rows, "t") == [("a", 1), ("b", 0), ("c", 1), ("d", 1), ("e", 1)]
+    assert as_rows(rows, "t") == [("a", 1), ("b", 0), ("c", 1), ("d", 1), ("e", 1), ("f", 0), ("g", 1)]
 
 
 def test_head_module_that_matches_nothing():
@@ -220,3 +223,41 @@ def test_bad_value_in_a_saved_config_names_the_file(tmp_path):
 def test_classifier_needs_two_classes(num_labels):
     with pytest.raises(ConfigError, match="num_labels must be an integer >= 2"):
         load_classifier("any/model", num_labels)
+
+
+def test_numpy_scalars_set_after_construction_are_saved_as_numbers(tmp_path):
+    model = tiny_model("bert", num_labels=2)
+    cfg = MuScleConfig.for_model(model)
+    cfg.lora_alpha, cfg.mslr_scales = np.float32(16), [np.float32(2), np.float64(4)]
+    patch_model(model, cfg)
+    save_adapter(model, tmp_path)
+    saved = read_adapter_config(tmp_path)
+    assert saved.lora_alpha == 16.0 and saved.mslr_scales == [2.0, 4.0]
+
+
+def test_adapter_listing_a_head_the_model_lacks_still_loads(tmp_path):
+    """Adapters saved on a model without a task head, before patch_model refused head names that
+    match nothing, list the family's head anyway."""
+    from tiny_models import tiny_config
+    from transformers import AutoModel
+
+    def bare():
+        torch.manual_seed(0)
+        return AutoModel.from_config(tiny_config("bert", 2)).eval()
+
+    model = patch_model(bare(), head_modules=[])
+    for m in model.modules():
+        if isinstance(m, MuScleLinear):
+            nn.init.normal_(m.lora_B)
+    save_adapter(model, tmp_path)
+    path = tmp_path / "muscle_config.json"
+    meta = json.loads(path.read_text())
+    meta["muscle_config"]["head_modules"] = ["classifier"]
+    path.write_text(json.dumps(meta))
+    loaded = load_adapter(bare(), tmp_path)
+    assert loaded.muscle_config.head_modules == []
+    ids = torch.randint(3, 50, (2, 5))
+    with torch.no_grad():
+        torch.testing.assert_close(
+            loaded(input_ids=ids).last_hidden_state, model(input_ids=ids).last_hidden_state
+        )

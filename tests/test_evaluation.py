@@ -36,3 +36,23 @@ def test_predictions_come_back_in_row_order_as_one_row_at_a_time():
     torch.testing.assert_close(many, one, rtol=1e-12, atol=1e-12)
     assert torch.equal(predict(model, tok, rows, batch_size=8, max_length=16), one.argmax(-1))
     assert model.training  # the caller's mode is restored
+
+
+def test_the_run_and_the_eval_command_score_the_same_batches():
+    """defend's test scores (``evaluate_test``, with its progress bar) and ``muscle-fast eval``'s
+    (``evaluate_backdoor``) come from the same batches: in bf16 other batches give other numbers."""
+    from types import SimpleNamespace
+
+    from muscle_fast.backdoor.metrics import evaluate_backdoor
+    from muscle_fast.experiment.run import evaluate_test
+
+    torch.manual_seed(0)
+    model = tiny_model("llama", num_labels=2).to(torch.bfloat16)
+    sets = {"test_clean": _rows(1000, seed=2), "test_poison": [(t, 1) for t, _ in _rows(1000, seed=3)]}
+    ds = SimpleNamespace(split=sets.__getitem__, target_label=1)
+    seen = []
+    batches = _length_batches(HashTokenizer(), sets["test_clean"], 16, max_length=16)
+    predict(model, HashTokenizer(), sets["test_clean"], 16, 16, on_batch=seen.append)
+    assert seen == [len(b) for b in batches]
+    want = evaluate_backdoor(model, HashTokenizer(), ds, batch_size=16, max_length=16)
+    assert evaluate_test(model, HashTokenizer(), ds, batch_size=16, max_length=16) == want

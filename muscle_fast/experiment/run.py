@@ -267,7 +267,6 @@ def evaluate_test(
 ) -> dict[str, float]:
     """Test ``{"cacc", "asr"}`` as ``evaluate_backdoor`` computes them (same batches, same numbers),
     with a progress bar over the rows: a full test set takes minutes on a CPU."""
-    import torch
     from tqdm.auto import tqdm
 
     from ..backdoor.metrics import attack_success_rate, clean_accuracy
@@ -277,11 +276,7 @@ def evaluate_test(
     bar = tqdm(total=len(clean) + len(poison), desc=desc, unit="row", leave=False, disable=not progress)
 
     def preds(rows: Sequence[Any]) -> Any:
-        out = []
-        for i in range(0, len(rows), batch_size):
-            out.append(predict(model, tokenizer, rows[i : i + batch_size], batch_size, max_length))
-            bar.update(len(rows[i : i + batch_size]))
-        return torch.cat(out) if out else torch.empty(0, dtype=torch.long)
+        return predict(model, tokenizer, rows, batch_size, max_length, on_batch=bar.update)
 
     try:
         pc, pp = preds(clean), preds(poison)
