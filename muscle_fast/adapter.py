@@ -142,8 +142,8 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, strict: bool = 
                 )
             )
     else:
-        # a head this model lacks (an adapter saved on a model without a task head, before patch_model
-        # refused such names) is left out; tensors saved for it are unexpected keys below
+        # a saved head name this model lacks (the family default, on a model without a task head)
+        # is left out; tensors saved for it are unexpected keys below
         heads = [h for h in saved_cfg.head_modules if find_modules(model, [h])]
         patch_model(model, dataclasses.replace(saved_cfg, head_modules=heads))
     weights = d / ADAPTER_WEIGHTS

@@ -207,9 +207,6 @@ class MuScleConfig:
             if not all(isinstance(t, str) for t in v):
                 raise ValueError(f"MuScleConfig.{name} must be a list of module names, got {v!r}")
             setattr(self, name, list(v))
-        if not all(isinstance(k, numbers.Real) and not isinstance(k, bool) for k in self.mslr_scales):
-            raise ValueError(f"MuScleConfig.mslr_scales must be a list of numbers, got {self.mslr_scales!r}")
-        self.mslr_scales = [float(k) for k in self.mslr_scales]
         self.validate()
 
     def validate(self) -> None:
@@ -217,16 +214,12 @@ class MuScleConfig:
         say) become the Python numbers JSON stores, also when set after construction."""
         for name in ("lora_r", "mslr_r", "head_hidden"):
             v = getattr(self, name)
-            if isinstance(v, numbers.Integral) and not isinstance(v, bool):
-                setattr(self, name, int(v))
-        for name in ("lora_alpha", "mslr_alpha", "lora_dropout", "mslr_dropout", "head_dropout"):
-            v = getattr(self, name)
-            if is_number(v):
-                setattr(self, name, float(v))
-        for name in ("lora_r", "mslr_r", "head_hidden"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            if not isinstance(v, numbers.Integral) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"MuScleConfig.{name} must be an integer >= 1, got {v!r}")
+            setattr(self, name, int(v))
+        for name in ("lora_alpha", "mslr_alpha", "lora_dropout", "mslr_dropout", "head_dropout"):
+            if is_number(getattr(self, name)):
+                setattr(self, name, float(getattr(self, name)))
         for name in ("lora_alpha", "mslr_alpha"):
             v = getattr(self, name)
             if not (is_number(v) and math.isfinite(v) and v > 0):
