@@ -33,10 +33,11 @@ else:
     SHAPES = [(4096, 1024, 1024, 16)]
     DTYPE = torch.float32
     torch.set_num_threads(2)
-# ours-auto: MuScleLinear's defaults (on CUDA the Triton reductions + cuBLAS-accumulated low-rank
-# terms); ours-triton: all five Triton kernels; ours-torch: the torch path (cuBLAS, read-modify-write
-# of the low-rank terms); ours-torch-accumulate: the torch path in the accumulate order (all cuBLAS);
-# ours-auto-mslr4: ours-auto as MSLR, 4 scales of rank R/4 (issue #15: within 3 % of LoRA rank R)
+# ours-auto: MuScleLinear's defaults (on CUDA cuBLAS-accumulated low-rank terms, each reduction by its
+# Triton kernel or its cuBLAS twin, whichever measured faster: extra_info "picked"); ours-triton: all
+# five Triton kernels; ours-torch: the torch path (cuBLAS, read-modify-write of the low-rank terms);
+# ours-torch-accumulate: the torch path in the accumulate order (all cuBLAS); ours-auto-mslr4:
+# ours-auto as MSLR, 4 scales of rank R/4 (issue #15: within 3 % of LoRA rank R)
 IMPLS = ["base", "peft", "addmm", "ours-auto", "ours-auto-mslr4", "ours-torch"]
 IMPLS += ["ours-triton", "ours-torch-accumulate"] if CUDA else []
 MODES = ["fwd", "bwd", "fwdbwd"]
@@ -176,6 +177,10 @@ def test_lowrank(benchmark, accumulate_torch, shape, impl, mode):
         benchmark.pedantic(fwdbwd, rounds=rounds, iterations=1)
     if CUDA:
         benchmark.extra_info["peak_mem_bytes"] = torch.cuda.max_memory_allocated() - base_mem
+    if impl.startswith("ours-auto"):  # which reductions "auto" measured faster: Triton or cuBLAS
+        from muscle_fast.ops import lowrank
+
+        benchmark.extra_info["picked"] = lowrank.measured_choices()
 
 
 @pytest.mark.skipif(not CUDA, reason="the Triton path on CUDA; the interpreter tests cover the CPU")

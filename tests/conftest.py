@@ -1,6 +1,7 @@
 """Test setup: run every Triton kernel through the interpreter when there is no GPU."""
 
 import os
+import sys
 
 # Under pytest-xdist every worker gets its share of the cores: torch's default pool (one thread per
 # core) in each worker and in the processes tests start would oversubscribe them. Set before torch
@@ -27,6 +28,16 @@ def device() -> str:
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_choices():
+    """No test sees the measured choices of ``backend="auto"`` another made (MUSCLE_FAST_PICK is read
+    when a shape is first seen)."""
+    yield
+    measure = sys.modules.get("muscle_fast.ops.measure")
+    if measure is not None:
+        measure.forget_all()
 
 
 def _minutes(item: pytest.Item) -> float:

@@ -16,27 +16,35 @@ from muscle_fast.ops import lowrank
 from muscle_fast.ops.lowrank import MuScleLinearFunction, get_ops
 
 # "accumulate": what backend "auto" runs on CUDA (lowrank.accumulate_ops: the low-rank M x N terms by
-# cuBLAS, the base GEMM accumulating into them); forced on the CPU under the interpreter.
-BACKENDS = ["torch", "triton", "accumulate"]
+# cuBLAS, the base GEMM accumulating into them; each reduction measured between its Triton kernel and
+# its cuBLAS twin, which is the Triton kernel off CUDA); "accumulate-cublas": the same with every
+# reduction pinned to its cuBLAS twin (MUSCLE_FAST_PICK=cublas). Forced on the CPU under the interpreter.
+BACKENDS = ["torch", "triton", "accumulate", "accumulate-cublas"]
 
 
 def _backend(name: str) -> str:
     """The MuScleLinear backend argument of a test backend name."""
-    if name != "accumulate":
+    if not name.startswith("accumulate"):
         return name
     return "auto" if torch.cuda.is_available() else "triton"
 
 
 def _ops(name: str, device: str) -> lowrank.LowRankOps:
     ops = get_ops(_backend(name), torch.device(device))
-    return lowrank.accumulate_ops() if name == "accumulate" else ops
+    return lowrank.accumulate_ops() if name.startswith("accumulate") else ops
 
 
 @pytest.fixture(autouse=True)
 def _accumulate_on_cpu(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Off CUDA, make a "triton" layer of an "accumulate" test run accumulate_ops."""
+    """Off CUDA, make a "triton" layer of an "accumulate" test run accumulate_ops; pin the reductions of
+    an "accumulate-cublas" test to their cuBLAS twins (as ``MUSCLE_FAST_PICK`` does for users)."""
     spec = getattr(request.node, "callspec", None)
-    if spec is None or spec.params.get("backend") != "accumulate" or torch.cuda.is_available():
+    name = spec.params.get("backend") if spec is not None else None
+    if not isinstance(name, str) or not name.startswith("accumulate"):
+        return
+    if name == "accumulate-cublas":
+        monkeypatch.setenv("MUSCLE_FAST_PICK", "cublas")
+    if torch.cuda.is_available():
         return
 
     def get(backend: str, device: torch.device, dtype: torch.dtype | None = None) -> lowrank.LowRankOps:
@@ -368,10 +376,15 @@ def test_float64_torch_path_is_exact(dropout):
     [(torch.float32, 0.0, 0), (torch.bfloat16, 0.0, 0), (torch.bfloat16, 0.2, 1), (torch.float16, 0.0, 2)],
     ids=["fp32", "bf16", "bf16-dropout", "fp16"],
 )
-def test_accumulate_ops_leave_the_low_rank_terms_to_cublas(dtype, dropout, expands, device):
+@pytest.mark.parametrize("pick", ["default", "cublas"])
+def test_accumulate_ops_leave_the_low_rank_terms_to_cublas(
+    dtype, dropout, expands, pick, device, monkeypatch
+):
     """accumulate_ops run neither expand_ nor dx_ for fp32/bf16 (the base GEMM adds into the cuBLAS
     low-rank term), dx_ only under dropout (its mask lives in the kernel), both for fp16 (whose
-    range cannot hold S), and give the float64 formula's result either way."""
+    range cannot hold S), and give the float64 formula's result either way, with the reductions'
+    Triton kernels or their cuBLAS twins (``pick``)."""
+    monkeypatch.setenv("MUSCLE_FAST_PICK", pick)
     calls: list[str] = []
 
     def counted(name: str, fn):
@@ -411,8 +424,11 @@ def test_accumulate_ops_leave_the_low_rank_terms_to_cublas(dtype, dropout, expan
     rounded = dtype if dtype != torch.float16 else torch.float32
     assert seen["S"].dtype == seen["dS"].dtype == rounded
     dB = gy.double().reshape(-1, 21).T @ seen["S"].double()
-    # exact products summed in fp32; fp16's dY takes the hi + lo split with S (2**-16 per product)
+    # exact products summed in fp32; fp16's dY takes the hi + lo split with S (2**-16 per product). The
+    # cuBLAS twin's bf16 products come out in fp32 on CUDA only (torch.mm's out_dtype); on the CPU rounded.
     tol = 2**-8 if m.lora_B.dtype != torch.float32 else (1e-5 if dtype != torch.float16 else 5e-5)
+    if pick == "cublas" and dtype == torch.bfloat16 and not x.is_cuda:
+        tol = 2**-8
     assert_rel_close(m.lora_B.grad, dB, tol, "dB")
     mask = ops.dropout_mask(19, 37, dropout, seed, x.device) if dropout else None
     xr, Ar, Br = (t.detach().double().requires_grad_(True) for t in (x, m.lora_A, m.lora_B))

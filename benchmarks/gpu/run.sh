@@ -46,7 +46,7 @@ if [ "${TESTS:-}" = none ]; then
   true &
 else
   ( MUSCLE_FAST_AUTOTUNE=0 timeout -s INT -k 10 "${TEST_S:-150}" python3 -m pytest -q -p no:cacheprovider \
-      ${TESTS:-tests/test_nf4.py tests/test_patch.py tests/test_dual.py tests/test_layers.py tests/test_align.py} \
+      ${TESTS:-tests/test_measure.py tests/test_nf4.py tests/test_patch.py tests/test_dual.py tests/test_layers.py tests/test_align.py} \
       >/tmp/tests.full 2>&1
     echo "exit $?" >>/tmp/tests.full; tail -n 60 /tmp/tests.full >"$OUT/tests.log" ) &
 fi

@@ -22,7 +22,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
-from . import nf4
+from . import measure, nf4
 from .dispatch import KERNEL_DTYPES, resolve_backend, use_kernels
 
 # --------------------------------------------------------------------------------------------------
@@ -63,6 +63,20 @@ def _acc(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+#: torch.mm(..., out_dtype=float32) on 16-bit CUDA operands (torch >= 2.8): cuBLAS writes its fp32
+#: accumulator instead of a 16-bit rounding of it.
+_MM_OUT_DTYPE = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 8)
+
+
+def _mm_acc(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b in ``_acc`` of a's dtype; for bf16 on CUDA straight from cuBLAS's fp32 accumulator, so the
+    torch path's S, dS, dA and dB carry no bf16 rounding there (elsewhere the 16-bit product is cast)."""
+    acc = _acc(a.dtype)
+    if a.dtype == torch.bfloat16 and a.is_cuda and _MM_OUT_DTYPE:
+        return torch.mm(a, b, out_dtype=acc)
+    return (a @ b).to(acc)
+
+
 def _grouped_tn(a: torch.Tensor, b: torch.Tensor, groups: list[slice]) -> torch.Tensor:
     """out[g] = a[rows_g]^T @ b[rows_g], (G, a.shape[1], b.shape[1]) in ``_acc`` of a's dtype."""
     a, b = _wide(a), _wide(b)
@@ -71,7 +85,7 @@ def _grouped_tn(a: torch.Tensor, b: torch.Tensor, groups: list[slice]) -> torch.
         if a.dtype == out.dtype:
             torch.mm(a[rows].t(), b[rows], out=out[g])
         else:
-            out[g].copy_(a[rows].t() @ b[rows])
+            out[g].copy_(_mm_acc(a[rows].t(), b[rows]))
     return out
 
 
@@ -80,8 +94,7 @@ def lowrank_shrink(
 ) -> torch.Tensor:
     """S = (drop(x) @ A^T) * scale, (M, R) in float32 (float64 for float64 x)."""
     xd = _wide(_dropped(x, dropout_p, seed))
-    s = xd @ A.to(xd.dtype).t()
-    return s.to(_acc(xd.dtype)).mul_(scale)
+    return _mm_acc(xd, A.to(xd.dtype).t()).mul_(scale)
 
 
 def lowrank_expand_(y: torch.Tensor, S: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
@@ -99,7 +112,7 @@ def lowrank_backward_dS_dB(
     """dS = (dY @ B) * scale (M, R) and dB = dY^T @ S per row group, (G, N, R), both float32
     (float64 for float64 dY)."""
     dY = _wide(dY)
-    dS = (dY @ B.to(dY.dtype)).to(_acc(dY.dtype)).mul_(scale)
+    dS = _mm_acc(dY, B.to(dY.dtype)).mul_(scale)
     groups = _groups(dY.shape[0], row_split)
     return dS, _grouped_tn(dY, S.to(dY.dtype), groups)
 
@@ -182,11 +195,57 @@ def triton_ops() -> LowRankOps:
     )
 
 
+def _bucket(m: int) -> int:
+    """Rows rounded up to a power of two: the M key of the kernels' autotuner and of the choice below."""
+    return 1 << (m - 1).bit_length() if m > 0 else 0
+
+
+def _shrink_key(x: torch.Tensor, A: torch.Tensor, scale: torch.Tensor, *, dropout_p: float = 0.0,
+                seed: int = 0) -> tuple | None:  # fmt: skip
+    if dropout_p > 0.0 or x.dtype not in _ACCUMULATE_DTYPES:  # the dropout mask lives in the kernels
+        return None
+    return (x.device, x.dtype, A.dtype, _bucket(x.shape[0]), x.shape[1], A.shape[0])
+
+
+def _dS_dB_key(dY: torch.Tensor, B: torch.Tensor, S: torch.Tensor, scale: torch.Tensor, *,
+               row_split: int | None = None) -> tuple | None:  # fmt: skip
+    if dY.dtype not in _ACCUMULATE_DTYPES:
+        return None
+    return (dY.device, dY.dtype, S.dtype, _bucket(dY.shape[0]), dY.shape[1], B.shape[1], row_split is None)
+
+
+def _grad_A_key(dS: torch.Tensor, x: torch.Tensor, *, row_split: int | None = None, dropout_p: float = 0.0,
+                seed: int = 0) -> tuple | None:  # fmt: skip
+    if dropout_p > 0.0 or x.dtype not in _ACCUMULATE_DTYPES:
+        return None
+    return (x.device, x.dtype, dS.dtype, _bucket(x.shape[0]), x.shape[1], dS.shape[1], row_split is None)
+
+
 @functools.cache
 def accumulate_ops() -> LowRankOps:
-    """``backend="auto"`` on CUDA: the Triton reductions (shrink, dS/dB, grad A), each one pass over
-    x or dY, and the two M x N low-rank terms as cuBLAS GEMMs the frozen GEMM accumulates into."""
-    return triton_ops()._replace(accumulate=True)
+    """``backend="auto"`` on CUDA: the two M x N low-rank terms as cuBLAS GEMMs the frozen GEMM
+    accumulates into, and each reduction (shrink, dS/dB, grad A) by whichever is faster at the shape,
+    its Triton kernel (one pass over x or dY) or its cuBLAS twin (the torch path's function), measured
+    on the first call per shape (``muscle_fast.ops.measure``; ``MUSCLE_FAST_PICK`` pins it). Only for
+    bf16 and fp32 without dropout; elsewhere the Triton kernels run."""
+    k = triton_ops()
+
+    def pick(op: str, kernel: Callable[..., Any], twin: Callable[..., Any], key: Callable[..., Any]):
+        return measure.Measured(f"lowrank.{op}", {"triton": kernel, "cublas": twin}, key, "triton")
+
+    return k._replace(
+        shrink=pick("shrink", k.shrink, lowrank_shrink, _shrink_key),
+        backward_dS_dB=pick("backward_dS_dB", k.backward_dS_dB, lowrank_backward_dS_dB, _dS_dB_key),
+        grad_A=pick("grad_A", k.grad_A, lowrank_grad_A, _grad_A_key),
+        accumulate=True,
+    )
+
+
+def measured_choices() -> dict[str, list[dict[str, Any]]]:
+    """What ``backend="auto"`` chose per reduction and shape so far, with the measured times."""
+    ops = accumulate_ops()
+    steps = (ops.shrink, ops.backward_dS_dB, ops.grad_A)
+    return measure.choices(*(f for f in steps if isinstance(f, measure.Measured)))
 
 
 def get_ops(backend: str, device: torch.device, dtype: torch.dtype | None = None) -> LowRankOps:

@@ -1,0 +1,161 @@
+"""Per-shape choice between equivalent implementations of an op, by measured device time.
+
+``backend="auto"`` promises the fastest of what muscle_fast ships. Whether a Triton reduction or its
+cuBLAS twin wins depends on the card, the shape and the rank, so the choice is measured the way
+Triton's autotuner picks a config: the first call with a new key runs every candidate once (compile,
+autotune, allocator), then ``reps`` more times interleaved between the candidates, timed with CUDA
+events; the fastest median is remembered and runs from then on. The candidates compute the same
+values up to rounding (they differ as Triton's split-K configs differ in summation order), so the
+choice may differ between runs, never its result beyond the dtype's rounding.
+
+``MUSCLE_FAST_PICK`` sets the choice: unset or ``"measure"`` measures; ``"default"`` always runs each
+op's default candidate (the Triton kernel: bit-reproducible runs); a candidate name (``"triton"``,
+``"cublas"``) forces it. It applies only where an op has a choice at all (its key is not None), and
+is read when a key is first seen (the per-call path is a dict lookup): set it before the first step,
+or call ``forget_all()`` after changing it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import statistics
+import weakref
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+ENV = "MUSCLE_FAST_PICK"
+MODES = ("measure", "default")
+
+#: Times each candidate's ``reps`` runs; returns one figure per candidate (smaller is faster).
+Timer = Callable[[Sequence[Callable[[], object]], int], list[float]]
+
+_log = logging.getLogger(__name__)
+
+
+def cuda_times(fns: Sequence[Callable[[], object]], reps: int) -> list[float]:
+    """Median milliseconds per candidate: one warm-up run each, then ``reps`` rounds that run every
+    candidate once between two CUDA events (interleaved, so a clock or load drift hits all alike)."""
+    for fn in fns:
+        fn()
+    events = [
+        [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in fns]
+        for _ in range(reps)
+    ]
+    for row in events:
+        for fn, (start, end) in zip(fns, row, strict=True):
+            start.record()
+            fn()
+            end.record()
+    torch.cuda.synchronize()
+    return [statistics.median(row[i][0].elapsed_time(row[i][1]) for row in events) for i in range(len(fns))]
+
+
+class Measured:
+    """A callable that runs the fastest of ``candidates`` (same signature, same result up to rounding).
+
+    ``key(*args, **kwargs)`` names what the choice depends on (shapes, dtypes, device), or returns None
+    where only ``default`` may run (e.g. a dropout mask other steps must regenerate). The first
+    positional argument is a tensor on the op's device. Off CUDA, and while a CUDA graph is being
+    captured (nothing may sync), ``default`` runs unmeasured, unless a ``timer`` is given (tests).
+    """
+
+    def __init__(
+        self,
+        op: str,
+        candidates: dict[str, Callable[..., Any]],
+        key: Callable[..., tuple | None],
+        default: str,
+        *,
+        reps: int = 5,
+        timer: Timer | None = None,
+    ) -> None:
+        if default not in candidates:
+            raise ValueError(f"{op}: default {default!r} is not one of the candidates {sorted(candidates)}")
+        self.op = op
+        self.candidates = candidates
+        self.key = key
+        self.default = default
+        self.reps = reps
+        self.timer = timer
+        self.chosen: dict[tuple, str] = {}  # key -> candidate name (measured, or pinned by the env var)
+        self.times: dict[tuple, dict[str, float]] = {}  # key -> what the measurement gave (ms)
+        self._run: dict[tuple, Callable[..., Any]] = {}  # key -> the chosen candidate itself
+        _ALL.add(self)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        key = self.key(*args, **kwargs)
+        if key is None:
+            return self.candidates[self.default](*args, **kwargs)
+        fn = self._run.get(key)
+        if fn is None:
+            fn = self.candidates[self._choose(key, args, kwargs)]
+        return fn(*args, **kwargs)
+
+    def _choose(self, key: tuple, args: tuple, kwargs: dict) -> str:
+        mode = os.environ.get(ENV) or "measure"
+        if mode == "default":
+            return self._remember(key, self.default)
+        if mode != "measure":
+            if mode not in self.candidates:
+                raise ValueError(
+                    f"{ENV} must be one of {MODES + tuple(self.candidates)} for {self.op}, got {mode!r}"
+                )
+            return self._remember(key, mode)
+        device = args[0].device
+        if self.timer is None and device.type != "cuda":
+            return self._remember(key, self.default)
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return self.default  # not remembered: measured on the first call outside a capture
+        names = [self.default, *(n for n in self.candidates if n != self.default)]
+        fns = [self._bound(n, args, kwargs) for n in names]
+        if device.type == "cuda":
+            with torch.cuda.device(device):
+                got = (self.timer or cuda_times)(fns, self.reps)
+        else:
+            got = self.timer(fns, self.reps)  # type: ignore[misc]
+        times = dict(zip(names, got, strict=True))
+        best = min(names, key=times.__getitem__)  # ties: the default, listed first
+        _log.info("%s %s: %s -> %s", self.op, key, times, best)
+        return self._remember(key, best, times)
+
+    def _bound(self, name: str, args: tuple, kwargs: dict) -> Callable[[], object]:
+        fn = self.candidates[name]
+        return lambda: fn(*args, **kwargs)
+
+    def _remember(self, key: tuple, name: str, times: dict[str, float] | None = None) -> str:
+        if len(self.chosen) >= 4096:  # a few keys per layer shape in practice; bound it anyway
+            self.forget()
+        self.chosen[key] = name
+        self._run[key] = self.candidates[name]
+        if times is not None:
+            self.times[key] = times
+        return name
+
+    def forget(self) -> None:
+        """Drop every remembered choice (the next call of each key chooses again)."""
+        self.chosen.clear()
+        self.times.clear()
+        self._run.clear()
+
+
+_ALL: weakref.WeakSet[Measured] = weakref.WeakSet()
+
+
+def forget_all() -> None:
+    """Drop the remembered choices of every ``Measured`` op (after changing ``MUSCLE_FAST_PICK``)."""
+    for m in list(_ALL):
+        m.forget()
+
+
+def choices(*measured: Measured) -> dict[str, list[dict[str, Any]]]:
+    """What these ops chose per key, with the measured times (ms) where they were measured; for
+    benchmark records and logs."""
+    out: dict[str, list[dict[str, Any]]] = {}
+    for m in measured:
+        rows = out.setdefault(m.op, [])
+        for key, name in m.chosen.items():
+            rows.append({"key": [str(k) for k in key], "chosen": name, "ms": m.times.get(key)})
+    return out

@@ -1,0 +1,196 @@
+"""The measured choice between a reduction's Triton kernel and its cuBLAS twin (``backend="auto"``)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import assert_rel_close
+from torch import nn
+
+from muscle_fast import MuScleLinear
+from muscle_fast.ops import lowrank, measure
+
+CUDA = torch.cuda.is_available()
+
+
+class FakeTimer:
+    """Reports fixed figures per candidate position and counts its calls."""
+
+    def __init__(self, figures: list[float]) -> None:
+        self.figures = figures
+        self.calls = 0
+
+    def __call__(self, fns, reps):
+        self.calls += 1
+        for fn in fns:  # run them, as the real timer does
+            fn()
+        return list(self.figures)
+
+
+def _op(timer, ran: list[str] | None = None, key=lambda x, **kw: (x.shape[0],)) -> measure.Measured:
+    def cand(name):
+        def run(x, **kw):
+            if ran is not None:
+                ran.append(name)
+            return name
+
+        return run
+
+    return measure.Measured(
+        "test.op", {"triton": cand("triton"), "cublas": cand("cublas")}, key, "triton", timer=timer
+    )
+
+
+@pytest.fixture(autouse=True)
+def _no_pick_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No MUSCLE_FAST_PICK from outside (conftest forgets the choices after each test)."""
+    monkeypatch.delenv(measure.ENV, raising=False)
+
+
+def test_the_faster_candidate_runs_and_is_measured_once_per_key():
+    timer = FakeTimer([2.0, 1.0])  # default (triton) first, then cublas
+    op = _op(timer)
+    x = torch.zeros(3)
+    assert op(x) == "cublas" and op(x) == "cublas"
+    assert timer.calls == 1
+    assert op(torch.zeros(5)) == "cublas" and timer.calls == 2  # a new key measures again
+    (row,) = [r for r in measure.choices(op)["test.op"] if r["key"] == ["3"]]
+    assert row["chosen"] == "cublas" and row["ms"] == {"triton": 2.0, "cublas": 1.0}
+    assert measure.choices(op)["test.op"][0]["key"] == ["3"]
+    op.forget()
+    op(x)
+    assert timer.calls == 3
+
+
+def test_a_tie_keeps_the_default_and_a_slower_twin_loses():
+    assert _op(FakeTimer([1.0, 1.0]))(torch.zeros(2)) == "triton"
+    assert _op(FakeTimer([1.0, 3.0]))(torch.zeros(2)) == "triton"
+
+
+def test_no_key_runs_the_default_unmeasured():
+    timer = FakeTimer([5.0, 1.0])
+    op = _op(timer, key=lambda x, **kw: None)
+    assert op(torch.zeros(2)) == "triton" and timer.calls == 0
+
+
+def test_off_cuda_without_a_timer_the_default_runs_unmeasured():
+    ran: list[str] = []
+    op = _op(None, ran)
+    assert op(torch.zeros(2)) == "triton" and ran == ["triton"]
+    assert measure.choices(op)["test.op"][0]["ms"] is None
+
+
+@pytest.mark.parametrize("mode, want", [("default", "triton"), ("cublas", "cublas"), ("triton", "triton")])
+def test_the_env_var_pins_the_choice(monkeypatch, mode, want):
+    timer = FakeTimer([2.0, 1.0])
+    op = _op(timer)
+    monkeypatch.setenv(measure.ENV, mode)
+    assert op(torch.zeros(2)) == want and timer.calls == 0
+    monkeypatch.setenv(measure.ENV, "measure")  # read when a key is first seen: kept until forgotten
+    assert op(torch.zeros(2)) == want and timer.calls == 0
+    measure.forget_all()
+    assert op(torch.zeros(2)) == "cublas" and timer.calls == 1
+
+
+def test_a_bad_env_value_names_the_variable_and_the_choices(monkeypatch):
+    monkeypatch.setenv(measure.ENV, "cuBLAS")
+    with pytest.raises(ValueError, match=r"MUSCLE_FAST_PICK must be one of \('measure', 'default', 'triton', "
+                       r"'cublas'\) for test.op, got 'cuBLAS'"):  # fmt: skip
+        _op(FakeTimer([1.0, 1.0]))(torch.zeros(2))
+
+
+def test_the_default_must_be_a_candidate():
+    with pytest.raises(ValueError, match="default 'x' is not one of"):
+        measure.Measured("test.op", {"a": print}, lambda *a: (), "x")
+
+
+def test_keys_leave_dropout_fp16_to_the_kernels_and_tell_groups_apart():
+    x = torch.zeros(300, 48, dtype=torch.bfloat16)
+    A = torch.zeros(16, 48)
+    s = torch.ones(16)
+    assert lowrank._shrink_key(x, A, s, dropout_p=0.1) is None
+    assert lowrank._shrink_key(x.half(), A, s) is None
+    assert lowrank._shrink_key(x, A, s)[3:] == (512, 48, 16)  # rows bucketed like the autotuner's key
+    assert lowrank._shrink_key(x[:257], A, s) == lowrank._shrink_key(x, A, s)
+    dY, B, S = torch.zeros(300, 40, dtype=torch.bfloat16), torch.zeros(40, 16), torch.zeros(300, 16)
+    assert lowrank._dS_dB_key(dY, B, S, s) != lowrank._dS_dB_key(dY, B, S, s, row_split=100)
+    assert lowrank._grad_A_key(S, x, dropout_p=0.5) is None
+    assert lowrank._grad_A_key(S, x) != lowrank._grad_A_key(S, x, row_split=7)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_auto_layer_measures_its_reductions_and_matches_the_reference(dtype, device, monkeypatch):
+    """accumulate_ops with a timer that makes the cuBLAS twins win (a real CUDA measurement on a GPU):
+    every reduction is measured once per shape, then the twin runs, and the layer's output and
+    gradients are the float64 formula's, including the single-pass alignment's row groups."""
+    from reference import lowrank_ref
+
+    ops = lowrank.accumulate_ops()
+    steps = (ops.shrink, ops.backward_dS_dB, ops.grad_A)
+    timers = [FakeTimer([3.0, 1.0]) for _ in steps]
+    for step, timer in zip(steps, timers, strict=True):
+        monkeypatch.setattr(step, "timer", None if CUDA else timer)
+        step.forget()
+    triton_calls: list[str] = []
+    for step in steps:
+
+        def counted(*a, _k=step.candidates["triton"], _n=step.op, **kw):
+            triton_calls.append(_n)
+            return _k(*a, **kw)
+
+        monkeypatch.setitem(step.candidates, "triton", counted)
+    base = nn.Linear(37, 21).to(device=device, dtype=dtype)
+    m = MuScleLinear(base, (1.0, 2.0), 2, 6.0, init_B="kaiming")
+    m.train()
+    x = torch.randn(19, 37, device=device, dtype=dtype, requires_grad=True)
+    sunk: list[tuple[torch.Tensor, torch.Tensor]] = []
+    for _ in range(2):
+        x.grad = None
+        m.zero_grad()
+        with lowrank.split_rows(12, lambda mod, dA, dB: sunk.append((dA, dB))):
+            y = lowrank.MuScleLinearFunction.apply(
+                x, m.lora_A, m.lora_B, m.scaling * m.scale_vector, m.base, m.kind, ops, 0.0, 0,
+                lowrank.current_split(), m,
+            )  # fmt: skip
+        gy = torch.randn_like(y)
+        y.backward(gy)
+    if not CUDA:
+        assert [t.calls for t in timers] == [1, 1, 1]  # measured once, on the first step
+        # the timers ran each candidate once; afterwards only the twins ran
+        assert sorted(triton_calls) == sorted(s.op for s in steps)
+    chosen = lowrank.measured_choices()
+    assert {row["chosen"] for rows in chosen.values() for row in rows} <= {"triton", "cublas"}
+    assert all(len(chosen[s.op]) >= 1 for s in steps)
+    xr, Ar, Br = (t.detach().double().requires_grad_(True) for t in (x, m.lora_A, m.lora_B))
+    ref = lowrank_ref(xr, base.weight, base.bias, Ar, Br, m.scale_vector, m.scaling)
+    tol = 2e-5 if dtype == torch.float32 else 2.5e-2
+    assert_rel_close(y, ref, tol, "forward")
+    (ref[:12] * gy[:12].double()).sum().backward()  # the training rows' gradient goes to .grad
+    assert_rel_close(m.lora_A.grad, Ar.grad, tol, "dA")
+    assert_rel_close(m.lora_B.grad, Br.grad, tol, "dB")
+    Ar.grad = Br.grad = None
+    xr2, Ar2, Br2 = (t.detach().double().requires_grad_(True) for t in (x, m.lora_A, m.lora_B))
+    ref2 = lowrank_ref(xr2, base.weight, base.bias, Ar2, Br2, m.scale_vector, m.scaling)
+    (ref2[12:] * gy[12:].double()).sum().backward()  # and the reference rows' to the sink
+    dA_ref, dB_ref = sunk[-1]
+    assert_rel_close(dA_ref, Ar2.grad, tol, "reference dA")
+    assert_rel_close(dB_ref, Br2.grad, tol, "reference dB")
+
+
+@pytest.mark.skipif(not CUDA, reason="torch.mm's out_dtype runs on CUDA only")
+def test_torch_path_keeps_bf16_products_in_fp32_on_cuda():
+    """The torch path's S on bf16 CUDA operands comes straight from cuBLAS's fp32 accumulator: within
+    fp32 summation error of the float64 product, not a bf16 rounding (2**-9) of it."""
+    x = torch.randn(257, 300, device="cuda", dtype=torch.bfloat16)
+    A = torch.randn(16, 300, device="cuda", dtype=torch.bfloat16)
+    S = lowrank.lowrank_shrink(x, A, torch.ones(16, device="cuda"))
+    assert S.dtype == torch.float32
+    assert_rel_close(S, x.double() @ A.double().t(), 1e-4, "S")  # a bf16 rounding: ~2e-3
+
+
+@pytest.mark.skipif(not CUDA, reason="measures CUDA event times")
+def test_cuda_times_returns_one_median_per_candidate():
+    a = torch.randn(2048, 2048, device="cuda")
+    small, big = (lambda: a[:64] @ a[:, :64]), (lambda: a @ a)
+    got = measure.cuda_times([big, small], 5)
+    assert len(got) == 2 and got[1] < got[0]
