@@ -123,6 +123,10 @@ def test_qlora_layer(benchmark, targets, impl):
     if CUDA:
         benchmark.extra_info["peak_mem_bytes"] = torch.cuda.max_memory_allocated() - base
         benchmark.extra_info["gpu"] = torch.cuda.get_device_name()
+    if impl == "ours":  # what "auto" measured faster: our kernels or cuBLAS / bitsandbytes
+        from muscle_fast.ops.lowrank import measured_choices
+
+        benchmark.extra_info["picked"] = measured_choices()
     trainable = [p for p in model.parameters() if p.requires_grad]
     assert trainable and all(p.grad is not None for p in trainable)
 

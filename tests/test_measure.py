@@ -93,10 +93,12 @@ def test_the_env_var_pins_the_choice(monkeypatch, mode, want):
 
 
 def test_a_bad_env_value_names_the_variable_and_the_choices(monkeypatch):
+    op = _op(FakeTimer([1.0, 1.0]))
     monkeypatch.setenv(measure.ENV, "cuBLAS")
-    with pytest.raises(ValueError, match=r"MUSCLE_FAST_PICK must be one of \('measure', 'default', 'triton', "
-                       r"'cublas'\) for test.op, got 'cuBLAS'"):  # fmt: skip
-        _op(FakeTimer([1.0, 1.0]))(torch.zeros(2))
+    want = r"MUSCLE_FAST_PICK must be one of \['measure', 'default', .*'cublas', 'triton'\], got 'cuBLAS'"
+    want += r" \(at test.op\)"
+    with pytest.raises(ValueError, match=want):
+        op(torch.zeros(2))
 
 
 def test_the_default_must_be_a_candidate():
@@ -194,3 +196,54 @@ def test_cuda_times_returns_one_median_per_candidate():
     small, big = (lambda: a[:64] @ a[:, :64]), (lambda: a @ a)
     got = measure.cuda_times([big, small], 5)
     assert len(got) == 2 and got[1] < got[0]
+
+
+def _linear4bit(i: int, o: int, nested: bool, device: str):
+    bnb = pytest.importorskip("bitsandbytes")
+    lin = nn.Linear(i, o)
+    q = bnb.nn.Linear4bit(i, o, compute_dtype=torch.float32, quant_type="nf4", compress_statistics=nested)
+    q.weight = bnb.nn.Params4bit(
+        lin.weight.data.clone(), requires_grad=False, quant_type="nf4", compress_statistics=nested, module=q
+    )
+    return q.to(device)
+
+
+@pytest.mark.parametrize("nested", [False, True], ids=["absmax", "nested"])
+def test_auto_4bit_dequantization_may_pick_bitsandbytes_and_gets_the_same_bits(nested, device, monkeypatch):
+    """A 4-bit layer comes with bitsandbytes, so "auto" measures its dequantization against ours (a fake
+    timer here makes it win on the CPU): the weight's bits are the same either way. A compute dtype
+    other than the state's (which bitsandbytes cannot write) runs our kernel unmeasured."""
+    from muscle_fast.ops import nf4 as mnf4
+
+    q = _linear4bit(200, 24, nested, device)  # 4,800 values: a partial last block at blocksize 64
+    qs = q.weight.quant_state
+    timer = FakeTimer([2.0, 1.0])
+    if not CUDA:
+        monkeypatch.setattr(mnf4._dequantize_into, "timer", timer)
+    ours = mnf4.dequantize_weight(q, qs.dtype, kernels=True, measured=False).clone()
+    mnf4.dequantize_weight(q, qs.dtype, kernels=True, measured=True).fill_(float("nan"))  # chooses
+    picked = mnf4.dequantize_weight(q, qs.dtype, kernels=True, measured=True)  # the chosen one alone
+    assert torch.equal(picked, ours)
+    (row,) = measure.choices(mnf4._dequantize_into)["nf4.dequantize_weight"]
+    if not CUDA:
+        assert row["chosen"] == "bitsandbytes" and timer.calls == 1
+    mnf4.dequantize_weight(q, torch.bfloat16, kernels=True, measured=True)
+    assert len(measure.choices(mnf4._dequantize_into)["nf4.dequantize_weight"]) == 1  # no second key
+    assert timer.calls == (0 if CUDA else 1)
+
+
+@pytest.mark.parametrize("pick, want", [("bitsandbytes", "bitsandbytes"), ("cublas", "triton")])
+def test_a_pinned_candidate_applies_where_an_op_offers_it(pick, want, device, monkeypatch):
+    """MUSCLE_FAST_PICK=cublas pins the low-rank reductions and leaves the 4-bit dequantization at its
+    default (it has no cuBLAS candidate), and the reverse for bitsandbytes."""
+    from muscle_fast.ops import nf4 as mnf4
+
+    q = _linear4bit(64, 16, False, device)
+    monkeypatch.setenv(measure.ENV, pick)
+    mnf4.dequantize_weight(q, q.weight.quant_state.dtype, kernels=True, measured=True)
+    assert measure.choices(mnf4._dequantize_into)["nf4.dequantize_weight"][0]["chosen"] == want
+    ops = lowrank.accumulate_ops()
+    x = torch.randn(5, 64, device=device)
+    ops.shrink(x, torch.randn(4, 64, device=device), torch.ones(4, device=device))
+    (row,) = measure.choices(ops.shrink)["lowrank.shrink"]
+    assert row["chosen"] == ("cublas" if pick == "cublas" else "triton")

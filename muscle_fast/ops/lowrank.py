@@ -164,6 +164,7 @@ class LowRankOps(NamedTuple):
     dropout_mask: Callable[..., torch.Tensor]  # the keep-mask the other steps regenerate (for tests)
     kernels: bool
     accumulate: bool = False
+    measured: bool = False  # "auto": pick our kernels or the library's per shape (accumulate_ops)
 
 
 TORCH_OPS = LowRankOps(
@@ -238,13 +239,15 @@ def accumulate_ops() -> LowRankOps:
         backward_dS_dB=pick("backward_dS_dB", k.backward_dS_dB, lowrank_backward_dS_dB, _dS_dB_key),
         grad_A=pick("grad_A", k.grad_A, lowrank_grad_A, _grad_A_key),
         accumulate=True,
+        measured=True,
     )
 
 
 def measured_choices() -> dict[str, list[dict[str, Any]]]:
-    """What ``backend="auto"`` chose per reduction and shape so far, with the measured times."""
+    """What ``backend="auto"`` chose per reduction, and per 4-bit weight's dequantization, and shape so
+    far, with the measured times."""
     ops = accumulate_ops()
-    steps = (ops.shrink, ops.backward_dS_dB, ops.grad_A)
+    steps = (ops.shrink, ops.backward_dS_dB, ops.grad_A, nf4._dequantize_into)
     return measure.choices(*(f for f in steps if isinstance(f, measure.Measured)))
 
 
@@ -386,18 +389,21 @@ def base_kind(module: nn.Module) -> str | None:
     return None
 
 
-def base_weight(module: nn.Module, kind: str, dtype: torch.dtype, kernels: bool = True) -> torch.Tensor:
+def base_weight(
+    module: nn.Module, kind: str, dtype: torch.dtype, kernels: bool = True, measured: bool = False
+) -> torch.Tensor:
     """The base layer's weight as an (N, K) matrix in ``dtype`` (a view where possible).
 
     ``kernels``: a 4-bit weight is dequantized by the Triton kernel where it can run; False (the
     layer's torch backend) takes the exact torch path, so a backend choice covers the whole layer.
+    ``measured`` (``backend="auto"``): by our kernel or bitsandbytes', whichever measured faster.
     """
     if kind == "linear":
         w = module.weight
     elif kind == "conv1d":
         w = module.weight.t()
     elif kind == "4bit":
-        return nf4.dequantize_weight(module, dtype, kernels)
+        return nf4.dequantize_weight(module, dtype, kernels, measured)
     else:  # pragma: no cover - guarded by MuScleLinear
         raise TypeError(kind)
     return w if w.dtype == dtype else w.to(dtype)
@@ -444,7 +450,9 @@ class MuScleLinearFunction(torch.autograd.Function):
         else:
             if rounds_intermediates(ops, dtype):
                 S = S.to(dtype)  # saved rounded too: half the bytes, and the backward's dB operand
-            y = base_plus_lowrank(ops, x2, base_weight(base, kind, dtype, ops.kernels), bias, S, Bc)
+            y = base_plus_lowrank(
+                ops, x2, base_weight(base, kind, dtype, ops.kernels, ops.measured), bias, S, Bc
+            )
         row_split = None if split is None else _row_split(x, x2.shape[0], split, module)
         ctx.save_for_backward(x2, Ac, Bc, scale, S)
         ctx.meta = (
@@ -476,7 +484,7 @@ class MuScleLinearFunction(torch.autograd.Function):
             dA = ops.grad_A(dS, x2, row_split=row_split, dropout_p=dropout_p, seed=seed)
         dX = None
         if ctx.needs_input_grad[0]:
-            W = base_weight(base, kind, x2.dtype, ops.kernels)
+            W = base_weight(base, kind, x2.dtype, ops.kernels, ops.measured)
             dX = input_grad(ops, dY2, W, dS, Ac, dropout_p, seed)
             dX = dX.reshape(*dY.shape[:-1], dX.shape[-1])
         if sink is not None and row_split is not None:

@@ -10,7 +10,8 @@ choice may differ between runs, never its result beyond the dtype's rounding.
 
 ``MUSCLE_FAST_PICK`` sets the choice: unset or ``"measure"`` measures; ``"default"`` always runs each
 op's default candidate (the Triton kernel: bit-reproducible runs); a candidate name (``"triton"``,
-``"cublas"``) forces it. It applies only where an op has a choice at all (its key is not None), and
+``"cublas"``, ``"bitsandbytes"``) forces it in the ops that offer it, the others run their default.
+It applies only where an op has a choice at all (its key is not None), and
 is read when a key is first seen (the per-call path is a dict lookup): set it before the first step,
 or call ``forget_all()`` after changing it.
 """
@@ -99,11 +100,12 @@ class Measured:
         if mode == "default":
             return self._remember(key, self.default)
         if mode != "measure":
-            if mode not in self.candidates:
-                raise ValueError(
-                    f"{ENV} must be one of {MODES + tuple(self.candidates)} for {self.op}, got {mode!r}"
-                )
-            return self._remember(key, mode)
+            if mode in self.candidates:
+                return self._remember(key, mode)
+            names = sorted({n for m in list(_ALL) for n in m.candidates})
+            if mode in names:  # another op's candidate (MUSCLE_FAST_PICK=cublas on a 4-bit dequant)
+                return self._remember(key, self.default)
+            raise ValueError(f"{ENV} must be one of {[*MODES, *names]}, got {mode!r} (at {self.op})")
         device = args[0].device
         if self.timer is None and device.type != "cuda":
             return self._remember(key, self.default)

@@ -26,6 +26,7 @@ from torch import nn
 
 from csrc_triton._common import NF4_BLOCKSIZES, kernels_run_on
 
+from . import measure
 from .dispatch import use_kernels
 
 __all__ = [
@@ -463,14 +464,17 @@ def free_4bit_workspaces() -> None:
     _prepared.clear()
 
 
-def dequantize_weight(module: nn.Module, dtype: torch.dtype, kernels: bool = True) -> torch.Tensor:
+def dequantize_weight(
+    module: nn.Module, dtype: torch.dtype, kernels: bool = True, measured: bool = False
+) -> torch.Tensor:
     """The dequantized weight, written into a workspace reused by every 4-bit layer of that shape.
 
     Forward and backward use the weight at once and drop it, so one buffer per (shape, dtype,
     device) serves all layers; nothing of size N x K stays alive between forward and backward.
     The buffer makes the 4-bit path single-threaded per device: layers of one shape must not run
     their forwards/backwards concurrently from several threads (or streams) on the same device.
-    ``free_4bit_workspaces()`` releases the buffers (e.g. after ``del model``).
+    ``free_4bit_workspaces()`` releases the buffers (e.g. after ``del model``). ``measured``
+    (``backend="auto"``): our kernel or bitsandbytes', whichever measured faster (same bits).
     """
     w = standard_4bit_weight(module)
     qs = w.quant_state
@@ -484,12 +488,50 @@ def dequantize_weight(module: nn.Module, dtype: torch.dtype, kernels: bool = Tru
     buf = _workspace.get(key)
     if buf is None:
         buf = _workspace[key] = torch.empty(tuple(qs.shape), dtype=dtype, device=w.device)
+    (_dequantize_into if measured else _dequant_kernel)(w.data, module, qs, dtype, buf)
+    return buf
+
+
+def _dequant_kernel(
+    A: torch.Tensor, module: nn.Module, qs: QuantStateLike, dtype: torch.dtype, buf: torch.Tensor
+) -> None:
+    """Our Triton kernel into ``buf``, its arguments checked once per module (``PreparedDequant4bit``)."""
     prepared = _prepared.get(module)
-    if prepared is None or not prepared.matches(w.data, qs, buf):
-        _prepared[module] = PreparedDequant4bit(w.data, qs, dtype, buf)  # fills buf
+    if prepared is None or not prepared.matches(A, qs, buf):
+        _prepared[module] = PreparedDequant4bit(A, qs, dtype, buf)  # fills buf
     else:
         prepared()
-    return buf
+
+
+def _dequant_bitsandbytes(
+    A: torch.Tensor, module: nn.Module, qs: QuantStateLike, dtype: torch.dtype, buf: torch.Tensor
+) -> None:
+    """bitsandbytes' own kernel into ``buf``: the same values bit for bit (module doc)."""
+    import bitsandbytes.functional as bnbf
+
+    if A.is_cuda:  # its CUDA op writes into ``out``; its CPU op has no out variant (tests only)
+        bnbf.dequantize_4bit(A, qs, out=buf)
+    else:  # a packed [1, 1] weight comes back transposed: one of its two dims is 1
+        buf.copy_(bnbf.dequantize_4bit(A, qs).reshape(buf.shape))
+
+
+def _dequant_key(
+    A: torch.Tensor, module: nn.Module, qs: QuantStateLike, dtype: torch.dtype, buf: torch.Tensor
+) -> tuple | None:
+    if dtype != qs.dtype:  # bitsandbytes writes the state's dtype only
+        return None
+    return (A.device, tuple(qs.shape), dtype, qs.blocksize, qs.quant_type, qs.state2 is not None)
+
+
+#: The frozen 4-bit weight's dequantization in ``backend="auto"``: our kernel or bitsandbytes' (a 4-bit
+#: layer comes with bitsandbytes), whichever measured faster at the weight's shape on its first call
+#: (``muscle_fast.ops.measure``). Both write the same bits, so the choice changes time only.
+_dequantize_into = measure.Measured(
+    "nf4.dequantize_weight",
+    {"triton": _dequant_kernel, "bitsandbytes": _dequant_bitsandbytes},
+    _dequant_key,
+    "triton",
+)
 
 
 def standard_4bit_weight(module: nn.Module) -> nn.Parameter:
