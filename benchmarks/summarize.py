@@ -22,6 +22,7 @@ def ratios(data: dict[str, Any], baseline: str = "base", stat: str = "median") -
         if impl is None:
             continue
         info.pop("peak_mem_bytes", None)
+        info.pop("picked", None)  # what "auto" measured faster (printed apart): not part of the shape
         key = tuple(sorted((k, str(v)) for k, v in info.items()))
         groups[key][impl] = b["stats"][stat]
     rows = []
@@ -32,6 +33,20 @@ def ratios(data: dict[str, Any], baseline: str = "base", stat: str = "median") -
         for impl, t in sorted(times.items()):
             rows.append({**dict(key), "impl": impl, "seconds": t, f"x_{baseline}": t / base})
     return rows
+
+
+def picks(data: dict[str, Any]) -> list[str]:
+    """One line per op and key of what ``backend="auto"`` chose (``extra_info["picked"]``), with times."""
+    seen: dict[tuple, str] = {}
+    for b in data["benchmarks"]:
+        for op, rows in (b.get("extra_info", {}).get("picked") or {}).items():
+            for r in rows:
+                ms = r.get("ms") or {}
+                times = ", ".join(f"{k} {1e3 * v:.1f} us" for k, v in ms.items())
+                seen[(op, tuple(r["key"]))] = f"{op} {' '.join(r['key'])}: {r['chosen']}" + (
+                    f" ({times})" if times else ""
+                )
+    return list(seen.values())
 
 
 def main() -> None:
@@ -53,6 +68,10 @@ def main() -> None:
             " | ".join(f"{r[c]:.3f}" if isinstance(r[c], float) else str(r[c]) for c in cols)
             + f" | {1e3 * r['seconds']:.2f}"
         )
+    chosen = picks(data)
+    if chosen:
+        print("backend auto chose:")
+        print("\n".join(f"  {line}" for line in chosen))
 
 
 if __name__ == "__main__":

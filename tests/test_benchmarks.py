@@ -261,3 +261,26 @@ def test_gpu_scripts_parse(script: str) -> None:
     path = ROOT / "benchmarks" / "gpu" / script
     r = subprocess.run(["bash", "-n", str(path)], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
+
+
+def test_summarize_compares_auto_rows_with_their_baseline_and_lists_the_choices():
+    """``picked`` (what backend "auto" measured faster) is not part of a row's shape: ours-auto rows
+    still get their ratio to the base row of the same shape, and the choices are listed apart."""
+    summarize = _script("summarize")
+    picked = {
+        "lowrank.shrink": [
+            {"key": ["cuda:0", "8192"], "chosen": "cublas", "ms": {"triton": 0.05, "cublas": 0.03}}
+        ]
+    }
+    data = {
+        "benchmarks": [
+            {"stats": {"median": 2.0}, "extra_info": {"impl": "base", "M": 8192, "gpu": "H100"}},
+            {
+                "stats": {"median": 2.5},
+                "extra_info": {"impl": "ours-auto", "M": 8192, "gpu": "H100", "picked": picked},
+            },
+        ]
+    }
+    rows = {r["impl"]: r["x_base"] for r in summarize.ratios(data)}
+    assert rows == {"base": 1.0, "ours-auto": 1.25}
+    assert summarize.picks(data) == ["lowrank.shrink cuda:0 8192: cublas (triton 50.0 us, cublas 30.0 us)"]
