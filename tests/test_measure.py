@@ -22,9 +22,7 @@ class FakeTimer:
 
     def __call__(self, fns, reps):
         self.calls += 1
-        for fn in fns:  # run them, as the real timer does
-            fn()
-        return list(self.figures)
+        return list(self.figures[: len(fns)])
 
 
 def _op(timer, ran: list[str] | None = None, key=lambda x, **kw: (x.shape[0],)) -> measure.Measured:
@@ -115,9 +113,45 @@ def test_keys_leave_dropout_fp16_to_the_kernels_and_tell_groups_apart():
     assert lowrank._shrink_key(x, A, s)[3:] == (512, 48, 16)  # rows bucketed like the autotuner's key
     assert lowrank._shrink_key(x[:257], A, s) == lowrank._shrink_key(x, A, s)
     dY, B, S = torch.zeros(300, 40, dtype=torch.bfloat16), torch.zeros(40, 16), torch.zeros(300, 16)
-    assert lowrank._dS_dB_key(dY, B, S, s) != lowrank._dS_dB_key(dY, B, S, s, row_split=100)
-    assert lowrank._grad_A_key(S, x, dropout_p=0.5) is None
-    assert lowrank._grad_A_key(S, x) != lowrank._grad_A_key(S, x, row_split=7)
+    S16 = S.bfloat16()
+    assert lowrank._dS_dB_key(dY, B, S16, s) != lowrank._dS_dB_key(dY, B, S16, s, row_split=100)
+    assert lowrank._dS_dB_key(dY, B, S, s) is None  # an fp32 S the twin would round: the kernel's hi + lo
+    assert lowrank._grad_A_key(S16, x, dropout_p=0.5) is None
+    assert lowrank._grad_A_key(S, x) is None
+    assert lowrank._grad_A_key(S16, x) != lowrank._grad_A_key(S16, x, row_split=7)
+
+
+def test_fp32_twins_only_without_tf32():
+    """With TF32 allowed (HF's tf32=True), cuBLAS's fp32 GEMMs round their inputs to 10 bits and the
+    kernels do not: fp32 is then left to the kernels."""
+    x, A, s = torch.zeros(8, 4), torch.zeros(2, 4), torch.ones(2)
+    before = torch.get_float32_matmul_precision()
+    try:
+        assert lowrank._shrink_key(x, A, s) is not None
+        torch.set_float32_matmul_precision("high")
+        assert lowrank._shrink_key(x, A, s) is None
+        assert lowrank._grad_A_key(torch.zeros(8, 2), x) is None
+    finally:
+        torch.set_float32_matmul_precision(before)
+
+
+def test_twins_run_outside_autocast():
+    """A backward under autocast (a 4-bit layer in fp32 under bf16 autocast): the twin must not cast
+    its fp32 products to bf16, as the kernel does not."""
+    x = torch.randn(64, 300)
+    A = torch.randn(16, 300)
+    twin = lowrank.accumulate_ops().shrink.candidates["cublas"]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        S = twin(x, A, torch.ones(16))
+    assert S.dtype == torch.float32
+    assert_rel_close(S, x.double() @ A.double().t(), 1e-5, "S under autocast")
+
+
+def test_fp32_cublas_output_only_where_cublas_has_it():
+    assert not lowrank._fp32_out(torch.device("cpu"))
+    assert lowrank._MM_OUT_DTYPE == (
+        tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 8)
+    )
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
@@ -158,7 +192,7 @@ def test_auto_layer_measures_its_reductions_and_matches_the_reference(dtype, dev
         y.backward(gy)
     if not CUDA:
         assert [t.calls for t in timers] == [1, 1, 1]  # measured once, on the first step
-        # the timers ran each candidate once; afterwards only the twins ran
+        # the warm-up ran each candidate once; afterwards only the twins ran
         assert sorted(triton_calls) == sorted(s.op for s in steps)
     chosen = lowrank.measured_choices()
     assert {row["chosen"] for rows in chosen.values() for row in rows} <= {"triton", "cublas"}
@@ -247,3 +281,23 @@ def test_a_pinned_candidate_applies_where_an_op_offers_it(pick, want, device, mo
     ops.shrink(x, torch.randn(4, 64, device=device), torch.ones(4, device=device))
     (row,) = measure.choices(ops.shrink)["lowrank.shrink"]
     assert row["chosen"] == ("cublas" if pick == "cublas" else "triton")
+
+
+def test_a_failing_twin_is_left_out_and_a_failing_default_raises(caplog):
+    """A twin the setup cannot run (cuBLAS's fp32-output bf16 GEMM on a pre-Ampere GPU, ROCm) is left
+    out with a warning; the default's own error is the op's error."""
+
+    def broken(x):
+        raise RuntimeError("not supported here")
+
+    timer = FakeTimer([1.0])
+    cands = {"triton": lambda x: "triton", "cublas": broken}
+    op = measure.Measured("test.op", cands, lambda x: (1,), "triton", timer=timer)
+    with caplog.at_level("WARNING", logger="muscle_fast.ops.measure"):
+        assert op(torch.zeros(1)) == "triton" and op(torch.zeros(1)) == "triton"
+    assert "candidate 'cublas' failed" in caplog.text and "not supported here" in caplog.text
+    assert timer.calls == 1 and op.times[(1,)] == {"triton": 1.0}
+    cands = {"triton": broken, "cublas": lambda x: 0}
+    bad = measure.Measured("test.op", cands, lambda x: (1,), "triton", timer=timer)
+    with pytest.raises(RuntimeError, match="not supported here"):
+        bad(torch.zeros(1))

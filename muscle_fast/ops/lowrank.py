@@ -68,11 +68,24 @@ def _acc(dtype: torch.dtype) -> torch.dtype:
 _MM_OUT_DTYPE = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 8)
 
 
+@functools.cache
+def _fp32_out(device: torch.device) -> bool:
+    """Whether ``torch.mm(bf16, bf16, out_dtype=float32)`` runs on this device: torch >= 2.8, CUDA (not
+    ROCm, which refuses it), compute capability 8.0 or more (cuBLAS's bf16 GEMMs)."""
+    return (
+        _MM_OUT_DTYPE
+        and device.type == "cuda"
+        and torch.version.hip is None
+        and torch.cuda.get_device_capability(device)[0] >= 8
+    )
+
+
 def _mm_acc(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a @ b in ``_acc`` of a's dtype; for bf16 on CUDA straight from cuBLAS's fp32 accumulator, so the
-    torch path's S, dS, dA and dB carry no bf16 rounding there (elsewhere the 16-bit product is cast)."""
+    """a @ b in ``_acc`` of a's dtype; for bf16 where cuBLAS can (``_fp32_out``) straight from its fp32
+    accumulator, so the torch path's S, dS, dA and dB carry no bf16 rounding there (elsewhere the
+    16-bit product is cast)."""
     acc = _acc(a.dtype)
-    if a.dtype == torch.bfloat16 and a.is_cuda and _MM_OUT_DTYPE:
+    if a.dtype == torch.bfloat16 and a.is_cuda and _fp32_out(a.device):
         return torch.mm(a, b, out_dtype=acc)
     return (a @ b).to(acc)
 
@@ -201,25 +214,47 @@ def _bucket(m: int) -> int:
     return 1 << (m - 1).bit_length() if m > 0 else 0
 
 
+def _twin_exact(t: torch.Tensor) -> bool:
+    """Whether the cuBLAS twin sums what the kernel sums, in fp32, for operands like ``t``: bf16 products
+    written in fp32 (``_fp32_out``; the CPU only in tests, where they are rounded), fp32 without TF32."""
+    if t.dtype == torch.float32:
+        return torch.get_float32_matmul_precision() == "highest"
+    return t.dtype == torch.bfloat16 and (not t.is_cuda or _fp32_out(t.device))
+
+
 def _shrink_key(x: torch.Tensor, A: torch.Tensor, scale: torch.Tensor, *, dropout_p: float = 0.0,
                 seed: int = 0) -> tuple | None:  # fmt: skip
-    if dropout_p > 0.0 or x.dtype not in _ACCUMULATE_DTYPES:  # the dropout mask lives in the kernels
+    if dropout_p > 0.0 or not _twin_exact(x):  # the dropout mask lives in the kernels
         return None
     return (x.device, x.dtype, A.dtype, _bucket(x.shape[0]), x.shape[1], A.shape[0])
 
 
 def _dS_dB_key(dY: torch.Tensor, B: torch.Tensor, S: torch.Tensor, scale: torch.Tensor, *,
                row_split: int | None = None) -> tuple | None:  # fmt: skip
-    if dY.dtype not in _ACCUMULATE_DTYPES:
+    if S.dtype != dY.dtype or not _twin_exact(dY):  # an fp32 S (4-bit fused forward): the kernel's hi + lo
         return None
-    return (dY.device, dY.dtype, S.dtype, _bucket(dY.shape[0]), dY.shape[1], B.shape[1], row_split is None)
+    return (dY.device, dY.dtype, _bucket(dY.shape[0]), dY.shape[1], B.shape[1], row_split is None)
 
 
 def _grad_A_key(dS: torch.Tensor, x: torch.Tensor, *, row_split: int | None = None, dropout_p: float = 0.0,
                 seed: int = 0) -> tuple | None:  # fmt: skip
-    if dropout_p > 0.0 or x.dtype not in _ACCUMULATE_DTYPES:
+    if dropout_p > 0.0 or dS.dtype != x.dtype or not _twin_exact(x):
         return None
-    return (x.device, x.dtype, dS.dtype, _bucket(x.shape[0]), x.shape[1], dS.shape[1], row_split is None)
+    return (x.device, x.dtype, _bucket(x.shape[0]), x.shape[1], dS.shape[1], row_split is None)
+
+
+def _no_autocast(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """The twin as the kernel runs: a backward under autocast would cast its fp32 products to 16 bits."""
+
+    @functools.wraps(fn)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        device_type = args[0].device.type
+        if torch.is_autocast_enabled(device_type):
+            with torch.autocast(device_type, enabled=False):
+                return fn(*args, **kwargs)
+        return fn(*args, **kwargs)
+
+    return run
 
 
 @functools.cache
@@ -227,12 +262,15 @@ def accumulate_ops() -> LowRankOps:
     """``backend="auto"`` on CUDA: the two M x N low-rank terms as cuBLAS GEMMs the frozen GEMM
     accumulates into, and each reduction (shrink, dS/dB, grad A) by whichever is faster at the shape,
     its Triton kernel (one pass over x or dY) or its cuBLAS twin (the torch path's function), measured
-    on the first call per shape (``muscle_fast.ops.measure``; ``MUSCLE_FAST_PICK`` pins it). Only for
-    bf16 and fp32 without dropout; elsewhere the Triton kernels run."""
+    on the first call per shape (``muscle_fast.ops.measure``; ``MUSCLE_FAST_PICK`` pins it). Only where
+    the twin sums what the kernel sums (``_twin_exact``: bf16 with fp32 cuBLAS output, fp32 without
+    TF32) and uses no dropout mask; elsewhere the Triton kernels run."""
     k = triton_ops()
 
     def pick(op: str, kernel: Callable[..., Any], twin: Callable[..., Any], key: Callable[..., Any]):
-        return measure.Measured(f"lowrank.{op}", {"triton": kernel, "cublas": twin}, key, "triton")
+        return measure.Measured(
+            f"lowrank.{op}", {"triton": kernel, "cublas": _no_autocast(twin)}, key, "triton"
+        )
 
     return k._replace(
         shrink=pick("shrink", k.shrink, lowrank_shrink, _shrink_key),

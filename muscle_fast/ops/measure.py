@@ -1,12 +1,13 @@
-"""Per-shape choice between equivalent implementations of an op, by measured device time.
+"""Per-shape choice between equivalent implementations of an op, by measured time.
 
 ``backend="auto"`` promises the fastest of what muscle_fast ships. Whether a Triton reduction or its
 cuBLAS twin wins depends on the card, the shape and the rank, so the choice is measured the way
 Triton's autotuner picks a config: the first call with a new key runs every candidate once (compile,
-autotune, allocator), then ``reps`` more times interleaved between the candidates, timed with CUDA
-events; the fastest median is remembered and runs from then on. The candidates compute the same
-values up to rounding (they differ as Triton's split-K configs differ in summation order), so the
-choice may differ between runs, never its result beyond the dtype's rounding.
+autotune, allocator), then ``reps`` more times, interleaved, queued behind a sleep kernel between CUDA
+events; each candidate's figure is the larger of its median device time and its median host time (a
+step pays the one that binds), and the smallest figure is remembered and runs from then on. The
+candidates compute the same values up to rounding (as Triton's split-K configs differ in summation
+order), so the choice may differ between runs, never the result beyond the dtype's rounding.
 
 ``MUSCLE_FAST_PICK`` sets the choice: unset or ``"measure"`` measures; ``"default"`` always runs each
 op's default candidate (the Triton kernel: bit-reproducible runs); a candidate name (``"triton"``,
@@ -21,6 +22,7 @@ from __future__ import annotations
 import logging
 import os
 import statistics
+import time
 import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -36,22 +38,41 @@ Timer = Callable[[Sequence[Callable[[], object]], int], list[float]]
 _log = logging.getLogger(__name__)
 
 
+#: GPU cycles the timing rounds queue behind (about 50 ms at H100/H200 clocks): long enough for the host
+#: to enqueue every round, so the events time the device alone; grown tenfold if it was not.
+_SLEEP_CYCLES = 100_000_000
+
+
 def cuda_times(fns: Sequence[Callable[[], object]], reps: int) -> list[float]:
-    """Median milliseconds per candidate: one warm-up run each, then ``reps`` rounds that run every
-    candidate once between two CUDA events (interleaved, so a clock or load drift hits all alike)."""
-    for fn in fns:
-        fn()
-    events = [
-        [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in fns]
-        for _ in range(reps)
-    ]
-    for row in events:
-        for fn, (start, end) in zip(fns, row, strict=True):
-            start.record()
-            fn()
-            end.record()
-    torch.cuda.synchronize()
-    return [statistics.median(row[i][0].elapsed_time(row[i][1]) for row in events) for i in range(len(fns))]
+    """Per candidate (already run once: compiled, autotuned), the larger of its median device time and
+    its median host time in ms: what it costs a step that is GPU-bound or host-bound.
+
+    The rounds queue behind a sleep kernel, so each pair of CUDA events times the device work alone;
+    the host time is the wall time of the call. Candidates alternate their order from round to round."""
+    cycles = _SLEEP_CYCLES
+    for _ in range(3):
+        torch.cuda.synchronize()
+        events = [
+            [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in fns]
+            for _ in range(reps)
+        ]
+        host: list[list[float]] = [[] for _ in fns]
+        torch.cuda._sleep(cycles)
+        for r, row in enumerate(events):
+            for i in range(len(fns)) if r % 2 == 0 else reversed(range(len(fns))):
+                start, end = row[i]
+                t0 = time.perf_counter()
+                start.record()
+                fns[i]()
+                end.record()
+                host[i].append((time.perf_counter() - t0) * 1e3)
+        behind = not events[0][0][0].query()  # the first round still waited for the sleep
+        torch.cuda.synchronize()
+        if behind:
+            break
+        cycles *= 10
+    device = [statistics.median(row[i][0].elapsed_time(row[i][1]) for row in events) for i in range(len(fns))]
+    return [max(d, statistics.median(h)) for d, h in zip(device, host, strict=True)]
 
 
 class Measured:
@@ -60,7 +81,10 @@ class Measured:
     ``key(*args, **kwargs)`` names what the choice depends on (shapes, dtypes, device), or returns None
     where only ``default`` may run (e.g. a dropout mask other steps must regenerate). The first
     positional argument is a tensor on the op's device. Off CUDA, and while a CUDA graph is being
-    captured (nothing may sync), ``default`` runs unmeasured, unless a ``timer`` is given (tests).
+    captured on the current stream (nothing may sync), ``default`` runs unmeasured, unless a ``timer``
+    is given (tests). A candidate other than the default that raises on its first run is left out
+    (logged); the default's error is raised. Measuring syncs the device: not while another thread
+    captures a CUDA graph in global mode.
     """
 
     def __init__(
@@ -109,15 +133,28 @@ class Measured:
         device = args[0].device
         if self.timer is None and device.type != "cuda":
             return self._remember(key, self.default)
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            return self.default  # not remembered: measured on the first call outside a capture
-        names = [self.default, *(n for n in self.candidates if n != self.default)]
-        fns = [self._bound(n, args, kwargs) for n in names]
-        if device.type == "cuda":
-            with torch.cuda.device(device):
-                got = (self.timer or cuda_times)(fns, self.reps)
-        else:
-            got = self.timer(fns, self.reps)  # type: ignore[misc]
+        if device.type != "cuda":
+            return self._measure(key, args, kwargs)
+        with torch.cuda.device(device):
+            if torch.cuda.is_current_stream_capturing():
+                return self.default  # not remembered: measured on the first call outside a capture
+            return self._measure(key, args, kwargs)
+
+    def _measure(self, key: tuple, args: tuple, kwargs: dict) -> str:
+        names, fns = [], []
+        for name in (self.default, *(n for n in self.candidates if n != self.default)):
+            fn = self._bound(name, args, kwargs)
+            try:
+                fn()  # warm-up: compile, autotune, allocate
+            except Exception as exc:  # noqa: BLE001 - the default's error is the op's error
+                if name == self.default:
+                    raise
+                _log.warning("%s: candidate %r failed at %s (%s: %s); not used", self.op, name, key,
+                             type(exc).__name__, exc)  # fmt: skip
+                continue
+            names.append(name)
+            fns.append(fn)
+        got = (self.timer or cuda_times)(fns, self.reps)
         times = dict(zip(names, got, strict=True))
         best = min(names, key=times.__getitem__)  # ties: the default, listed first
         _log.info("%s %s: %s -> %s", self.op, key, times, best)
