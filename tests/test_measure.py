@@ -301,3 +301,48 @@ def test_a_failing_twin_is_left_out_and_a_failing_default_raises(caplog):
     bad = measure.Measured("test.op", cands, lambda x: (1,), "triton", timer=timer)
     with pytest.raises(RuntimeError, match="not supported here"):
         bad(torch.zeros(1))
+
+
+class _FakeEvent:
+    """A CUDA event on a fake device clock: ``record`` stamps the clock, which the candidates advance."""
+
+    clock = 0.0
+    pending = True  # the sleep kernel still runs when the first round's start event is queried
+
+    def __init__(self, enable_timing: bool = False) -> None:
+        self.t = None
+
+    def record(self) -> None:
+        self.t = _FakeEvent.clock
+
+    def query(self) -> bool:
+        return not _FakeEvent.pending
+
+    def elapsed_time(self, end: _FakeEvent) -> float:
+        return end.t - self.t
+
+
+@pytest.mark.parametrize("pending", [True, False], ids=["queued-behind-the-sleep", "sleep-too-short"])
+def test_cuda_times_logic_with_a_fake_device(monkeypatch, pending):
+    """cuda_times without a GPU: the device figure is the events' median, the host figure the calls'
+    wall time, a candidate's result the larger; rounds alternate the order; a sleep that ended before
+    the rounds were queued is retried ten times longer (at most three tries)."""
+    sleeps: list[int] = []
+    monkeypatch.setattr(torch.cuda, "Event", _FakeEvent)
+    monkeypatch.setattr(torch.cuda, "_sleep", sleeps.append)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
+    monkeypatch.setattr(_FakeEvent, "pending", pending)
+    order: list[str] = []
+
+    def cand(name: str, device_ms: float):
+        def run():
+            order.append(name)
+            _FakeEvent.clock += device_ms
+
+        return run
+
+    got = measure.cuda_times([cand("a", 2.0), cand("b", 0.5)], 4)
+    assert got[0] == 2.0 and 0.5 <= got[1] < 2.0  # b's host time may exceed its fake device time
+    tries = 1 if pending else 3
+    assert sleeps == [measure._SLEEP_CYCLES * 10**i for i in range(tries)]
+    assert order == ["a", "b", "b", "a", "a", "b", "b", "a"] * tries
