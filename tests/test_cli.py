@@ -94,6 +94,7 @@ def test_defend_writes_results(smoke, capsys):
         for k in ("cacc", "asr", "dev_cacc", "dev_asr"):
             assert 0.0 <= r[k] <= 1.0
         assert r["epochs"] == 1 and r["wall_seconds"] > 0
+        assert "kernels" not in r  # the CPU runs the torch path: nothing measured (test_measure.py)
         assert set(r["curves"]) >= {"dev_cacc", "dev_asr", "train_loss"}
         assert all(0.0 <= v <= 1.0 for k in ("dev_cacc", "dev_asr") for v in r["curves"][k])
         assert len(r["curves"]["train_loss"]) == 1

@@ -346,3 +346,22 @@ def test_cuda_times_logic_with_a_fake_device(monkeypatch, pending):
     tries = 1 if pending else 3
     assert sleeps == [measure._SLEEP_CYCLES * 10**i for i in range(tries)]
     assert order == ["a", "b", "b", "a", "a", "b", "b", "a"] * tries
+
+
+def test_run_records_carry_the_measured_choices():
+    """defend's results.json records say which implementation "auto" measured faster (empty off CUDA,
+    where nothing is measured: no key in the record)."""
+    from muscle_fast.experiment.run import kernel_choices
+
+    assert kernel_choices() == {}
+    shrink = lowrank.accumulate_ops().shrink
+    shrink._remember(("cuda:0", "torch.bfloat16", 8192), "cublas", {"triton": 0.05, "cublas": 0.03})
+    assert kernel_choices() == {
+        "lowrank.shrink": [
+            {
+                "key": ["cuda:0", "torch.bfloat16", "8192"],
+                "chosen": "cublas",
+                "ms": {"triton": 0.05, "cublas": 0.03},
+            }
+        ]
+    }

@@ -519,7 +519,16 @@ def _pair_record(
         "wall_seconds": res.wall_seconds,
         "adapter": str(plan.path) if saved else None,
         "config": plan.config,
+        **({"kernels": kernels} if (kernels := kernel_choices()) else {}),
     }
+
+
+def kernel_choices() -> dict[str, list[dict[str, Any]]]:
+    """What ``backend="auto"`` measured faster so far in this process, per op and shape (our kernel,
+    cuBLAS or bitsandbytes: ``muscle_fast.ops.measure``), for the run record; empty off CUDA."""
+    from ..ops.lowrank import measured_choices
+
+    return {op: rows for op, rows in measured_choices().items() if rows}
 
 
 def _split_by_poison(

@@ -284,8 +284,10 @@ def accumulate_ops() -> LowRankOps:
 def measured_choices() -> dict[str, list[dict[str, Any]]]:
     """What ``backend="auto"`` chose per reduction, and per 4-bit weight's dequantization, and shape so
     far, with the measured times."""
-    ops = accumulate_ops()
-    steps = (ops.shrink, ops.backward_dS_dB, ops.grad_A, nf4._dequantize_into)
+    steps: list[Any] = [nf4._dequantize_into]
+    if accumulate_ops.cache_info().currsize:  # built only where "auto" ran on CUDA (imports triton)
+        ops = accumulate_ops()
+        steps[:0] = [ops.shrink, ops.backward_dS_dB, ops.grad_A]
     return measure.choices(*(f for f in steps if isinstance(f, measure.Measured)))
 
 
