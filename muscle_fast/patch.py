@@ -13,6 +13,7 @@ from torch import nn
 
 from .config import MuScleConfig
 from .layers import MuScleLinear
+from .ops import nf4
 
 logger = logging.getLogger("muscle_fast")
 
@@ -125,8 +126,8 @@ def _exact_cpu_4bit(model: nn.Module) -> None:
     eval-mode no-grad forward and from then on runs a bf16 kernel without autograd, also in
     training mode: after a dev evaluation (train_muscle runs one every epoch) no gradient flowed
     through the frozen 4-bit layers (o_proj, the MLP), so every LoRA gradient of the backbone was
-    zero. A weight repacked already is restored to the standard layout, as ``ops.nf4`` does for
-    the layers MuScleLinear wraps (bitsandbytes' inverse; the absmax went through bf16).
+    zero. A weight repacked already is restored to the standard layout (``nf4.unpack_cpu_repacked``;
+    the absmax went through bf16).
     """
     for m in model.modules():
         if not getattr(m, "support_avx512bf16_for_cpu", False):
@@ -134,9 +135,7 @@ def _exact_cpu_4bit(model: nn.Module) -> None:
         m.support_avx512bf16_for_cpu = False
         w = getattr(m, "weight", None)
         if getattr(getattr(w, "quant_state", None), "packing_format_for_cpu", False):
-            from bitsandbytes.nn.modules import _convert_weight_packed_for_cpu_inverse
-
-            w.data, w.quant_state = _convert_weight_packed_for_cpu_inverse(w.data, w.quant_state)
+            nf4.unpack_cpu_repacked(w)
 
 
 def patch_model(model: nn.Module, cfg: MuScleConfig | None = None, **overrides: Any) -> nn.Module:

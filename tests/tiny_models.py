@@ -84,8 +84,9 @@ def tiny_batch(family: str, batch: int = 3, seq: int = 7, seed: int = 1) -> dict
 LLAMA_4BIT = dict(hidden_size=64, intermediate_size=128)
 
 
-def quantize_linears_4bit(model, skip: tuple[str, ...] = ("score", "classifier")):
-    """Replace every nn.Linear (but the head) by a bitsandbytes NF4 Linear4bit, quantized on the CPU."""
+def quantize_linears_4bit(model, skip: tuple[str, ...] = ("score", "classifier"), nested: bool = True):
+    """Replace every nn.Linear (but the head) by a bitsandbytes NF4 Linear4bit, quantized on the CPU
+    (``nested``: double-quantized absmax, bitsandbytes' default)."""
     import bitsandbytes as bnb
 
     targets = [
@@ -100,8 +101,11 @@ def quantize_linears_4bit(model, skip: tuple[str, ...] = ("score", "classifier")
             bias=lin.bias is not None,
             compute_dtype=torch.float32,
             quant_type="nf4",
+            compress_statistics=nested,
         )
-        q.weight = bnb.nn.Params4bit(lin.weight.data.clone(), requires_grad=False, quant_type="nf4")
+        q.weight = bnb.nn.Params4bit(
+            lin.weight.data.clone(), requires_grad=False, quant_type="nf4", compress_statistics=nested
+        )
         if lin.bias is not None:
             q.bias = torch.nn.Parameter(lin.bias.data.clone(), requires_grad=False)
         q = q.to(lin.weight.device)

@@ -4,9 +4,10 @@
 ``dequantize_4bit`` is a drop-in replacement for ``bitsandbytes.functional.dequantize_4bit``.
 
 QLoRA keeps the frozen base weights 4-bit and dequantizes them on every forward and backward;
-this module does that from a bitsandbytes ``QuantState`` without calling into bitsandbytes, with
-one fused Triton kernel on CUDA (double-quantized absmax decoded in the same pass) and an exact
-pure-torch path everywhere else.
+this module does that from a bitsandbytes ``QuantState`` with one fused Triton kernel on CUDA
+(double-quantized absmax decoded in the same pass) and an exact pure-torch path everywhere else.
+``backend="auto"`` also measures bitsandbytes' own dequantization against ours per weight shape
+(``_dequantize_into``) and runs the faster: the two write the same values.
 
 Numerics follow bitsandbytes exactly: ``absmax = code2[q] * absmax2[b // blocksize2] + offset``
 (fp32, rounded after the multiply and after the add) for double quantization, then
@@ -557,10 +558,20 @@ def standard_4bit_weight(module: nn.Module) -> nn.Parameter:
     if getattr(w.quant_state, "packing_format_for_cpu", False):
         # bitsandbytes' CPU inference path repacked this weight; restore the standard layout, as its
         # own state_dict saving does
-        from bitsandbytes.nn.modules import _convert_weight_packed_for_cpu_inverse
-
-        w.data, w.quant_state = _convert_weight_packed_for_cpu_inverse(w.data, w.quant_state)
+        unpack_cpu_repacked(w)
     return w
+
+
+def unpack_cpu_repacked(w: nn.Parameter) -> None:
+    """Undo, in place, bitsandbytes' CPU inference repacking of a 4-bit weight: its own inverse, then
+    the absmax layout that inverse leaves for a state without double quantization ((K / blocksize, N)
+    in bf16, as its CPU kernel reads it) back to the flat fp32 one. The absmax keeps bf16 precision."""
+    from bitsandbytes.nn.modules import _convert_weight_packed_for_cpu_inverse
+
+    nested = w.quant_state.original_nested
+    w.data, w.quant_state = _convert_weight_packed_for_cpu_inverse(w.data, w.quant_state)
+    if not nested:
+        w.quant_state.absmax = w.quant_state.absmax.t().reshape(-1).float()
 
 
 def use_fused_forward(kind: str, x2: torch.Tensor, kernels: bool) -> bool:
