@@ -35,23 +35,35 @@ def _ops(name: str, device: str) -> lowrank.LowRankOps:
 
 
 @pytest.fixture(autouse=True)
-def _accumulate_on_cpu(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+def _accumulate_on_cpu(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch):
     """Off CUDA, make a "triton" layer of an "accumulate" test run accumulate_ops; pin the reductions of
-    an "accumulate-cublas" test to their cuBLAS twins (as ``MUSCLE_FAST_PICK`` does for users)."""
+    an "accumulate-cublas" test to their cuBLAS twins (as ``MUSCLE_FAST_PICK`` does for users) and check
+    afterwards that they ran: every choice made is the twin, and fp32/bf16 made some."""
     spec = getattr(request.node, "callspec", None)
     name = spec.params.get("backend") if spec is not None else None
     if not isinstance(name, str) or not name.startswith("accumulate"):
+        yield
         return
     if name == "accumulate-cublas":
         monkeypatch.setenv("MUSCLE_FAST_PICK", "cublas")
-    if torch.cuda.is_available():
-        return
+    if not torch.cuda.is_available():
 
-    def get(backend: str, device: torch.device, dtype: torch.dtype | None = None) -> lowrank.LowRankOps:
-        ops = get_ops(backend, device, dtype)
-        return lowrank.accumulate_ops() if ops.kernels else ops
+        def get(backend: str, device: torch.device, dtype: torch.dtype | None = None) -> lowrank.LowRankOps:
+            ops = get_ops(backend, device, dtype)
+            return lowrank.accumulate_ops() if ops.kernels else ops
 
-    monkeypatch.setattr(layers, "get_ops", get)
+        monkeypatch.setattr(layers, "get_ops", get)
+    yield
+    if name == "accumulate-cublas":
+        chosen = [
+            r["chosen"]
+            for op, rows in lowrank.measured_choices().items()
+            if op.startswith("lowrank")
+            for r in rows
+        ]
+        assert set(chosen) <= {"cublas"}, chosen
+        if spec.params.get("dtype", torch.float32) in (torch.float32, torch.bfloat16):
+            assert chosen, "no reduction ran its cuBLAS twin"
 
 
 # Relative to the output's max magnitude: fp32 rounding of K-term sums; bf16 has an 8-bit mantissa.

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 from helpers import assert_rel_close
@@ -121,18 +123,36 @@ def test_keys_leave_dropout_fp16_to_the_kernels_and_tell_groups_apart():
     assert lowrank._grad_A_key(S16, x) != lowrank._grad_A_key(S16, x, row_split=7)
 
 
-def test_fp32_twins_only_without_tf32():
+def _fp32_precision_state() -> tuple:
+    m = torch.backends.cuda.matmul
+    return (getattr(m, "fp32_precision", None), getattr(torch.backends, "fp32_precision", None))
+
+
+@pytest.mark.parametrize("api", ["legacy", "per-backend", "global"])
+def test_fp32_twins_only_without_tf32(api):
     """With TF32 allowed (HF's tf32=True), cuBLAS's fp32 GEMMs round their inputs to 10 bits and the
-    kernels do not: fp32 is then left to the kernels."""
+    kernels do not: fp32 is then left to the kernels. Through either of torch's APIs (after the newer
+    one is used, the legacy getter raises)."""
+    if api != "legacy" and _fp32_precision_state()[0] is None:
+        pytest.skip("this torch has no fp32_precision setting")
     x, A, s = torch.zeros(8, 4), torch.zeros(2, 4), torch.ones(2)
-    before = torch.get_float32_matmul_precision()
+    before = _fp32_precision_state()
     try:
         assert lowrank._shrink_key(x, A, s) is not None
-        torch.set_float32_matmul_precision("high")
+        if api == "legacy":
+            torch.set_float32_matmul_precision("high")
+        elif api == "per-backend":
+            torch.backends.cuda.matmul.fp32_precision = "tf32"
+        else:
+            torch.backends.fp32_precision = "tf32"
         assert lowrank._shrink_key(x, A, s) is None
         assert lowrank._grad_A_key(torch.zeros(8, 2), x) is None
     finally:
-        torch.set_float32_matmul_precision(before)
+        if before[0] is None:
+            torch.set_float32_matmul_precision("highest")
+        else:
+            torch.backends.fp32_precision = before[1]
+            torch.backends.cuda.matmul.fp32_precision = before[0]
 
 
 def test_twins_run_outside_autocast():
@@ -232,38 +252,95 @@ def test_cuda_times_returns_one_median_per_candidate():
     assert len(got) == 2 and got[1] < got[0]
 
 
-def _linear4bit(i: int, o: int, nested: bool, device: str):
+def _linear4bit(
+    i: int,
+    o: int,
+    nested: bool,
+    device: str,
+    dtype: torch.dtype = torch.float32,
+    blocksize: int = 64,
+    quant_type: str = "nf4",
+):
     bnb = pytest.importorskip("bitsandbytes")
     lin = nn.Linear(i, o)
-    q = bnb.nn.Linear4bit(i, o, compute_dtype=torch.float32, quant_type="nf4", compress_statistics=nested)
+    q = bnb.nn.Linear4bit(i, o, compute_dtype=dtype, quant_type=quant_type, compress_statistics=nested)
     q.weight = bnb.nn.Params4bit(
-        lin.weight.data.clone(), requires_grad=False, quant_type="nf4", compress_statistics=nested, module=q
-    )
+        lin.weight.data.to(dtype), requires_grad=False, quant_type=quant_type, compress_statistics=nested,
+        blocksize=blocksize, module=q,
+    )  # fmt: skip
     return q.to(device)
 
 
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    """The raw bits (so that -0.0 and 0.0 differ)."""
+    return t.view(torch.int32 if t.dtype == torch.float32 else torch.int16)
+
+
+@pytest.mark.skipif(CUDA, reason="a fake timer: on CUDA the pinned test below compares the bits")
 @pytest.mark.parametrize("nested", [False, True], ids=["absmax", "nested"])
-def test_auto_4bit_dequantization_may_pick_bitsandbytes_and_gets_the_same_bits(nested, device, monkeypatch):
+def test_auto_4bit_dequantization_measures_bitsandbytes_against_ours(nested, monkeypatch):
     """A 4-bit layer comes with bitsandbytes, so "auto" measures its dequantization against ours (a fake
-    timer here makes it win on the CPU): the weight's bits are the same either way. A compute dtype
-    other than the state's (which bitsandbytes cannot write) runs our kernel unmeasured."""
+    timer makes it win here) and runs it from then on, into the same buffer. A compute dtype other than
+    the state's (which bitsandbytes cannot write) runs our kernel unmeasured."""
     from muscle_fast.ops import nf4 as mnf4
 
-    q = _linear4bit(200, 24, nested, device)  # 4,800 values: a partial last block at blocksize 64
+    q = _linear4bit(201, 23, nested, "cpu")  # 4,623 values: odd, a partial last block
     qs = q.weight.quant_state
     timer = FakeTimer([2.0, 1.0])
-    if not CUDA:
-        monkeypatch.setattr(mnf4._dequantize_into, "timer", timer)
+    monkeypatch.setattr(mnf4._dequantize_into, "timer", timer)
     ours = mnf4.dequantize_weight(q, qs.dtype, kernels=True, measured=False).clone()
     mnf4.dequantize_weight(q, qs.dtype, kernels=True, measured=True).fill_(float("nan"))  # chooses
     picked = mnf4.dequantize_weight(q, qs.dtype, kernels=True, measured=True)  # the chosen one alone
-    assert torch.equal(picked, ours)
+    assert torch.equal(_bits(picked), _bits(ours))
     (row,) = measure.choices(mnf4._dequantize_into)["nf4.dequantize_weight"]
-    if not CUDA:
-        assert row["chosen"] == "bitsandbytes" and timer.calls == 1
+    assert row["chosen"] == "bitsandbytes" and timer.calls == 1
     mnf4.dequantize_weight(q, torch.bfloat16, kernels=True, measured=True)
     assert len(measure.choices(mnf4._dequantize_into)["nf4.dequantize_weight"]) == 1  # no second key
-    assert timer.calls == (0 if CUDA else 1)
+    assert timer.calls == 1
+
+
+@pytest.mark.parametrize("blocksize", [64, 256])
+@pytest.mark.parametrize(
+    "dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"]
+)
+@pytest.mark.parametrize("nested", [False, True], ids=["absmax", "nested"])
+def test_bitsandbytes_dequantization_writes_our_bits(nested, dtype, blocksize, device, monkeypatch):
+    """The bitsandbytes candidate, pinned, writes the very bits our kernel writes (nf4: no negative zero),
+    for every output dtype, both absmax forms, an odd size with a partial last block."""
+    from muscle_fast.ops import nf4 as mnf4
+
+    q = _linear4bit(201, 23, nested, device, dtype, blocksize)
+    qs = q.weight.quant_state
+    ours = mnf4.dequantize_weight(q, dtype, kernels=True, measured=False).clone()
+    monkeypatch.setenv(measure.ENV, "bitsandbytes")
+    buf = mnf4.dequantize_weight(q, dtype, kernels=True, measured=True)
+    buf.fill_(float("nan"))
+    got = mnf4.dequantize_weight(q, dtype, kernels=True, measured=True)
+    assert measure.choices(mnf4._dequantize_into)["nf4.dequantize_weight"][0]["chosen"] == "bitsandbytes"
+    assert qs.dtype == dtype and torch.equal(_bits(got), _bits(ours))
+
+
+def test_bitsandbytes_dequantization_only_where_it_reads_the_state_as_we_do():
+    """No bitsandbytes candidate for fp4 (it writes -0.0 where we write 0.0), a non-fp32 absmax or a
+    custom code table (its kernel reads raw fp32 pointers and the built-in table), or another dtype."""
+    from muscle_fast.ops import nf4 as mnf4
+
+    q = _linear4bit(64, 16, False, "cpu")
+    A, qs = q.weight.data, q.weight.quant_state
+    key = mnf4._dequant_key
+    assert key(A, q, qs, qs.dtype, None) is not None
+    assert key(A, q, qs, torch.bfloat16, None) is None
+    fp4 = _linear4bit(64, 16, False, "cpu", quant_type="fp4")
+    assert key(fp4.weight.data, fp4, fp4.weight.quant_state, torch.float32, None) is None
+    absmax = qs.absmax
+    qs.absmax = absmax.bfloat16()
+    assert key(A, q, qs, qs.dtype, None) is None
+    qs.absmax = absmax
+    code = qs.code
+    qs.code = code.flip(0)
+    assert key(A, q, qs, qs.dtype, None) is None
+    qs.code = code
+    assert key(A, q, qs, qs.dtype, None) is not None
 
 
 @pytest.mark.parametrize("pick, want", [("bitsandbytes", "bitsandbytes"), ("cublas", "triton")])
@@ -296,7 +373,7 @@ def test_a_failing_twin_is_left_out_and_a_failing_default_raises(caplog):
     with caplog.at_level("WARNING", logger="muscle_fast.ops.measure"):
         assert op(torch.zeros(1)) == "triton" and op(torch.zeros(1)) == "triton"
     assert "candidate 'cublas' failed" in caplog.text and "not supported here" in caplog.text
-    assert timer.calls == 1 and op.times[(1,)] == {"triton": 1.0}
+    assert timer.calls == 0 and op.chosen == {(1,): "triton"}  # nothing left to measure against
     cands = {"triton": broken, "cublas": lambda x: 0}
     bad = measure.Measured("test.op", cands, lambda x: (1,), "triton", timer=timer)
     with pytest.raises(RuntimeError, match="not supported here"):
@@ -341,11 +418,34 @@ def test_cuda_times_logic_with_a_fake_device(monkeypatch, pending):
 
         return run
 
-    got = measure.cuda_times([cand("a", 2.0), cand("b", 0.5)], 4)
+    def host_bound():  # little device work, 10 ms of host time: the host time is its figure
+        order.append("c")
+        time.sleep(0.01)
+        _FakeEvent.clock += 0.001
+
+    got = measure.cuda_times([cand("a", 2.0), cand("b", 0.5), host_bound], 4)
     assert got[0] == 2.0 and 0.5 <= got[1] < 2.0  # b's host time may exceed its fake device time
+    assert got[2] >= 10.0
     tries = 1 if pending else 3
     assert sleeps == [measure._SLEEP_CYCLES * 10**i for i in range(tries)]
-    assert order == ["a", "b", "b", "a", "a", "b", "b", "a"] * tries
+    assert order == ["a", "b", "c", "c", "b", "a", "a", "b", "c", "c", "b", "a"] * tries
+
+
+def test_no_measuring_while_a_cuda_graph_is_captured(monkeypatch):
+    """During capture nothing may sync: the default runs, unremembered, and the first call after the
+    capture measures (a stand-in CUDA input: the device is all the op looks at)."""
+    import contextlib
+    from types import SimpleNamespace
+
+    capturing = [True]
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: capturing[0])
+    monkeypatch.setattr(torch.cuda, "device", lambda d: contextlib.nullcontext())
+    timer = FakeTimer([2.0, 1.0])
+    op = _op(timer, key=lambda x, **kw: ("k",))
+    x = SimpleNamespace(device=torch.device("cuda", 0))
+    assert op(x) == "triton" and timer.calls == 0 and op.chosen == {}
+    capturing[0] = False
+    assert op(x) == "cublas" and timer.calls == 1 and op.chosen == {("k",): "cublas"}
 
 
 def test_run_records_carry_the_measured_choices():
@@ -365,3 +465,44 @@ def test_run_records_carry_the_measured_choices():
             }
         ]
     }
+
+
+def test_auto_offers_the_kernel_and_the_torch_function_for_each_reduction():
+    """The two candidates are what their names say: the Triton launcher and the torch path's function
+    (outside autocast), so a test that pins "cublas" runs cuBLAS."""
+    ops, kernels = lowrank.accumulate_ops(), lowrank.triton_ops()
+    twins = {
+        "shrink": lowrank.lowrank_shrink,
+        "backward_dS_dB": lowrank.lowrank_backward_dS_dB,
+        "grad_A": lowrank.lowrank_grad_A,
+    }
+    for field, twin in twins.items():
+        step = getattr(ops, field)
+        assert step.candidates["triton"] is getattr(kernels, field)
+        assert step.candidates["cublas"].__wrapped__ is twin
+    assert ops.measured and ops.accumulate and not kernels.measured
+
+
+def test_the_4bit_layer_measures_its_dequantization_in_auto(monkeypatch):
+    """A 4-bit MuScleLinear under accumulate_ops (what "auto" runs on CUDA) dequantizes its weight through
+    the measured op, in forward and backward (a fake timer makes bitsandbytes win here), and computes
+    the bits the kernel-only path computes."""
+    from muscle_fast.ops import nf4 as mnf4
+
+    q = _linear4bit(64, 32, True, "cpu")
+    m = MuScleLinear(q, (1.0,), 4, 8.0, init_B="kaiming", backend="triton")
+    timer = FakeTimer([2.0, 1.0])
+    monkeypatch.setattr(mnf4._dequantize_into, "timer", timer)
+    x = torch.randn(6, 64)
+    outs = []
+    for ops in (lowrank.triton_ops(), lowrank.accumulate_ops()):
+        xi = x.clone().requires_grad_(True)
+        args = (m.lora_A, m.lora_B, m.scaling * m.scale_vector, m.base, m.kind, ops, 0.0, 0, None, m)
+        y = lowrank.MuScleLinearFunction.apply(xi, *args)
+        y.backward(torch.ones_like(y))
+        outs.append((y.detach(), xi.grad))
+    (row,) = measure.choices(mnf4._dequantize_into)["nf4.dequantize_weight"]
+    assert row["chosen"] == "bitsandbytes" and timer.calls == 1
+    # the same weight bits; the low-rank path differs (accumulate order, rounded S): fp32 rounding only
+    torch.testing.assert_close(outs[1][0], outs[0][0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(outs[1][1], outs[0][1], rtol=1e-5, atol=1e-5)

@@ -412,6 +412,7 @@ def run_pairs(
     loop_cfg = dataclasses.replace(tcfg, checkpoint_dir=str(state_dir)) if state_dir is not None else tcfg
     asr_key = {plan.label: "dev_asr", **{q.label: f"dev_asr@{i}" for i, q in enumerate(shared, 1)}}
     reused = teacher is not None and teacher.result is not None
+    forget_kernel_choices()  # the record's ``kernels``: what this pair measured, not earlier pairs
     res = train_muscle(
         model,
         tok,
@@ -524,11 +525,18 @@ def _pair_record(
 
 
 def kernel_choices() -> dict[str, list[dict[str, Any]]]:
-    """What ``backend="auto"`` measured faster so far in this process, per op and shape (our kernel,
-    cuBLAS or bitsandbytes: ``muscle_fast.ops.measure``), for the run record; empty off CUDA."""
+    """What ``backend="auto"`` measured faster since ``forget_kernel_choices``, per op and shape (our
+    kernel, cuBLAS or bitsandbytes: ``muscle_fast.ops.measure``), for the run record; empty off CUDA."""
     from ..ops.lowrank import measured_choices
 
     return {op: rows for op, rows in measured_choices().items() if rows}
+
+
+def forget_kernel_choices() -> None:
+    """Start a pair with nothing measured (each key is measured again: ~0.1 s each on a GPU)."""
+    from ..ops.measure import forget_all
+
+    forget_all()
 
 
 def _split_by_poison(

@@ -10,11 +10,11 @@ candidates compute the same values up to rounding (as Triton's split-K configs d
 order), so the choice may differ between runs, never the result beyond the dtype's rounding.
 
 ``MUSCLE_FAST_PICK`` sets the choice: unset or ``"measure"`` measures; ``"default"`` always runs each
-op's default candidate (the Triton kernel: bit-reproducible runs); a candidate name (``"triton"``,
-``"cublas"``, ``"bitsandbytes"``) forces it in the ops that offer it, the others run their default.
-It applies only where an op has a choice at all (its key is not None), and
-is read when a key is first seen (the per-call path is a dict lookup): set it before the first step,
-or call ``forget_all()`` after changing it.
+op's default candidate (the Triton kernel: the same implementation in every run); a candidate name
+(``"triton"``, ``"cublas"``, ``"bitsandbytes"``) forces it in the ops that offer it, the others run
+their default. It applies only where an op has a choice at all (its key is not None), and is read
+when a key is first seen (the per-call path is a dict lookup): set it before the first step, or call
+``forget_all()`` after changing it.
 """
 
 from __future__ import annotations
@@ -154,6 +154,8 @@ class Measured:
                 continue
             names.append(name)
             fns.append(fn)
+        if len(names) == 1:  # every other candidate failed: nothing to measure
+            return self._remember(key, self.default)
         got = (self.timer or cuda_times)(fns, self.reps)
         times = dict(zip(names, got, strict=True))
         best = min(names, key=times.__getitem__)  # ties: the default, listed first

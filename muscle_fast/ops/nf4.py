@@ -519,9 +519,47 @@ def _dequant_bitsandbytes(
 def _dequant_key(
     A: torch.Tensor, module: nn.Module, qs: QuantStateLike, dtype: torch.dtype, buf: torch.Tensor
 ) -> tuple | None:
-    if dtype != qs.dtype:  # bitsandbytes writes the state's dtype only
+    """The measured choice's key, or None where bitsandbytes' CUDA op would read the state otherwise than
+    our kernel: it writes the state's dtype only, passes raw pointers (fp32 absmax, every tensor on A's
+    device), counts elements in an int32, ignores ``qs.code``, and writes -0.0 for fp4's negative zero
+    (nf4 has none)."""
+    if dtype != qs.dtype or qs.quant_type != "nf4" or qs.shape.numel() >= 2**31:
         return None
-    return (A.device, tuple(qs.shape), dtype, qs.blocksize, qs.quant_type, qs.state2 is not None)
+    dev = A.device
+    s2 = qs.state2
+    if s2 is None:
+        if qs.absmax.dtype != torch.float32 or qs.absmax.device != dev:
+            return None
+    elif (
+        qs.absmax.dtype != torch.uint8
+        or s2.absmax.dtype != torch.float32
+        or s2.code.dtype != torch.float32
+        or s2.state2 is not None
+        or any(t.device != dev for t in (qs.absmax, s2.absmax, s2.code))
+        or not isinstance(qs.offset, torch.Tensor)
+        or qs.offset.device != dev
+    ):
+        return None
+    if qs.code is not None and not _standard_code(qs.code):
+        return None
+    return (dev, tuple(qs.shape), dtype, qs.blocksize, s2 is not None)
+
+
+#: id(code table) -> (a weak reference to it, verdict); tensors cannot key a WeakKeyDictionary (== is
+#: elementwise), so identity is checked through the reference.
+_standard_codes: dict[int, tuple[weakref.ref, bool]] = {}
+
+
+def _standard_code(code: torch.Tensor) -> bool:
+    """Whether a state's code table is bitsandbytes' nf4 table (compared once per table tensor)."""
+    hit = _standard_codes.get(id(code))
+    if hit is not None and hit[0]() is code:
+        return hit[1]
+    same = code.numel() == 16 and torch.equal(code.detach().float().cpu(), get_4bit_code("nf4"))
+    if len(_standard_codes) >= 4096:
+        _standard_codes.clear()
+    _standard_codes[id(code)] = (weakref.ref(code), same)
+    return same
 
 
 #: The frozen 4-bit weight's dequantization in ``backend="auto"``: our kernel or bitsandbytes' (a 4-bit
