@@ -2,7 +2,8 @@
 # One command for a lent GPU machine (device tool, from the repo root), under 10 minutes on an H100
 # (the device tool's limit per command: run it with timeout_s 590):
 #   phase A, side by side: the CUDA test suite (MUSCLE_FAST_AUTOTUNE=0: one config per kernel, so
-#     hundreds of odd shapes do not each autotune) and, with SWEEP=1 and a model and data in
+#     hundreds of odd shapes do not each autotune; MUSCLE_FAST_PICK=default: nor each measure its
+#     kernel against cuBLAS, which tests/test_measure.py and test_layers' accumulate-cublas cover) and, with SWEEP=1 and a model and data in
 #     .devcarry/, a MiniLM defense sweep (benchmarks/defense_sweep.py: many small runs share the GPU);
 #     with TABLE=1 (and .devcarry/minilm) issue #16's 5-method x 4-attack x 3-seed table instead
 #     (TABLE_S seconds a call, resumable: call again; results in $OUT/table.tar.gz);
@@ -45,7 +46,7 @@ if [ "${TESTS:-}" = none ]; then
   echo "tests: skipped (TESTS=none)" >"$OUT/tests.log"
   true &
 else
-  ( MUSCLE_FAST_AUTOTUNE=0 timeout -s INT -k 10 "${TEST_S:-150}" python3 -m pytest -q -p no:cacheprovider \
+  ( MUSCLE_FAST_AUTOTUNE=0 MUSCLE_FAST_PICK=default timeout -s INT -k 10 "${TEST_S:-150}" python3 -m pytest -q -p no:cacheprovider \
       ${TESTS:-tests/test_measure.py tests/test_nf4.py tests/test_patch.py tests/test_dual.py tests/test_layers.py tests/test_align.py} \
       >/tmp/tests.full 2>&1
     echo "exit $?" >>/tmp/tests.full; tail -n 60 /tmp/tests.full >"$OUT/tests.log" ) &
