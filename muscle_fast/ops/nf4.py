@@ -523,7 +523,7 @@ def _dequant_key(
     our kernel: it writes the state's dtype only, passes raw pointers (fp32 absmax, every tensor on A's
     device), counts elements in an int32, ignores ``qs.code``, and writes -0.0 for fp4's negative zero
     (nf4 has none)."""
-    if dtype != qs.dtype or qs.quant_type != "nf4" or qs.shape.numel() >= 2**31:
+    if dtype != qs.dtype or qs.quant_type != "nf4" or math.prod(qs.shape) >= 2**31:
         return None
     dev = A.device
     s2 = qs.state2
@@ -534,7 +534,7 @@ def _dequant_key(
         qs.absmax.dtype != torch.uint8
         or s2.absmax.dtype != torch.float32
         or s2.code.dtype != torch.float32
-        or s2.state2 is not None
+        or getattr(s2, "state2", None) is not None
         or any(t.device != dev for t in (qs.absmax, s2.absmax, s2.code))
         or not isinstance(qs.offset, torch.Tensor)
         or qs.offset.device != dev
