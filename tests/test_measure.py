@@ -95,7 +95,7 @@ def test_the_env_var_pins_the_choice(monkeypatch, mode, want):
 def test_a_bad_env_value_names_the_variable_and_the_choices(monkeypatch):
     op = _op(FakeTimer([1.0, 1.0]))
     monkeypatch.setenv(measure.ENV, "cuBLAS")
-    want = r"MUSCLE_FAST_PICK must be one of \['measure', 'default', .*'cublas', 'triton'\], got 'cuBLAS'"
+    want = r"MUSCLE_FAST_PICK must be one of \['measure', 'default', .*'cublas', .*'triton'\], got 'cuBLAS'"
     want += r" \(at test.op\)"
     with pytest.raises(ValueError, match=want):
         op(torch.zeros(2))
@@ -508,3 +508,47 @@ def test_the_4bit_layer_measures_its_dequantization_in_auto(device, monkeypatch)
     # the same weight bits; the low-rank path differs (accumulate order, rounded S): fp32 rounding only
     torch.testing.assert_close(outs[1][0], outs[0][0], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(outs[1][1], outs[0][1], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("winner", ["dequant", "fused", "bitsandbytes"])
+def test_decode_sized_4bit_forward_runs_the_fastest_4bit_matmul(winner, device, monkeypatch):
+    """Up to SMALL_M_MAX rows, "auto" measures a 4-bit base's forward among dequantize + cuBLAS, our
+    fused matmul_4bit and bitsandbytes' matmul_4bit (a fake timer picks ``winner`` here); each gives the
+    kernel-only layer's output and gradients up to fp32 rounding. More rows take the usual path."""
+    from muscle_fast.ops import nf4 as mnf4
+
+    q = _linear4bit(64, 32, True, device)
+    m = MuScleLinear(q, (1.0, 2.0), 2, 8.0, init_B="kaiming", backend="triton")
+    figures = {"dequant": [1.0, 2.0, 3.0], "fused": [3.0, 1.0, 2.0], "bitsandbytes": [3.0, 2.0, 1.0]}[winner]
+    timer = FakeTimer(figures)
+    if CUDA:
+        monkeypatch.setenv(measure.ENV, winner)  # on a GPU: pinned, the measurement is test_cuda_times'
+    else:
+        monkeypatch.setattr(mnf4.small_m_linear, "timer", timer)
+    ran: list[str] = []
+    for name, fn in list(mnf4.small_m_linear.candidates.items()):
+
+        def counted(*a, _fn=fn, _name=name, **kw):
+            ran.append(_name)
+            return _fn(*a, **kw)
+
+        monkeypatch.setitem(mnf4.small_m_linear.candidates, name, counted)
+    for rows in (3, 40):
+        x = torch.randn(rows, 64, device=device)
+        outs = []
+        for ops in (lowrank.triton_ops(), lowrank.accumulate_ops()):
+            xi = x.clone().requires_grad_(True)
+            args = (m.lora_A, m.lora_B, m.scaling * m.scale_vector, m.base, m.kind, ops, 0.0, 0, None, m)
+            y = lowrank.MuScleLinearFunction.apply(xi, *args)
+            y.backward(torch.ones_like(y))
+            outs.append((y.detach(), xi.grad))
+        torch.testing.assert_close(outs[1][0], outs[0][0], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(outs[1][1], outs[0][1], rtol=1e-5, atol=1e-5)
+        if rows == 3:
+            assert ran[-1] == winner  # the last run is the chosen one alone
+            if not CUDA:  # the warm-up ran each candidate once
+                assert timer.calls == 1 and sorted(ran[:3]) == ["bitsandbytes", "dequant", "fused"]
+            del ran[:]
+    assert ran == []  # 40 rows: not a decode-sized input
+    (row,) = measure.choices(mnf4.small_m_linear)["nf4.small_m_linear"]
+    assert row["chosen"] == winner

@@ -294,7 +294,7 @@ def accumulate_ops() -> LowRankOps:
 def measured_choices() -> dict[str, list[dict[str, Any]]]:
     """What ``backend="auto"`` chose per reduction, and per 4-bit weight's dequantization, and shape so
     far, with the measured times."""
-    steps: list[Any] = [nf4._dequantize_into]
+    steps: list[Any] = [nf4._dequantize_into, nf4.small_m_linear]
     if accumulate_ops.cache_info().currsize:  # built only where "auto" ran on CUDA (imports triton)
         ops = accumulate_ops()
         steps[:0] = [ops.shrink, ops.backward_dS_dB, ops.grad_A]
@@ -496,6 +496,9 @@ class MuScleLinearFunction(torch.autograd.Function):
         if nf4.use_fused_forward(kind, x2, ops.kernels):  # small M: no 16-bit copy of the weight at all
             w = nf4.standard_4bit_weight(base)
             y = nf4.matmul_4bit(x2, w.data, w.quant_state, bias, backend="triton")
+            ops.expand_(y, S, Bc)
+        elif ops.measured and kind == "4bit" and 0 < x2.shape[0] <= nf4.SMALL_M_MAX:
+            y = nf4.small_m_linear(x2, base, bias)  # decode-sized: the fastest 4-bit matmul, measured
             ops.expand_(y, S, Bc)
         else:
             if rounds_intermediates(ops, dtype):

@@ -11,10 +11,10 @@ order), so the choice may differ between runs, never the result beyond the dtype
 
 ``MUSCLE_FAST_PICK`` sets the choice: unset or ``"measure"`` measures; ``"default"`` always runs each
 op's default candidate (the Triton kernel: the same implementation in every run); a candidate name
-(``"triton"``, ``"cublas"``, ``"bitsandbytes"``) forces it in the ops that offer it, the others run
-their default. It applies only where an op has a choice at all (its key is not None), and is read
-when a key is first seen (the per-call path is a dict lookup): set it before the first step, or call
-``forget_all()`` after changing it.
+(``"triton"``, ``"cublas"``, ``"bitsandbytes"``, ``"fused"``, ``"dequant"``) forces it in the ops that
+offer it, the others run their default. It applies only where an op has a choice at all (its key is
+not None), and is read when a key is first seen (the per-call path is a dict lookup): set it before
+the first step, or call ``forget_all()`` after changing it.
 """
 
 from __future__ import annotations

@@ -393,9 +393,9 @@ def matmul_4bit(
     16-bit weight. Same numerics as ``linear(x, dequantize_4bit(A, qs, dtype=x.dtype), bias)`` up to
     the accumulation order (fp32); the bias is added after rounding to x's dtype. ``x``: ``[..., K]``;
     ``A``/``quant_state`` as for ``dequantize_4bit`` with ``quant_state.shape == (N, K)``. Where
-    ``backend`` picks the torch path, and for odd K, ``matmul_4bit_ref``. ``MuScleLinear`` uses it only for
-    forwards of up to ``MUSCLE_FAST_FUSED_4BIT_MAX_M`` rows (default 0: off until a GPU benchmark
-    shows it beating dequantize + cuBLAS, ``benchmarks/bench_nf4.py``).
+    ``backend`` picks the torch path, and for odd K, ``matmul_4bit_ref``. ``MuScleLinear`` in
+    ``backend="auto"`` runs it on up to ``SMALL_M_MAX`` rows where it measured fastest
+    (``small_m_linear``), and on up to ``MUSCLE_FAST_FUSED_4BIT_MAX_M`` rows when that is set.
     """
     n, k = _check_matmul(x, quant_state, bias)
     if not use_kernels(backend, x.device, op="matmul_4bit") or k % 2:
@@ -436,10 +436,10 @@ def _fused_4bit_max_m() -> int:
     return value
 
 
-#: Input rows up to which a 4-bit base's forward runs the fused dequantize + matmul kernel
-#: (``muscle_fast.nf4.matmul_4bit``: the 16-bit weight is never written) instead of dequantize +
-#: cuBLAS. 0, i.e. off, until a GPU benchmark shows it faster (bench_nf4.py::test_small_m_matmul);
-#: ``MUSCLE_FAST_FUSED_4BIT_MAX_M`` sets it at import. The backward is the same either way.
+#: Input rows up to which a 4-bit base's forward always runs the fused dequantize + matmul kernel
+#: (``muscle_fast.nf4.matmul_4bit``: the 16-bit weight is never written), whatever ``small_m_linear``
+#: would measure. 0, i.e. off, by default; ``MUSCLE_FAST_FUSED_4BIT_MAX_M`` sets it at import. The
+#: backward is the same either way.
 FUSED_4BIT_MAX_M: int = _fused_4bit_max_m()
 
 
@@ -570,6 +570,54 @@ _dequantize_into = measure.Measured(
     {"triton": _dequant_kernel, "bitsandbytes": _dequant_bitsandbytes},
     _dequant_key,
     "triton",
+)
+
+
+#: Input rows up to which ``backend="auto"`` measures a 4-bit base's forward (decode-sized batches) among
+#: dequantize + cuBLAS, our fused ``matmul_4bit`` and bitsandbytes' ``matmul_4bit`` (its GEMV at one
+#: row); above it the weight is dequantized and the GEMM is cuBLAS's (tensor-core bound).
+SMALL_M_MAX = 16
+
+
+def _linear_dequant(x2: torch.Tensor, module: nn.Module, bias: torch.Tensor | None) -> torch.Tensor:
+    """Dequantize (measured: ours or bitsandbytes') into the workspace, then cuBLAS."""
+    W = dequantize_weight(module, x2.dtype, kernels=True, measured=True)
+    return torch.nn.functional.linear(x2, W, bias)
+
+
+def _linear_fused(x2: torch.Tensor, module: nn.Module, bias: torch.Tensor | None) -> torch.Tensor:
+    """Our fused dequantize + matmul: the 16-bit weight is never written."""
+    w = standard_4bit_weight(module)
+    return matmul_4bit(x2, w.data, w.quant_state, bias, backend="triton")
+
+
+def _linear_bitsandbytes(x2: torch.Tensor, module: nn.Module, bias: torch.Tensor | None) -> torch.Tensor:
+    """bitsandbytes' own 4-bit matmul (its fused GEMV at one row), as ``Linear4bit.forward`` calls it."""
+    import bitsandbytes as bnb
+
+    w = standard_4bit_weight(module)
+    return bnb.matmul_4bit(x2, w.data.t(), quant_state=w.quant_state, bias=bias)
+
+
+def _small_m_key(x2: torch.Tensor, module: nn.Module, bias: torch.Tensor | None) -> tuple | None:
+    """Measured only where all three read the weight alike (``_dequant_key``: bitsandbytes' conditions)
+    and the fused kernel runs (an even K)."""
+    m = x2.shape[0]
+    if not 0 < m <= SMALL_M_MAX or x2.shape[1] % 2:
+        return None
+    w = standard_4bit_weight(module)
+    base = _dequant_key(w.data, module, w.quant_state, x2.dtype, x2)
+    return None if base is None else (*base, 1 << (m - 1).bit_length(), bias is not None)
+
+
+#: A 4-bit base's forward on up to ``SMALL_M_MAX`` rows in ``backend="auto"``: whichever of the three
+#: measured fastest per weight shape and row bucket (the same products; fp32 accumulation in each, in
+#: another order). The default, dequantize + cuBLAS, is what larger inputs run.
+small_m_linear = measure.Measured(
+    "nf4.small_m_linear",
+    {"dequant": _linear_dequant, "fused": _linear_fused, "bitsandbytes": _linear_bitsandbytes},
+    _small_m_key,
+    "dequant",
 )
 
 
