@@ -494,7 +494,7 @@ def test_the_4bit_layer_measures_its_dequantization_in_auto(device, monkeypatch)
     timer = FakeTimer([2.0, 1.0])
     if not CUDA:  # on a GPU the real measurement decides
         monkeypatch.setattr(mnf4._dequantize_into, "timer", timer)
-    x = torch.randn(6, 64, device=device)
+    x = torch.randn(24, 64, device=device)  # more than SMALL_M_MAX rows: dequantize + cuBLAS
     outs = []
     for ops in (lowrank.triton_ops(), lowrank.accumulate_ops()):
         xi = x.clone().requires_grad_(True)
@@ -542,6 +542,8 @@ def test_decode_sized_4bit_forward_runs_the_fastest_4bit_matmul(winner, device, 
             y = lowrank.MuScleLinearFunction.apply(xi, *args)
             y.backward(torch.ones_like(y))
             outs.append((y.detach(), xi.grad))
+            if not ops.measured:
+                assert ran == []  # backend "triton" never measures
         torch.testing.assert_close(outs[1][0], outs[0][0], rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(outs[1][1], outs[0][1], rtol=1e-5, atol=1e-5)
         if rows == 3:
@@ -552,3 +554,31 @@ def test_decode_sized_4bit_forward_runs_the_fastest_4bit_matmul(winner, device, 
     assert ran == []  # 40 rows: not a decode-sized input
     (row,) = measure.choices(mnf4.small_m_linear)["nf4.small_m_linear"]
     assert row["chosen"] == winner
+
+
+def test_bitsandbytes_small_m_matmul_only_in_fp32(monkeypatch):
+    """bitsandbytes' small-M kernel rounds every product to a 16-bit compute dtype: in bf16 it is not
+    offered (pinning it runs the default), in fp32 it is; fp32 with TF32 on is not measured at all."""
+    from muscle_fast.ops import nf4 as mnf4
+
+    q = _linear4bit(64, 16, True, "cpu", dtype=torch.bfloat16)
+    x16, x32 = torch.zeros(2, 64, dtype=torch.bfloat16), torch.zeros(2, 64)
+    assert mnf4._small_m_offered(x16, q, None) == ("dequant", "fused")
+    q32 = _linear4bit(64, 16, True, "cpu")
+    assert mnf4._small_m_offered(x32, q32, None) == ("dequant", "fused", "bitsandbytes")
+    assert mnf4._small_m_key(x16, q, None) is not None
+    assert mnf4._small_m_key(torch.zeros(17, 64, dtype=torch.bfloat16), q, None) is None  # not decode-sized
+    before = _fp32_precision_state()
+    try:
+        torch.set_float32_matmul_precision("high")  # TF32: cuBLAS rounds the inputs, the fused kernel not
+        assert mnf4._small_m_key(x32, q32, None) is None
+    finally:
+        if before[0] is None:
+            torch.set_float32_matmul_precision("highest")
+        else:
+            torch.backends.fp32_precision = before[1]
+            torch.backends.cuda.matmul.fp32_precision = before[0]
+    assert mnf4._small_m_key(x32, q32, None) is not None
+    monkeypatch.setenv(measure.ENV, "bitsandbytes")
+    mnf4.small_m_linear(x16, q, None)  # pinned, but not offered in bf16: the default runs
+    assert measure.choices(mnf4.small_m_linear)["nf4.small_m_linear"][0]["chosen"] == "dequant"

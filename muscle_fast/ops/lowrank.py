@@ -214,21 +214,11 @@ def _bucket(m: int) -> int:
     return 1 << (m - 1).bit_length() if m > 0 else 0
 
 
-def _fp32_matmul_ieee() -> bool:
-    """Whether torch's fp32 matmuls run in IEEE fp32 (no TF32). torch >= 2.9 has a per-backend setting
-    (``torch.backends.cuda.matmul.fp32_precision``, "none" = the default, IEEE) that HF's
-    ``tf32=True`` sets; once it is set, the legacy getter raises, so it is read first."""
-    new = getattr(torch.backends.cuda.matmul, "fp32_precision", None)
-    if new is not None:
-        return new in ("ieee", "none")
-    return torch.get_float32_matmul_precision() == "highest"
-
-
 def _twin_exact(t: torch.Tensor) -> bool:
     """Whether the cuBLAS twin sums what the kernel sums, in fp32, for operands like ``t``: bf16 products
     written in fp32 (``_fp32_out``; the CPU only in tests, where they are rounded), fp32 without TF32."""
     if t.dtype == torch.float32:
-        return _fp32_matmul_ieee()
+        return measure.fp32_matmul_ieee()
     return t.dtype == torch.bfloat16 and (not t.is_cuda or _fp32_out(t.device))
 
 

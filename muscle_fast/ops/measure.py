@@ -24,7 +24,7 @@ import os
 import statistics
 import time
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from typing import Any
 
 import torch
@@ -75,11 +75,23 @@ def cuda_times(fns: Sequence[Callable[[], object]], reps: int) -> list[float]:
     return [max(d, statistics.median(h)) for d, h in zip(device, host, strict=True)]
 
 
+def fp32_matmul_ieee() -> bool:
+    """Whether torch's fp32 matmuls run in IEEE fp32 (no TF32), as the kernels' fp32 dots do. torch >= 2.9
+    has a per-backend setting (``torch.backends.cuda.matmul.fp32_precision``, "none" = the default,
+    IEEE) that HF's ``tf32=True`` sets; once it is set, the legacy getter raises, so it is read first."""
+    new = getattr(torch.backends.cuda.matmul, "fp32_precision", None)
+    if new is not None:
+        return new in ("ieee", "none")
+    return torch.get_float32_matmul_precision() == "highest"
+
+
 class Measured:
     """A callable that runs the fastest of ``candidates`` (same signature, same result up to rounding).
 
     ``key(*args, **kwargs)`` names what the choice depends on (shapes, dtypes, device), or returns None
-    where only ``default`` may run (e.g. a dropout mask other steps must regenerate). The first
+    where only ``default`` may run (e.g. a dropout mask other steps must regenerate); ``offered`` (same
+    arguments) narrows the candidates where only some compute the same values, and the key must
+    determine its answer. The first
     positional argument is a tensor on the op's device. Off CUDA, and while a CUDA graph is being
     captured on the current stream (nothing may sync), ``default`` runs unmeasured, unless a ``timer``
     is given (tests). A candidate other than the default that raises on its first run is left out
@@ -96,6 +108,7 @@ class Measured:
         *,
         reps: int = 5,
         timer: Timer | None = None,
+        offered: Callable[..., Collection[str]] | None = None,
     ) -> None:
         if default not in candidates:
             raise ValueError(f"{op}: default {default!r} is not one of the candidates {sorted(candidates)}")
@@ -105,6 +118,7 @@ class Measured:
         self.default = default
         self.reps = reps
         self.timer = timer
+        self.offered = offered  # the candidates these arguments allow (all when None); the key decides it
         self.chosen: dict[tuple, str] = {}  # key -> candidate name (measured, or pinned by the env var)
         self.times: dict[tuple, dict[str, float]] = {}  # key -> what the measurement gave (ms)
         self._run: dict[tuple, Callable[..., Any]] = {}  # key -> the chosen candidate itself
@@ -123,9 +137,10 @@ class Measured:
         mode = os.environ.get(ENV) or "measure"
         if mode == "default":
             return self._remember(key, self.default)
+        allowed = self.candidates.keys() if self.offered is None else self.offered(*args, **kwargs)
         if mode != "measure":
             if mode in self.candidates:
-                return self._remember(key, mode)
+                return self._remember(key, mode if mode in allowed else self.default)
             names = sorted({n for m in list(_ALL) for n in m.candidates})
             if mode in names:  # another op's candidate (MUSCLE_FAST_PICK=cublas on a 4-bit dequant)
                 return self._remember(key, self.default)
@@ -134,15 +149,15 @@ class Measured:
         if self.timer is None and device.type != "cuda":
             return self._remember(key, self.default)
         if device.type != "cuda":
-            return self._measure(key, args, kwargs)
+            return self._measure(key, args, kwargs, allowed)
         with torch.cuda.device(device):
             if torch.cuda.is_current_stream_capturing():
                 return self.default  # not remembered: measured on the first call outside a capture
-            return self._measure(key, args, kwargs)
+            return self._measure(key, args, kwargs, allowed)
 
-    def _measure(self, key: tuple, args: tuple, kwargs: dict) -> str:
+    def _measure(self, key: tuple, args: tuple, kwargs: dict, allowed: Collection[str]) -> str:
         names, fns = [], []
-        for name in (self.default, *(n for n in self.candidates if n != self.default)):
+        for name in (self.default, *(n for n in self.candidates if n != self.default and n in allowed)):
             fn = self._bound(name, args, kwargs)
             try:
                 fn()  # warm-up: compile, autotune, allocate

@@ -574,8 +574,8 @@ _dequantize_into = measure.Measured(
 
 
 #: Input rows up to which ``backend="auto"`` measures a 4-bit base's forward (decode-sized batches) among
-#: dequantize + cuBLAS, our fused ``matmul_4bit`` and bitsandbytes' ``matmul_4bit`` (its GEMV at one
-#: row); above it the weight is dequantized and the GEMM is cuBLAS's (tensor-core bound).
+#: dequantize + cuBLAS, our fused ``matmul_4bit`` and, in fp32, bitsandbytes' ``matmul_4bit``; above it
+#: the weight is dequantized and the GEMM is cuBLAS's (tensor-core bound).
 SMALL_M_MAX = 16
 
 
@@ -592,7 +592,8 @@ def _linear_fused(x2: torch.Tensor, module: nn.Module, bias: torch.Tensor | None
 
 
 def _linear_bitsandbytes(x2: torch.Tensor, module: nn.Module, bias: torch.Tensor | None) -> torch.Tensor:
-    """bitsandbytes' own 4-bit matmul (its fused GEMV at one row), as ``Linear4bit.forward`` calls it."""
+    """bitsandbytes' own 4-bit matmul (its ``gemm_4bit``: a custom kernel at a few rows), as
+    ``Linear4bit.forward`` calls it."""
     import bitsandbytes as bnb
 
     w = standard_4bit_weight(module)
@@ -600,17 +601,34 @@ def _linear_bitsandbytes(x2: torch.Tensor, module: nn.Module, bias: torch.Tensor
 
 
 def _small_m_key(x2: torch.Tensor, module: nn.Module, bias: torch.Tensor | None) -> tuple | None:
-    """Measured only where all three read the weight alike (``_dequant_key``: bitsandbytes' conditions)
-    and the fused kernel runs (an even K)."""
+    """Measured where the candidates compute the same sums: the fused kernel runs (an even K), fp32 only
+    while TF32 is off (cuBLAS would round the inputs, the fused kernel does not), and the state reads
+    alike (``_dequant_key``). The key carries what ``_small_m_offered`` decides on."""
     m = x2.shape[0]
     if not 0 < m <= SMALL_M_MAX or x2.shape[1] % 2:
         return None
+    if x2.dtype == torch.float32 and not measure.fp32_matmul_ieee():
+        return None
     w = standard_4bit_weight(module)
-    base = _dequant_key(w.data, module, w.quant_state, x2.dtype, x2)
-    return None if base is None else (*base, 1 << (m - 1).bit_length(), bias is not None)
+    qs = w.quant_state
+    base = _dequant_key(w.data, module, qs, x2.dtype, x2)
+    if base is None:
+        return None
+    blocksize2 = None if qs.state2 is None else qs.state2.blocksize
+    return (*base, blocksize2, 1 << (m - 1).bit_length(), bias is not None)
 
 
-#: A 4-bit base's forward on up to ``SMALL_M_MAX`` rows in ``backend="auto"``: whichever of the three
+def _small_m_offered(x2: torch.Tensor, module: nn.Module, bias: torch.Tensor | None) -> tuple[str, ...]:
+    """bitsandbytes' small-M kernel rounds the weight's code and absmax and every product to a 16-bit
+    compute dtype, which ours do not (about 1 ulp off in bf16), and refuses a second-level blocksize
+    other than 256: it is offered in fp32 only, with that blocksize."""
+    qs = standard_4bit_weight(module).quant_state
+    if x2.dtype == torch.float32 and (qs.state2 is None or qs.state2.blocksize == 256):
+        return ("dequant", "fused", "bitsandbytes")
+    return ("dequant", "fused")
+
+
+#: A 4-bit base's forward on up to ``SMALL_M_MAX`` rows in ``backend="auto"``: whichever candidate
 #: measured fastest per weight shape and row bucket (the same products; fp32 accumulation in each, in
 #: another order). The default, dequantize + cuBLAS, is what larger inputs run.
 small_m_linear = measure.Measured(
@@ -618,6 +636,7 @@ small_m_linear = measure.Measured(
     {"dequant": _linear_dequant, "fused": _linear_fused, "bitsandbytes": _linear_bitsandbytes},
     _small_m_key,
     "dequant",
+    offered=_small_m_offered,
 )
 
 
