@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 
 import pytest
@@ -128,6 +129,26 @@ def _fp32_precision_state() -> tuple:
     return (getattr(m, "fp32_precision", None), getattr(torch.backends, "fp32_precision", None))
 
 
+@contextlib.contextmanager
+def _tf32(api: str = "legacy"):
+    """TF32 allowed through one of torch's APIs inside the block, the settings restored after."""
+    before = _fp32_precision_state()
+    try:
+        if api == "legacy":
+            torch.set_float32_matmul_precision("high")
+        elif api == "per-backend":
+            torch.backends.cuda.matmul.fp32_precision = "tf32"
+        else:
+            torch.backends.fp32_precision = "tf32"
+        yield
+    finally:
+        if before[0] is None:
+            torch.set_float32_matmul_precision("highest")
+        else:
+            torch.backends.fp32_precision = before[1]
+            torch.backends.cuda.matmul.fp32_precision = before[0]
+
+
 @pytest.mark.parametrize("api", ["legacy", "per-backend", "global"])
 def test_fp32_twins_only_without_tf32(api):
     """With TF32 allowed (HF's tf32=True), cuBLAS's fp32 GEMMs round their inputs to 10 bits and the
@@ -136,23 +157,11 @@ def test_fp32_twins_only_without_tf32(api):
     if api != "legacy" and _fp32_precision_state()[0] is None:
         pytest.skip("this torch has no fp32_precision setting")
     x, A, s = torch.zeros(8, 4), torch.zeros(2, 4), torch.ones(2)
-    before = _fp32_precision_state()
-    try:
-        assert lowrank._shrink_key(x, A, s) is not None
-        if api == "legacy":
-            torch.set_float32_matmul_precision("high")
-        elif api == "per-backend":
-            torch.backends.cuda.matmul.fp32_precision = "tf32"
-        else:
-            torch.backends.fp32_precision = "tf32"
+    assert lowrank._shrink_key(x, A, s) is not None
+    with _tf32(api):
         assert lowrank._shrink_key(x, A, s) is None
         assert lowrank._grad_A_key(torch.zeros(8, 2), x) is None
-    finally:
-        if before[0] is None:
-            torch.set_float32_matmul_precision("highest")
-        else:
-            torch.backends.fp32_precision = before[1]
-            torch.backends.cuda.matmul.fp32_precision = before[0]
+    assert lowrank._shrink_key(x, A, s) is not None
 
 
 def test_twins_run_outside_autocast():
@@ -434,7 +443,6 @@ def test_cuda_times_logic_with_a_fake_device(monkeypatch, pending):
 def test_no_measuring_while_a_cuda_graph_is_captured(monkeypatch):
     """During capture nothing may sync: the default runs, unremembered, and the first call after the
     capture measures (a stand-in CUDA input: the device is all the op looks at)."""
-    import contextlib
     from types import SimpleNamespace
 
     capturing = [True]
@@ -494,18 +502,25 @@ def test_the_4bit_layer_measures_its_dequantization_in_auto(device, monkeypatch)
     timer = FakeTimer([2.0, 1.0])
     if not CUDA:  # on a GPU the real measurement decides
         monkeypatch.setattr(mnf4._dequantize_into, "timer", timer)
-    x = torch.randn(24, 64, device=device)  # more than SMALL_M_MAX rows: dequantize + cuBLAS
+    _kernels_and_auto_agree(m, torch.randn(24, 64, device=device))  # > SMALL_M_MAX: dequantize + cuBLAS
+    (row,) = measure.choices(mnf4._dequantize_into)["nf4.dequantize_weight"]
+    if not CUDA:
+        assert row["chosen"] == "bitsandbytes" and timer.calls == 1
+
+
+def _kernels_and_auto_agree(m: MuScleLinear, x: torch.Tensor, before_auto=lambda: None) -> None:
+    """The layer's output and input gradient under triton_ops and under accumulate_ops (what "auto" runs
+    on CUDA) agree to fp32 rounding (the low-rank path differs: accumulate order, rounded S);
+    ``before_auto`` runs between the two."""
     outs = []
     for ops in (lowrank.triton_ops(), lowrank.accumulate_ops()):
+        if ops.measured:
+            before_auto()
         xi = x.clone().requires_grad_(True)
         args = (m.lora_A, m.lora_B, m.scaling * m.scale_vector, m.base, m.kind, ops, 0.0, 0, None, m)
         y = lowrank.MuScleLinearFunction.apply(xi, *args)
         y.backward(torch.ones_like(y))
         outs.append((y.detach(), xi.grad))
-    (row,) = measure.choices(mnf4._dequantize_into)["nf4.dequantize_weight"]
-    if not CUDA:
-        assert row["chosen"] == "bitsandbytes" and timer.calls == 1
-    # the same weight bits; the low-rank path differs (accumulate order, rounded S): fp32 rounding only
     torch.testing.assert_close(outs[1][0], outs[0][0], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(outs[1][1], outs[0][1], rtol=1e-5, atol=1e-5)
 
@@ -534,18 +549,11 @@ def test_decode_sized_4bit_forward_runs_the_fastest_4bit_matmul(winner, device, 
 
         monkeypatch.setitem(mnf4.small_m_linear.candidates, name, counted)
     for rows in (3, 40):
-        x = torch.randn(rows, 64, device=device)
-        outs = []
-        for ops in (lowrank.triton_ops(), lowrank.accumulate_ops()):
-            xi = x.clone().requires_grad_(True)
-            args = (m.lora_A, m.lora_B, m.scaling * m.scale_vector, m.base, m.kind, ops, 0.0, 0, None, m)
-            y = lowrank.MuScleLinearFunction.apply(xi, *args)
-            y.backward(torch.ones_like(y))
-            outs.append((y.detach(), xi.grad))
-            if not ops.measured:
-                assert ran == []  # backend "triton" never measures
-        torch.testing.assert_close(outs[1][0], outs[0][0], rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(outs[1][1], outs[0][1], rtol=1e-5, atol=1e-5)
+
+        def triton_never_measures():
+            assert ran == []
+
+        _kernels_and_auto_agree(m, torch.randn(rows, 64, device=device), triton_never_measures)
         if rows == 3:
             assert ran[-1] == winner  # the last run is the chosen one alone
             if not CUDA:  # the warm-up ran each candidate once
@@ -568,16 +576,8 @@ def test_bitsandbytes_small_m_matmul_only_in_fp32(monkeypatch):
     assert mnf4._small_m_offered(x32, q32, None) == ("dequant", "fused", "bitsandbytes")
     assert mnf4._small_m_key(x16, q, None) is not None
     assert mnf4._small_m_key(torch.zeros(17, 64, dtype=torch.bfloat16), q, None) is None  # not decode-sized
-    before = _fp32_precision_state()
-    try:
-        torch.set_float32_matmul_precision("high")  # TF32: cuBLAS rounds the inputs, the fused kernel not
+    with _tf32():  # cuBLAS would round the inputs, the fused kernel does not
         assert mnf4._small_m_key(x32, q32, None) is None
-    finally:
-        if before[0] is None:
-            torch.set_float32_matmul_precision("highest")
-        else:
-            torch.backends.fp32_precision = before[1]
-            torch.backends.cuda.matmul.fp32_precision = before[0]
     assert mnf4._small_m_key(x32, q32, None) is not None
     monkeypatch.setenv(measure.ENV, "bitsandbytes")
     mnf4.small_m_linear(x16, q, None)  # pinned, but not offered in bf16: the default runs
