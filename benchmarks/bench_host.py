@@ -183,7 +183,6 @@ def test_host_align(benchmark, monkeypatch: pytest.MonkeyPatch) -> None:
     from muscle_fast.align import GradientAligner
 
     monkeypatch.delenv("MUSCLE_FAST_BACKEND", raising=False)
-    monkeypatch.setenv("MUSCLE_FAST_PICK", "default")  # time the Triton launchers, never a measured twin
     if not CUDA:
         monkeypatch.setattr(common, "INTERPRET", True)
     monkeypatch.setattr(kalign, "_align_stats_kernel", _NoLaunch())

@@ -576,7 +576,7 @@ def test_from_pretrained_bitsandbytes_4bit(tmp_path, device):
 def test_4bit_weight_repacked_by_bnb_cpu_inference_still_dequantizes(nested):
     """bnb's CPU eval shortcut repacks weights in place; a layer patched after that must still be right,
     with double quantization (bitsandbytes' default) or without (HF's BitsAndBytesConfig default, whose
-    absmax bnb's inverse leaves transposed in bf16: 11 % off before, where K spans several blocks as in
+    absmax bnb's inverse leaves transposed in bf16, which shows where K spans several blocks, as in
     down_proj here), whether MuScleLinear wraps it (q_proj) or not (down_proj)."""
     pytest.importorskip("bitsandbytes")
     model = quantize_linears_4bit(tiny_model("llama", **LLAMA_4BIT), nested=nested)

@@ -209,11 +209,6 @@ def triton_ops() -> LowRankOps:
     )
 
 
-def _bucket(m: int) -> int:
-    """Rows rounded up to a power of two: the M key of the kernels' autotuner and of the choice below."""
-    return 1 << (m - 1).bit_length() if m > 0 else 0
-
-
 def _twin_exact(t: torch.Tensor) -> bool:
     """Whether the cuBLAS twin sums what the kernel sums, in fp32, for operands like ``t``: bf16 products
     written in fp32 (``_fp32_out``; the CPU only in tests, where they are rounded), fp32 without TF32."""
@@ -226,21 +221,21 @@ def _shrink_key(x: torch.Tensor, A: torch.Tensor, scale: torch.Tensor, *, dropou
                 seed: int = 0) -> tuple | None:  # fmt: skip
     if dropout_p > 0.0 or not _twin_exact(x):  # the dropout mask lives in the kernels
         return None
-    return (x.device, x.dtype, A.dtype, _bucket(x.shape[0]), x.shape[1], A.shape[0])
+    return (x.device, x.dtype, A.dtype, measure.bucket(x.shape[0]), x.shape[1], A.shape[0])
 
 
 def _dS_dB_key(dY: torch.Tensor, B: torch.Tensor, S: torch.Tensor, scale: torch.Tensor, *,
                row_split: int | None = None) -> tuple | None:  # fmt: skip
     if S.dtype != dY.dtype or not _twin_exact(dY):  # an fp32 S (4-bit fused forward): the kernel's hi + lo
         return None
-    return (dY.device, dY.dtype, _bucket(dY.shape[0]), dY.shape[1], B.shape[1], row_split is None)
+    return (dY.device, dY.dtype, measure.bucket(dY.shape[0]), dY.shape[1], B.shape[1], row_split is None)
 
 
 def _grad_A_key(dS: torch.Tensor, x: torch.Tensor, *, row_split: int | None = None, dropout_p: float = 0.0,
                 seed: int = 0) -> tuple | None:  # fmt: skip
     if dropout_p > 0.0 or dS.dtype != x.dtype or not _twin_exact(x):
         return None
-    return (x.device, x.dtype, _bucket(x.shape[0]), x.shape[1], dS.shape[1], row_split is None)
+    return (x.device, x.dtype, measure.bucket(x.shape[0]), x.shape[1], dS.shape[1], row_split is None)
 
 
 def _no_autocast(fn: Callable[..., Any]) -> Callable[..., Any]:

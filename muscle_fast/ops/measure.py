@@ -75,6 +75,11 @@ def cuda_times(fns: Sequence[Callable[[], object]], reps: int) -> list[float]:
     return [max(d, statistics.median(h)) for d, h in zip(device, host, strict=True)]
 
 
+def bucket(rows: int) -> int:
+    """Rows rounded up to a power of two (0 for 0): the M of a choice's key, as of the kernels' autotuner."""
+    return 1 << (rows - 1).bit_length() if rows > 0 else 0
+
+
 def fp32_matmul_ieee() -> bool:
     """Whether torch's fp32 matmuls run in IEEE fp32 (no TF32), as the kernels' fp32 dots do. torch >= 2.9
     has a per-backend setting (``torch.backends.cuda.matmul.fp32_precision``, "none" = the default,
@@ -91,12 +96,11 @@ class Measured:
     ``key(*args, **kwargs)`` names what the choice depends on (shapes, dtypes, device), or returns None
     where only ``default`` may run (e.g. a dropout mask other steps must regenerate); ``offered`` (same
     arguments) narrows the candidates where only some compute the same values, and the key must
-    determine its answer. The first
-    positional argument is a tensor on the op's device. Off CUDA, and while a CUDA graph is being
-    captured on the current stream (nothing may sync), ``default`` runs unmeasured, unless a ``timer``
-    is given (tests). A candidate other than the default that raises on its first run is left out
-    (logged); the default's error is raised. Measuring syncs the device: not while another thread
-    captures a CUDA graph in global mode.
+    determine its answer. The first positional argument is a tensor on the op's device. Off CUDA, and
+    while a CUDA graph is being captured on the current stream (nothing may sync), ``default`` runs
+    unmeasured, unless a ``timer`` is given (tests). A candidate other than the default that raises on
+    its first run is left out (logged); the default's error is raised. Measuring syncs the device: not
+    while another thread captures a CUDA graph in global mode.
     """
 
     def __init__(
@@ -121,17 +125,14 @@ class Measured:
         self.offered = offered  # the candidates these arguments allow (all when None); the key decides it
         self.chosen: dict[tuple, str] = {}  # key -> candidate name (measured, or pinned by the env var)
         self.times: dict[tuple, dict[str, float]] = {}  # key -> what the measurement gave (ms)
-        self._run: dict[tuple, Callable[..., Any]] = {}  # key -> the chosen candidate itself
         _ALL.add(self)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         key = self.key(*args, **kwargs)
         if key is None:
             return self.candidates[self.default](*args, **kwargs)
-        fn = self._run.get(key)
-        if fn is None:
-            fn = self.candidates[self._choose(key, args, kwargs)]
-        return fn(*args, **kwargs)
+        name = self.chosen.get(key) or self._choose(key, args, kwargs)
+        return self.candidates[name](*args, **kwargs)
 
     def _choose(self, key: tuple, args: tuple, kwargs: dict) -> str:
         mode = os.environ.get(ENV) or "measure"
@@ -185,7 +186,6 @@ class Measured:
         if len(self.chosen) >= 4096:  # a few keys per layer shape in practice; bound it anyway
             self.forget()
         self.chosen[key] = name
-        self._run[key] = self.candidates[name]
         if times is not None:
             self.times[key] = times
         return name
@@ -194,7 +194,6 @@ class Measured:
         """Drop every remembered choice (the next call of each key chooses again)."""
         self.chosen.clear()
         self.times.clear()
-        self._run.clear()
 
 
 _ALL: weakref.WeakSet[Measured] = weakref.WeakSet()

@@ -615,7 +615,7 @@ def _small_m_key(x2: torch.Tensor, module: nn.Module, bias: torch.Tensor | None)
     if base is None:
         return None
     blocksize2 = None if qs.state2 is None else qs.state2.blocksize
-    return (*base, blocksize2, 1 << (m - 1).bit_length(), bias is not None)
+    return (*base, blocksize2, measure.bucket(m), bias is not None)
 
 
 def _small_m_offered(x2: torch.Tensor, module: nn.Module, bias: torch.Tensor | None) -> tuple[str, ...]:
