@@ -37,9 +37,11 @@ else:
 # Triton kernel or its cuBLAS twin, whichever measured faster: extra_info "picked"); ours-triton: all
 # five Triton kernels; ours-torch: the torch path (cuBLAS, read-modify-write of the low-rank terms);
 # ours-torch-accumulate: the torch path in the accumulate order (all cuBLAS); ours-auto-mslr4:
-# ours-auto as MSLR, 4 scales of rank R/4 (issue #15: within 3 % of LoRA rank R)
+# ours-auto as MSLR, 4 scales of rank R/4 (issue #15: within 3 % of LoRA rank R); ours-fused: ours-auto
+# with the frozen GEMMs pinned to the fused Triton GEMM (csrc_triton/lowrank_linear.py) and the
+# reductions to their Triton kernels (MUSCLE_FAST_PICK=fused)
 IMPLS = ["base", "peft", "addmm", "ours-auto", "ours-auto-mslr4", "ours-torch"]
-IMPLS += ["ours-triton", "ours-torch-accumulate"] if CUDA else []
+IMPLS += ["ours-triton", "ours-torch-accumulate", "ours-fused"] if CUDA else []
 MODES = ["fwd", "bwd", "fwdbwd"]
 
 
@@ -87,13 +89,31 @@ def _make(impl: str, k: int, n: int, r: int) -> Callable[[torch.Tensor], torch.T
         mod = nn.Module()
         mod.A, mod.B = A, B
         return lambda x: _AddmmLoRA.apply(x, base.weight, A, B, 2.0)
-    if impl == "ours-auto":  # exactly what a user gets: MuScleLinear's default backend and adapter dtype
+    if impl in ("ours-auto", "ours-fused"):  # what a user gets: MuScleLinear's default backend and dtypes
         return MuScleLinear(base, (1.0,), r, 2.0 * r, init_B="kaiming")
     if impl == "ours-auto-mslr4":  # the same total rank R as 4 scales of R/4
         return MuScleLinear(base, (1.0, 2.0, 3.0, 4.0), r // 4, 2.0 * r, init_B="kaiming")
     backend = "torch" if impl.startswith("ours-torch") else "triton"
     m = MuScleLinear(base, (1.0,), r, 2.0 * r, init_B="kaiming", backend=backend)
     return m
+
+
+@pytest.fixture
+def pin_fused(monkeypatch: pytest.MonkeyPatch):
+    """Calling it pins ``MUSCLE_FAST_PICK=fused`` for this test; the choices made under it are dropped
+    before and after, so that ours-auto's measured choices are neither reused nor overwritten."""
+    from muscle_fast.ops import measure
+
+    pinned = []
+
+    def pin() -> None:
+        monkeypatch.setenv("MUSCLE_FAST_PICK", "fused")
+        measure.forget_all()
+        pinned.append(True)
+
+    yield pin
+    if pinned:
+        measure.forget_all()
 
 
 @pytest.fixture
@@ -119,10 +139,12 @@ def _sync() -> None:
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"M{s[0]}-K{s[1]}-N{s[2]}-R{s[3]}")
-def test_lowrank(benchmark, accumulate_torch, shape, impl, mode):
+def test_lowrank(benchmark, accumulate_torch, pin_fused, shape, impl, mode):
     m_, k, n, r = shape
     if impl == "ours-torch-accumulate":
         accumulate_torch()
+    if impl == "ours-fused":
+        pin_fused()
     layer = _make(impl, k, n, r)
     x = torch.randn(m_, k, device=DEVICE, dtype=DTYPE, requires_grad=True)
     gy = torch.randn(m_, n, device=DEVICE, dtype=DTYPE)
@@ -177,19 +199,21 @@ def test_lowrank(benchmark, accumulate_torch, shape, impl, mode):
         benchmark.pedantic(fwdbwd, rounds=rounds, iterations=1)
     if CUDA:
         benchmark.extra_info["peak_mem_bytes"] = torch.cuda.max_memory_allocated() - base_mem
-    if impl.startswith("ours-auto"):  # which reductions "auto" measured faster: Triton or cuBLAS
+    if impl.startswith("ours-auto"):  # what "auto" measured faster per step: Triton or cuBLAS
         from muscle_fast.ops import lowrank
 
         benchmark.extra_info["picked"] = lowrank.measured_choices()
 
 
 @pytest.mark.skipif(not CUDA, reason="the Triton path on CUDA; the interpreter tests cover the CPU")
-@pytest.mark.parametrize("impl", ["ours-triton", "ours-auto", "ours-torch-accumulate"])
+@pytest.mark.parametrize("impl", ["ours-triton", "ours-auto", "ours-torch-accumulate", "ours-fused"])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"M{s[0]}-K{s[1]}-N{s[2]}-R{s[3]}")
-def test_triton_matches_torch_at_benchmark_shape(accumulate_torch, shape, impl):
+def test_triton_matches_torch_at_benchmark_shape(accumulate_torch, pin_fused, shape, impl):
     """The autotuned kernels (the configs the timings above use) and the accumulate order against the
     torch path, fwd and grads."""
     m_, k, n, r = shape
+    if impl == "ours-fused":
+        pin_fused()
     ref = _make("ours-torch", k, n, r)
     ours = _make(impl, k, n, r)
     ours.load_state_dict(ref.state_dict())

@@ -76,6 +76,20 @@ CONFIGS: dict[str, dict[str, list[Config]]] = {
         "untuned": [_c(8, 2, BLOCK_M=64, BLOCK_K=64)],
         "interpret": [_c(4, 1, BLOCK_M=32, BLOCK_K=32)],
     },
+    # -- the frozen GEMM with the low-rank term fused (lowrank_linear.py): the Hopper tiles of Triton's
+    # matmul tutorial. Shared memory is num_stages x (BLOCK_M + BLOCK_N) x BLOCK_K 16-bit operands plus the
+    # BLOCK_M x BLOCK_N output tile the TMA store goes through: 208 KiB at 128 x 256 x 64 in 3 stages.
+    "lowrank.linear": {
+        "gpu": [
+            _c(8, 3, BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8),
+            _c(8, 4, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8),
+            _c(4, 4, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8),
+            _c(8, 3, BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8),
+            _c(4, 4, BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8),
+        ],
+        "untuned": [_c(8, 3, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8)],
+        "interpret": [_c(4, 1, BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=2)],
+    },
     # -- NF4 / FP4 dequantization (nf4.py): WORDS = 32 * num_warps (one 4-byte word, 8 values, per
     # thread and tile: the layout that needs no shared memory), ITERS tiles per program. The small
     # programs keep the SMs busy on small weights (a 576 x 576 weight is 41 programs of 8192 values).
@@ -160,10 +174,12 @@ def meta(config: Config) -> dict[str, Any]:
     return {k: v for k, v in config.items() if k.isupper()}
 
 
-def triton_configs(kernel: str) -> list[Any]:
-    """``triton.Config`` objects for ``@triton.autotune``."""
+def triton_configs(kernel: str, pre_hook: Any = None) -> list[Any]:
+    """``triton.Config`` objects for ``@triton.autotune``; ``pre_hook`` runs before each launch with the
+    config's arguments (e.g. to give TMA descriptors the config's block shape)."""
     import triton
 
     return [
-        triton.Config(meta(c), num_warps=c["num_warps"], num_stages=c["num_stages"]) for c in configs(kernel)
+        triton.Config(meta(c), num_warps=c["num_warps"], num_stages=c["num_stages"], pre_hook=pre_hook)
+        for c in configs(kernel)
     ]

@@ -456,7 +456,49 @@ def gaussian_cases(full: bool) -> list[Case]:
     return cases
 
 
-ALL = {"lowrank": lowrank_cases, "nf4": nf4_cases, "align": align_cases, "gaussian": gaussian_cases}
+def linear_cases(full: bool) -> list[Case]:
+    """The fused frozen GEMM: P, Q and the output as TMA descriptors whose block shapes follow the config
+    (``lowrank_linear._set_blocks``); Q as the Linear weight (N, K) rows (forward) or as given (dX)."""
+    import triton.language as tl
+
+    cases: list[Case] = []
+    dts = DTYPES if full else ("bf16", "fp16")  # fp32 (IEEE dots) is not what "auto" runs on the GPU
+    for dt, r, trans, c in itertools.product(dts, (16, 64), (True, False), _configs("lowrank.linear")):
+        bm, bn, bk = c["BLOCK_M"], c["BLOCK_N"], c["BLOCK_K"]
+        q = [bn, bk] if trans else [bk, bn]
+        types = dict(
+            p_desc=f"tensordesc<{dt}[{bm}, {bk}]>",
+            q_desc=f"tensordesc<{dt}[{q[0]}, {q[1]}]>",
+            out_desc=f"tensordesc<{dt}[{bm}, {bn}]>",
+            u_ptr="*" + dt, v_ptr="*" + dt, bias_ptr="*" + dt,
+            M="i32", N="i32", K="i32", R="i32", M_BUCKET="i32",
+            stride_um="i32", stride_ur="1",
+            **(dict(stride_vr="1", stride_vn="i32") if trans else dict(stride_vr="i32", stride_vn="1")),
+        )  # fmt: skip
+        out = getattr(tl, TORCH_DTYPE[dt])
+        consts = dict(BLOCK_R=r, TRANS_Q=trans, HAS_BIAS=trans, F32_DOT=dt == "fp32", OUT_DTYPE=out)
+        cases.append(
+            _case(
+                "lowrank.linear",
+                "lowrank_linear:_linear_lowrank_kernel",
+                f"{dt} R{r} {'fwd' if trans else 'dx'}",
+                types,
+                consts,
+                c,
+                dtype=dt,
+                R=r,
+            )
+        )
+    return cases
+
+
+ALL = {
+    "lowrank": lowrank_cases,
+    "linear": linear_cases,
+    "nf4": nf4_cases,
+    "align": align_cases,
+    "gaussian": gaussian_cases,
+}
 
 _PTXAS = re.compile(
     r"Function properties for (\w+)\s+(\d+) bytes stack frame, (\d+) bytes spill stores, "
@@ -471,6 +513,7 @@ _SHARED_OP = re.compile(r"^\s*(?:@%p\d+\s+)?(?:ld|st)\.shared\b", re.M)
 _ST_V4 = re.compile(r"^\s*(?:@%p\d+\s+)?st\.global(?:\.\w+)*\.v4\.", re.M)
 _WGMMA = re.compile(r"^\s*(?:@%p\d+\s+)?wgmma\.mma_async\b", re.M)  # Hopper warpgroup MMA
 _MMA_SYNC = re.compile(r"^\s*(?:@%p\d+\s+)?mma\.sync\b", re.M)  # Ampere-style warp MMA
+_TMA = re.compile(r"^\s*(?:@%p\d+\s+)?cp\.async\.bulk\.tensor\b", re.M)  # Hopper TMA bulk copies
 # Float atomics with acquire/release ordering (Triton's default sem): a partial-sum accumulation needs
 # none, and the relaxed form is a fire-and-forget ``red`` (vectorised where the layout allows).
 _ORDERED_FLOAT_ATOMIC = re.compile(
@@ -538,6 +581,7 @@ def compile_case(case: Case) -> dict:
         # (layout conversions and reductions go through shared memory), 16-byte global stores.
         barriers=len(_BAR.findall(ptx)), shared_ops=len(_SHARED_OP.findall(ptx)),
         st_v4=len(_ST_V4.findall(ptx)), wgmma=len(_WGMMA.findall(ptx)), mma_sync=len(_MMA_SYNC.findall(ptx)),
+        tma=len(_TMA.findall(ptx)),
         ordered_float_atomics=len(_ORDERED_FLOAT_ATOMIC.findall(ptx)),
     )  # fmt: skip
 
@@ -546,6 +590,8 @@ def _ci(c: Case) -> bool:
     """The CI subset: every config at least once, at the variants that measured heaviest (fp16 is
     heavier than bf16 everywhere: three tensor-core dots instead of two; fp32 takes the FMA path)."""
     k, label, dt = c["kernel"], c["label"], c["dtype"]
+    if k == "lowrank.linear":  # bf16 (what "auto" offers it for) at R 64, forward and dX
+        return dt == "bf16" and c["R"] == 64
     if k.startswith("lowrank."):
         # R 64 in fp16 and fp32; bf16 at R 16 (warp-level MMA there) and backend "auto"'s reductions
         # with rounded S / dS ("s16")

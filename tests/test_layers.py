@@ -18,8 +18,11 @@ from muscle_fast.ops.lowrank import MuScleLinearFunction, get_ops
 # "accumulate": what backend "auto" runs on CUDA (lowrank.accumulate_ops: the low-rank M x N terms by
 # cuBLAS, the base GEMM accumulating into them; each reduction measured between its Triton kernel and
 # its cuBLAS twin, which is the Triton kernel off CUDA); "accumulate-cublas": the same with every
-# reduction pinned to its cuBLAS twin (MUSCLE_FAST_PICK=cublas). Forced on the CPU under the interpreter.
-BACKENDS = ["torch", "triton", "accumulate", "accumulate-cublas"]
+# reduction pinned to its cuBLAS twin (MUSCLE_FAST_PICK=cublas); "accumulate-fused": the frozen GEMMs
+# with their low-rank terms pinned to the fused Triton GEMM where it takes the operands (bf16, 16-byte
+# rows; MUSCLE_FAST_PICK=fused). Forced on the CPU under the interpreter.
+BACKENDS = ["torch", "triton", "accumulate", "accumulate-cublas", "accumulate-fused"]
+PICKS = {"accumulate-cublas": "cublas", "accumulate-fused": "fused"}
 
 
 def _backend(name: str) -> str:
@@ -44,8 +47,8 @@ def _accumulate_on_cpu(request: pytest.FixtureRequest, monkeypatch: pytest.Monke
     if not isinstance(name, str) or not name.startswith("accumulate"):
         yield
         return
-    if name == "accumulate-cublas":
-        monkeypatch.setenv("MUSCLE_FAST_PICK", "cublas")
+    if name in PICKS:
+        monkeypatch.setenv("MUSCLE_FAST_PICK", PICKS[name])
     if not torch.cuda.is_available():
 
         def get(backend: str, device: torch.device, dtype: torch.dtype | None = None) -> lowrank.LowRankOps:
@@ -54,16 +57,15 @@ def _accumulate_on_cpu(request: pytest.FixtureRequest, monkeypatch: pytest.Monke
 
         monkeypatch.setattr(layers, "get_ops", get)
     yield
+    choices = lowrank.measured_choices()
     if name == "accumulate-cublas":
-        chosen = [
-            r["chosen"]
-            for op, rows in lowrank.measured_choices().items()
-            if op.startswith("lowrank")
-            for r in rows
-        ]
+        chosen = [r["chosen"] for op, rows in choices.items() if op.startswith("lowrank") for r in rows]
         assert set(chosen) <= {"cublas"}, chosen
         if spec.params.get("dtype", torch.float32) in (torch.float32, torch.bfloat16):
             assert chosen, "no reduction ran its cuBLAS twin"
+    if name == "accumulate-fused":
+        gemms = [r["chosen"] for op in ("lowrank.linear", "lowrank.linear_dx") for r in choices[op]]
+        assert set(gemms) <= {"fused"}, gemms
 
 
 # Relative to the output's max magnitude: fp32 rounding of K-term sums; bf16 has an 8-bit mantissa.
@@ -122,6 +124,7 @@ CASES = [  # (kind, leading shape, K, N, scales, r)
     ("conv1d", (3, 5), 48, 144, (1.0, 2.0, 3.0, 4.0), 1),
     ("linear", (1,), 1, 17, (1.0,), 8),
     ("linear", (0,), 16, 8, (1.0, 2.0), 2),
+    ("linear", (3, 13), 40, 24, (1.0, 2.0), 3),  # 16-byte rows in bf16: the fused GEMM's operands
 ]
 
 
@@ -485,3 +488,22 @@ def test_accumulate_input_grad_under_autocast_keeps_the_compute_dtype():
         dX = lowrank.input_grad(ops, dY, W, dS, A, 0.0, 0)
     assert dX.dtype == torch.float32
     torch.testing.assert_close(dX, dY @ W + dS @ A)
+
+
+@pytest.mark.parametrize("backend", ["accumulate-fused"])
+@pytest.mark.parametrize("kind", ["linear", "conv1d"])
+def test_the_fused_gemm_runs_where_its_operands_fit(kind, backend, device):
+    """In bf16 with 16-byte rows the pinned fused GEMM computes the forward and dX (W read as Linear's
+    (N, K) rows or Conv1D's (K, N) rows); 18-byte rows (K = 9) leave both to the cuBLAS composition."""
+    m = _make(kind, 40, 24, (1.0, 2.0), 3, device, torch.bfloat16, backend)
+    x = torch.randn(2, 13, 40, device=device, dtype=torch.bfloat16, requires_grad=True)
+    m(x).backward(torch.randn(2, 13, 24, device=device, dtype=torch.bfloat16))
+    choices = lowrank.measured_choices()
+    for op in ("lowrank.linear", "lowrank.linear_dx"):
+        assert [r["chosen"] for r in choices[op]] == ["fused"], (op, choices[op])
+    lowrank.measure.forget_all()
+    odd = _make(kind, 9, 24, (1.0,), 2, device, torch.bfloat16, backend)
+    xo = torch.randn(5, 9, device=device, dtype=torch.bfloat16, requires_grad=True)
+    odd(xo).backward(torch.randn(5, 24, device=device, dtype=torch.bfloat16))
+    choices = lowrank.measured_choices()
+    assert choices["lowrank.linear"] == choices["lowrank.linear_dx"] == []

@@ -178,6 +178,10 @@ class LowRankOps(NamedTuple):
     kernels: bool
     accumulate: bool = False
     measured: bool = False  # "auto": pick our kernels or the library's per shape (accumulate_ops)
+    # With ``accumulate``: y = x W^T + b + S B^T and dX = dY W + dS A from the rounded S / dS, by the
+    # cuBLAS composition (``compose_linear``, ``compose_dx``) or, where measured faster, one fused GEMM.
+    linear: Callable[..., torch.Tensor] | None = None
+    linear_dx: Callable[..., torch.Tensor] | None = None
 
 
 TORCH_OPS = LowRankOps(
@@ -252,6 +256,62 @@ def _no_autocast(fn: Callable[..., Any]) -> Callable[..., Any]:
     return run
 
 
+def compose_linear(x2: torch.Tensor, W: torch.Tensor, bias: torch.Tensor | None, Sc: torch.Tensor,
+                   Bc: torch.Tensor) -> torch.Tensor:  # fmt: skip
+    """y = x2 @ W^T + (bias + Sc @ Bc^T) by cuBLAS: the low-rank term first (K = R, written once), then the
+    frozen GEMM accumulating into it (beta = 1) instead of a read-modify-write ``expand_`` pass."""
+    y = torch.mm(Sc, Bc.t()) if bias is None else torch.addmm(bias, Sc, Bc.t())
+    return y.addmm_(x2, W.t())
+
+
+def compose_dx(dY2: torch.Tensor, W: torch.Tensor, dSc: torch.Tensor, Ac: torch.Tensor) -> torch.Tensor:
+    """dX = dY2 @ W + dSc @ Ac by cuBLAS, the frozen GEMM accumulating into the low-rank term."""
+    return torch.mm(dSc, Ac).addmm_(dY2, W)
+
+
+def _fused_linear(x2: torch.Tensor, W: torch.Tensor, bias: torch.Tensor | None, Sc: torch.Tensor,
+                  Bc: torch.Tensor) -> torch.Tensor:  # fmt: skip
+    from csrc_triton import lowrank_linear
+
+    return lowrank_linear.launch_linear_lowrank(x2, W.t(), Sc, Bc.t(), bias)
+
+
+def _fused_dx(dY2: torch.Tensor, W: torch.Tensor, dSc: torch.Tensor, Ac: torch.Tensor) -> torch.Tensor:
+    from csrc_triton import lowrank_linear
+
+    return lowrank_linear.launch_linear_lowrank(dY2, W, dSc, Ac)
+
+
+def _fusable(p: torch.Tensor, q: torch.Tensor, n: int) -> bool:
+    """Whether the fused GEMM takes P = ``p`` and Q = ``q`` (TMA: 16-byte aligned rows or columns, an
+    output row of ``n`` elements a multiple of 16 bytes) in bf16, the dtype it is offered for: its
+    product of two bf16 values is exact in fp32, as cuBLAS's (fp32 would need IEEE dots off the tensor
+    cores, fp16 takes the expand kernels)."""
+    from csrc_triton import lowrank_linear
+
+    return (
+        p.dtype == torch.bfloat16
+        and p.stride(1) == 1
+        and (n * 2) % 16 == 0
+        and lowrank_linear.tma_compatible(p, q)
+    )
+
+
+def _linear_key(x2: torch.Tensor, W: torch.Tensor, bias: torch.Tensor | None, Sc: torch.Tensor,
+                Bc: torch.Tensor) -> tuple | None:  # fmt: skip
+    if not _fusable(x2, W.t(), W.shape[0]):
+        return None
+    return (x2.device, x2.dtype, measure.bucket(x2.shape[0]), x2.shape[1], W.shape[0], Sc.shape[1],
+            bias is not None, W.stride(1) == 1)  # fmt: skip
+
+
+def _dx_key(dY2: torch.Tensor, W: torch.Tensor, dSc: torch.Tensor, Ac: torch.Tensor) -> tuple | None:
+    if not _fusable(dY2, W, W.shape[1]):
+        return None
+    return (dY2.device, dY2.dtype, measure.bucket(dY2.shape[0]), dY2.shape[1], W.shape[1], dSc.shape[1],
+            W.stride(1) == 1)  # fmt: skip
+
+
 @functools.cache
 def accumulate_ops() -> LowRankOps:
     """``backend="auto"`` on CUDA: the two M x N low-rank terms as cuBLAS GEMMs the frozen GEMM
@@ -259,7 +319,10 @@ def accumulate_ops() -> LowRankOps:
     its Triton kernel (one pass over x or dY) or its cuBLAS twin (the torch path's function), measured
     on the first call per shape (``muscle_fast.ops.measure``; ``MUSCLE_FAST_PICK`` pins it). Only where
     the twin sums what the kernel sums (``_twin_exact``: bf16 with fp32 cuBLAS output, fp32 without
-    TF32) and uses no dropout mask; elsewhere the Triton kernels run."""
+    TF32) and uses no dropout mask; elsewhere the Triton kernels run. The frozen GEMM with its low-rank
+    term (forward, and dX without dropout) is measured the same way, in bf16, between that cuBLAS
+    composition and one fused Triton GEMM (``csrc_triton/lowrank_linear.py``: the same rounding, without
+    the M x N temporary's write and read)."""
     k = triton_ops()
 
     def pick(op: str, kernel: Callable[..., Any], twin: Callable[..., Any], key: Callable[..., Any]):
@@ -267,12 +330,17 @@ def accumulate_ops() -> LowRankOps:
             f"lowrank.{op}", {"triton": kernel, "cublas": _no_autocast(twin)}, key, "triton"
         )
 
+    def gemm(op: str, composed: Callable[..., Any], fused: Callable[..., Any], key: Callable[..., Any]):
+        return measure.Measured(f"lowrank.{op}", {"cublas": composed, "fused": fused}, key, "cublas")
+
     return k._replace(
         shrink=pick("shrink", k.shrink, lowrank_shrink, _shrink_key),
         backward_dS_dB=pick("backward_dS_dB", k.backward_dS_dB, lowrank_backward_dS_dB, _dS_dB_key),
         grad_A=pick("grad_A", k.grad_A, lowrank_grad_A, _grad_A_key),
         accumulate=True,
         measured=True,
+        linear=gemm("linear", compose_linear, _fused_linear, _linear_key),
+        linear_dx=gemm("linear_dx", compose_dx, _fused_dx, _dx_key),
     )
 
 
@@ -282,7 +350,7 @@ def measured_choices() -> dict[str, list[dict[str, Any]]]:
     steps: list[Any] = [nf4._dequantize_into, nf4.small_m_linear]
     if accumulate_ops.cache_info().currsize:  # built only where "auto" ran on CUDA (imports triton)
         ops = accumulate_ops()
-        steps[:0] = [ops.shrink, ops.backward_dS_dB, ops.grad_A]
+        steps[:0] = [ops.shrink, ops.backward_dS_dB, ops.grad_A, ops.linear, ops.linear_dx]
     return measure.choices(*(f for f in steps if isinstance(f, measure.Measured)))
 
 
@@ -318,9 +386,7 @@ def base_plus_lowrank(
 ) -> torch.Tensor:
     """y = x2 @ W^T + bias + S @ Bc^T, in the order ``ops.accumulate`` asks for."""
     if rounds_intermediates(ops, x2.dtype):
-        Sc = S.to(x2.dtype)
-        y = torch.mm(Sc, Bc.t()) if bias is None else torch.addmm(bias, Sc, Bc.t())
-        return y.addmm_(x2, W.t())
+        return (ops.linear or compose_linear)(x2, W, bias, S.to(x2.dtype), Bc)
     y = x2 @ W.t() if bias is None else torch.addmm(bias, x2, W.t())
     return ops.expand_(y, S, Bc)
 
@@ -336,10 +402,11 @@ def input_grad(
 ) -> torch.Tensor:
     """dX = dY2 @ W + drop'(dS @ Ac), in the order ``ops.accumulate`` asks for."""
     if dropout_p == 0.0 and rounds_intermediates(ops, dY2.dtype):
+        dx = ops.linear_dx or compose_dx
         if torch.is_autocast_enabled(dY2.device.type):  # a backward run under autocast: keep dY2's dtype
             with torch.autocast(dY2.device.type, enabled=False):
-                return torch.mm(dS.to(dY2.dtype), Ac).addmm_(dY2, W)
-        return torch.mm(dS.to(dY2.dtype), Ac).addmm_(dY2, W)
+                return dx(dY2, W, dS.to(dY2.dtype), Ac)
+        return dx(dY2, W, dS.to(dY2.dtype), Ac)
     return ops.dx_(dY2 @ W, dS, Ac, dropout_p=dropout_p, seed=seed)
 
 

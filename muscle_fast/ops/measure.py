@@ -10,7 +10,8 @@ candidates compute the same values up to rounding (as Triton's split-K configs d
 order), so the choice may differ between runs, never the result beyond the dtype's rounding.
 
 ``MUSCLE_FAST_PICK`` sets the choice: unset or ``"measure"`` measures; ``"default"`` always runs each
-op's default candidate (the Triton kernel: the same implementation in every run); a candidate name
+op's default candidate (the same implementation in every run: the Triton reductions, the cuBLAS
+composition of the frozen GEMMs, dequantize-then-matmul for 4-bit decode); a candidate name
 (``"triton"``, ``"cublas"``, ``"bitsandbytes"``, ``"fused"``, ``"dequant"``) forces it in the ops that
 offer it, the others run their default. It applies only where an op has a choice at all (its key is
 not None), and is read when a key is first seen (the per-call path is a dict lookup): set it before

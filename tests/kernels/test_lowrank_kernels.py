@@ -406,7 +406,7 @@ def test_config_choice(monkeypatch: pytest.MonkeyPatch) -> None:
             assert cfgs, (name, mode)
             for c in cfgs:
                 assert {"num_warps", "num_stages"} <= set(c) and configs.meta(c), (name, c)
-        if not name.startswith("lowrank."):
+        if not name.startswith("lowrank.") or name == "lowrank.linear":  # the GEMM: test_compile_sm90
             continue
         (cfg,) = configs.configs(name)
         # fits shared memory at fp32 and R <= 64: stages * (tile + 64-wide operand) * 4 bytes
