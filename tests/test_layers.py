@@ -507,3 +507,17 @@ def test_the_fused_gemm_runs_where_its_operands_fit(kind, backend, device):
     odd(xo).backward(torch.randn(5, 24, device=device, dtype=torch.bfloat16))
     choices = lowrank.measured_choices()
     assert choices["lowrank.linear"] == choices["lowrank.linear_dx"] == []
+
+
+@pytest.mark.parametrize("backend", ["accumulate-fused"])
+def test_without_tma_descriptors_the_composition_runs(backend, device, monkeypatch):
+    """A Triton without host-side TMA descriptors (older than 3.4) cannot build the fused GEMM: even
+    pinned, both GEMMs stay with the cuBLAS composition, and the layer is exact as before."""
+    monkeypatch.setattr(lowrank, "_fused_gemm", lambda: None)
+    m = _make("linear", 40, 24, (1.0,), 2, device, torch.bfloat16, backend)
+    x = torch.randn(13, 40, device=device, dtype=torch.bfloat16, requires_grad=True)
+    y = m(x)
+    y.backward(torch.randn_like(y))
+    choices = lowrank.measured_choices()
+    assert choices["lowrank.linear"] == choices["lowrank.linear_dx"] == []
+    assert x.grad is not None and torch.isfinite(x.grad.float()).all()

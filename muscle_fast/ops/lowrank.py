@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
@@ -269,37 +270,44 @@ def compose_dx(dY2: torch.Tensor, W: torch.Tensor, dSc: torch.Tensor, Ac: torch.
     return torch.mm(dSc, Ac).addmm_(dY2, W)
 
 
+@functools.cache
+def _fused_gemm() -> Any:
+    """``csrc_triton.lowrank_linear``, or None where this Triton has no host-side TMA descriptors (the
+    composition then runs alone)."""
+    try:
+        from csrc_triton import lowrank_linear
+    except ImportError as exc:  # triton < 3.4: no triton.tools.tensor_descriptor
+        logging.getLogger(__name__).info("fused low-rank GEMM unavailable (%s)", exc)
+        return None
+    return lowrank_linear
+
+
 def _fused_linear(x2: torch.Tensor, W: torch.Tensor, bias: torch.Tensor | None, Sc: torch.Tensor,
                   Bc: torch.Tensor) -> torch.Tensor:  # fmt: skip
-    from csrc_triton import lowrank_linear
-
-    return lowrank_linear.launch_linear_lowrank(x2, W.t(), Sc, Bc.t(), bias)
+    return _fused_gemm().launch_linear_lowrank(x2, W.t(), Sc, Bc.t(), bias)
 
 
 def _fused_dx(dY2: torch.Tensor, W: torch.Tensor, dSc: torch.Tensor, Ac: torch.Tensor) -> torch.Tensor:
-    from csrc_triton import lowrank_linear
-
-    return lowrank_linear.launch_linear_lowrank(dY2, W, dSc, Ac)
+    return _fused_gemm().launch_linear_lowrank(dY2, W, dSc, Ac)
 
 
-def _fusable(p: torch.Tensor, q: torch.Tensor, n: int) -> bool:
-    """Whether the fused GEMM takes P = ``p`` and Q = ``q`` (TMA: 16-byte aligned rows or columns, an
-    output row of ``n`` elements a multiple of 16 bytes) in bf16, the dtype it is offered for: its
-    product of two bf16 values is exact in fp32, as cuBLAS's (fp32 would need IEEE dots off the tensor
-    cores, fp16 takes the expand kernels)."""
-    from csrc_triton import lowrank_linear
-
-    return (
-        p.dtype == torch.bfloat16
-        and p.stride(1) == 1
-        and (n * 2) % 16 == 0
-        and lowrank_linear.tma_compatible(p, q)
-    )
+def _fusable(p: torch.Tensor, w: torch.Tensor, n: int) -> bool:
+    """Whether the fused GEMM takes P = ``p`` and Q = ``w`` or its transpose (TMA: 16-byte aligned rows or
+    columns, an output row of ``n`` elements a multiple of 16 bytes) in bf16, the dtype it is offered
+    for: its product of two bf16 values is exact in fp32, as cuBLAS's (fp32 would need IEEE dots off the
+    tensor cores, fp16 takes the expand kernels). ``lowrank_linear.tma_compatible`` inlined: it runs per
+    call (8 bf16 elements are 16 bytes)."""
+    if p.dtype != torch.bfloat16 or p.stride(1) != 1 or n % 8 or p.stride(0) % 8:
+        return False
+    w0, w1 = w.stride()
+    if (p.data_ptr() | w.data_ptr()) % 16 or not ((w1 == 1 and w0 % 8 == 0) or (w0 == 1 and w1 % 8 == 0)):
+        return False
+    return _fused_gemm() is not None
 
 
 def _linear_key(x2: torch.Tensor, W: torch.Tensor, bias: torch.Tensor | None, Sc: torch.Tensor,
                 Bc: torch.Tensor) -> tuple | None:  # fmt: skip
-    if not _fusable(x2, W.t(), W.shape[0]):
+    if not _fusable(x2, W, W.shape[0]):
         return None
     return (x2.device, x2.dtype, measure.bucket(x2.shape[0]), x2.shape[1], W.shape[0], Sc.shape[1],
             bias is not None, W.stride(1) == 1)  # fmt: skip
