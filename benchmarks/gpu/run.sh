@@ -47,7 +47,7 @@ if [ "${TESTS:-}" = none ]; then
   true &
 else
   ( MUSCLE_FAST_AUTOTUNE=0 MUSCLE_FAST_PICK=default timeout -s INT -k 10 "${TEST_S:-150}" python3 -m pytest -q -p no:cacheprovider \
-      ${TESTS:-tests/test_measure.py tests/test_nf4.py tests/test_patch.py tests/test_dual.py tests/test_layers.py tests/test_align.py} \
+      ${TESTS:-tests/test_measure.py tests/kernels/test_lowrank_linear.py tests/test_nf4.py tests/test_patch.py tests/test_dual.py tests/test_layers.py tests/test_align.py} \
       >/tmp/tests.full 2>&1
     echo "exit $?" >>/tmp/tests.full; tail -n 60 /tmp/tests.full >"$OUT/tests.log" ) &
 fi
@@ -157,7 +157,7 @@ declare -A LIMIT=(
   [qlora]=90    # 6 timed cases (ours, peft, peft-bf16) + 4 per-kernel-kind profiles; one layer build
   [memory]=150  # three 4-bit Llama-2-7B builds (peft first), 4 steps each: never run yet
   [smollm2_memory]=40  # three 4-bit SmolLM2-135M-shaped builds, 4 steps each: never run yet
-  [lowrank]=130 # ~73 s on 2026-11-26 with 5 impls; now 8 (ours-auto, -mslr4, torch-accumulate)
+  [lowrank]=150 # ~73 s on 2026-11-26 with 5 impls; now 9 (ours-auto, -mslr4, torch-accumulate, fused)
   [align]=25
   [step]=80
   [fourier]=45
