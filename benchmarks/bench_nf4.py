@@ -244,16 +244,37 @@ def test_torch_copy_floor(benchmark, shape: tuple[int, int]) -> None:
     _run(benchmark, lambda: dst.copy_(src), 2 * src.numel(), "torch copy")
 
 
+class _Base4bit(torch.nn.Module):
+    """What ``MuScleLinear`` reads of a bitsandbytes ``Linear4bit``: its packed weight and quant_state."""
+
+    def __init__(self, packed: torch.Tensor, qs: object) -> None:
+        super().__init__()
+        self.weight = SimpleNamespace(data=packed, quant_state=qs, device=packed.device)
+
+
 @pytest.mark.parametrize("graph", [False, True], ids=["eager", "graph"])
-@pytest.mark.parametrize("impl", ["ours-fused", "ours-dequant+cublas", "bnb-matmul_4bit", "dense-bf16"])
+@pytest.mark.parametrize(
+    "impl", ["ours-auto", "ours-fused", "ours-dequant+cublas", "bnb-matmul_4bit", "dense-bf16"]
+)
 @pytest.mark.parametrize("m", SMALL_M, ids=lambda m: f"M{m}")
 @pytest.mark.parametrize("shape", SHAPES, ids=_id)
 def test_small_m_matmul(benchmark, shape: tuple[int, int], m: int, impl: str, graph: bool) -> None:
-    from muscle_fast.ops.nf4 import dequantize_4bit, matmul_4bit
+    """ours-auto: what a 4-bit ``MuScleLinear`` runs for its base at these rows in backend "auto"
+    (``nf4.small_m_linear``: the fastest candidate, measured on the first call; ``extra_info["picked"]``)."""
+    from muscle_fast.ops.nf4 import dequantize_4bit, matmul_4bit, small_m_linear
 
     packed, qs = _state(shape, nested=True)
     x = torch.randn(m, shape[1], device="cuda", dtype=DTYPE)
-    if impl == "ours-fused":
+    picked = None
+    if impl == "ours-auto":
+        base = _Base4bit(packed, qs)
+        fn = lambda: small_m_linear(x, base, None)  # noqa: E731
+        fn()  # measures
+        key = small_m_linear.key(x, base, None)
+        picked = small_m_linear.chosen.get(key, small_m_linear.default) if key else small_m_linear.default
+        row = {"key": [str(k) for k in key or ()], "chosen": picked, "ms": small_m_linear.times.get(key)}
+        benchmark.extra_info["picked"] = {small_m_linear.op: [row]}  # as summarize.py prints them
+    elif impl == "ours-fused":
         fn = lambda: matmul_4bit(x, packed, qs)  # noqa: E731
     elif impl == "ours-dequant+cublas":
         w = torch.empty(shape, dtype=DTYPE, device="cuda")
@@ -265,4 +286,6 @@ def test_small_m_matmul(benchmark, shape: tuple[int, int], m: int, impl: str, gr
         w = torch.randn(shape, dtype=DTYPE, device="cuda")
         fn = lambda: torch.nn.functional.linear(x, w)  # noqa: E731
     benchmark.extra_info.update({"M": m, "N": shape[0], "K": shape[1], "impl": impl})
+    if picked:  # the bytes of the candidate that runs
+        impl = {"fused": "ours-fused", "bitsandbytes": "bnb-matmul_4bit"}.get(picked, impl)
     _run(benchmark, fn, _mm_traffic(shape, m, impl), f"{impl} M={m}", graph=graph)
