@@ -389,6 +389,54 @@ def test_a_failing_twin_is_left_out_and_a_failing_default_raises(caplog):
         bad(torch.zeros(1))
 
 
+def test_a_candidate_that_computes_something_else_is_left_out(caplog):
+    """A candidate faster than the default but off by more than rounding (a kernel miscompiled on some
+    GPU or Triton, here one that loses its last row tile) is never chosen; one within rounding is."""
+    x = torch.randn(64, 32)
+    good = lambda x: x * 3  # noqa: E731
+    near = lambda x: (x.bfloat16() * 3).float()  # noqa: E731 - off by bf16 rounding
+    lost = lambda x: torch.cat([x[:-8] * 3, torch.zeros_like(x[-8:])])  # noqa: E731
+    key = lambda x: (1,)  # noqa: E731
+    timer = FakeTimer([2.0, 1.0])
+    op = measure.Measured("test.op", {"triton": good, "cublas": lost}, key, "triton", timer=timer)
+    with caplog.at_level("WARNING", logger="muscle_fast.ops.measure"):
+        torch.testing.assert_close(op(x), x * 3)
+    assert "candidate 'cublas' disagrees with 'triton'" in caplog.text
+    assert "largest difference" in caplog.text and "x largest |value|" in caplog.text
+    assert op.chosen == {(1,): "triton"} and timer.calls == 0
+    for cast in (torch.float32, torch.bfloat16):
+        pair = {"triton": lambda x, c=cast: good(x).to(c), "cublas": lambda x, c=cast: near(x).to(c)}
+        op = measure.Measured("test.op", pair, key, "triton", timer=timer)
+        op(x)
+        assert op.chosen == {(1,): "cublas"}, cast
+    assert timer.calls == 2
+
+
+def test_disagreement_compares_what_can_be_compared():
+    a = torch.randn(5, 7)
+    assert measure.disagreement(a, a.clone()) is None
+    assert measure.disagreement((a, a.sum(0)), (a.clone(), a.sum(0))) is None
+    assert "output 1" in measure.disagreement((a, a), (a, -a))
+    assert "2 outputs, not 1" in measure.disagreement((a, a), (a,))
+    assert "shape (7, 5)" in measure.disagreement(a.t(), a)
+    assert "torch.float64" in measure.disagreement(a.double(), a)
+    nan_out = a.clone()
+    nan_out[1, 2] = float("nan")
+    assert "largest difference nan" in measure.disagreement(nan_out, a)
+    tile = a.clone()
+    tile[4, 6] += 0.1 * float(a.abs().max())  # one element off by 10 % of the largest value
+    assert "largest difference" in measure.disagreement(tile, a)
+    assert "largest difference" in measure.disagreement(torch.ones(3), torch.zeros(3))
+    inf_ref = a.clone()
+    inf_ref[0, 0] = float("inf")
+    assert measure.disagreement(inf_ref.clone(), inf_ref) is None  # the same non-finite pattern
+    assert measure.disagreement(a, inf_ref) == "non-finite elements elsewhere"
+    for nothing in (None, "triton", 3):  # in-place ops return None; fakes return names
+        assert measure.disagreement(nothing, a) is None and measure.disagreement(a, nothing) is None
+    assert measure.disagreement(torch.zeros(0), torch.zeros(0)) is None
+    assert measure.disagreement(torch.ones(3, dtype=torch.long), torch.zeros(3, dtype=torch.long)) is None
+
+
 class _FakeEvent:
     """A CUDA event on a fake device clock: ``record`` stamps the clock, which the candidates advance."""
 

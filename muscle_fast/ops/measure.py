@@ -91,6 +91,47 @@ def fp32_matmul_ieee() -> bool:
     return torch.get_float32_matmul_precision() == "highest"
 
 
+#: Largest difference between two candidates' outputs, relative to the default's largest magnitude, per
+#: output dtype. Rounding-order differences stay within an ulp or two of the output's dtype, or of bf16
+#: for fp32 sums of bf16 products that one candidate rounds (the CPU's bf16 matmul, tests only); a wrong
+#: tile, operand or mask is off by the order of the values themselves.
+_AGREE = {torch.float16: 2.0**-7, torch.bfloat16: 2.0**-5, torch.float32: 2.0**-7, torch.float64: 2.0**-7}
+
+
+def disagreement(out: Any, ref: Any) -> str | None:
+    """Why a candidate's output ``out`` is not the default's ``ref`` up to rounding, or None.
+
+    Tensors (also inside tuples and lists) of floating dtype are compared by their largest difference
+    relative to ``ref``'s largest magnitude (``_AGREE``), after their shapes and dtypes: elementwise, so
+    that one wrong tile of a large output shows; where ``ref`` holds a non-finite
+    value only the non-finite pattern is compared. Anything else (None from an op that writes into a
+    buffer, a fake in tests) is taken as agreeing: there is nothing to compare."""
+    if isinstance(out, (tuple, list)) and isinstance(ref, (tuple, list)):
+        if len(out) != len(ref):
+            return f"{len(out)} outputs, not {len(ref)}"
+        for i, (o, r) in enumerate(zip(out, ref, strict=True)):
+            why = disagreement(o, r)
+            if why is not None:
+                return f"output {i}: {why}"
+        return None
+    if not (isinstance(out, torch.Tensor) and isinstance(ref, torch.Tensor)):
+        return None
+    if out.shape != ref.shape or out.dtype != ref.dtype:
+        return f"shape {tuple(out.shape)} {out.dtype}, not {tuple(ref.shape)} {ref.dtype}"
+    tol = _AGREE.get(ref.dtype)
+    if tol is None or ref.numel() == 0:
+        return None
+    o, r = out.detach().double(), ref.detach().double()
+    finite = torch.isfinite(r)
+    if not bool(finite.all()):
+        return None if torch.equal(finite, torch.isfinite(o)) else "non-finite elements elsewhere"
+    err = float((o - r).abs().max())
+    scale = float(r.abs().max())
+    if not err <= tol * scale:  # also a NaN in ``out``
+        return f"largest difference {err:.3g} > {tol:.3g} x largest |value| {scale:.3g}"
+    return None
+
+
 class Measured:
     """A callable that runs the fastest of ``candidates`` (same signature, same result up to rounding).
 
@@ -100,8 +141,10 @@ class Measured:
     determine its answer. The first positional argument is a tensor on the op's device. Off CUDA, and
     while a CUDA graph is being captured on the current stream (nothing may sync), ``default`` runs
     unmeasured, unless a ``timer`` is given (tests). A candidate other than the default that raises on
-    its first run is left out (logged); the default's error is raised. Measuring syncs the device: not
-    while another thread captures a CUDA graph in global mode.
+    its first run is left out (logged); the default's error is raised. So is one whose first output is
+    not the default's up to rounding (``disagreement``): a candidate miscompiled on some GPU or Triton
+    version must not win by being fast. Measuring syncs the device: not while another thread captures a
+    CUDA graph in global mode.
     """
 
     def __init__(
@@ -159,16 +202,25 @@ class Measured:
 
     def _measure(self, key: tuple, args: tuple, kwargs: dict, allowed: Collection[str]) -> str:
         names, fns = [], []
+        ref: Any = None
         for name in (self.default, *(n for n in self.candidates if n != self.default and n in allowed)):
             fn = self._bound(name, args, kwargs)
             try:
-                fn()  # warm-up: compile, autotune, allocate
+                out = fn()  # warm-up: compile, autotune, allocate
             except Exception as exc:  # noqa: BLE001 - the default's error is the op's error
                 if name == self.default:
                     raise
                 _log.warning("%s: candidate %r failed at %s (%s: %s); not used", self.op, name, key,
                              type(exc).__name__, exc)  # fmt: skip
                 continue
+            if name == self.default:
+                ref = out
+            else:
+                off = disagreement(out, ref)
+                if off is not None:  # a miscompiled kernel must not win by being fast
+                    _log.warning("%s: candidate %r disagrees with %r at %s (%s); not used", self.op, name,
+                                 self.default, key, off)  # fmt: skip
+                    continue
             names.append(name)
             fns.append(fn)
         if len(names) == 1:  # every other candidate failed: nothing to measure
