@@ -98,6 +98,17 @@ def fp32_matmul_ieee() -> bool:
 _AGREE = {torch.float16: 2.0**-7, torch.bfloat16: 2.0**-5, torch.float32: 2.0**-7, torch.float64: 2.0**-7}
 
 
+#: Elements compared at a time (fp32 temporaries of 64 MB).
+_AGREE_CHUNK = 1 << 24
+
+
+def _same_nonfinite(o: torch.Tensor, r: torch.Tensor) -> bool:
+    return all(
+        torch.equal(torch.isfinite(o[i : i + _AGREE_CHUNK]), torch.isfinite(r[i : i + _AGREE_CHUNK]))
+        for i in range(0, r.numel(), _AGREE_CHUNK)
+    )
+
+
 def disagreement(out: Any, ref: Any) -> str | None:
     """Why a candidate's output ``out`` is not the default's ``ref`` up to rounding, or None.
 
@@ -121,12 +132,18 @@ def disagreement(out: Any, ref: Any) -> str | None:
     tol = _AGREE.get(ref.dtype)
     if tol is None or ref.numel() == 0:
         return None
-    o, r = out.detach().double(), ref.detach().double()
-    finite = torch.isfinite(r)
-    if not bool(finite.all()):
-        return None if torch.equal(finite, torch.isfinite(o)) else "non-finite elements elsewhere"
-    err = float((o - r).abs().max())
-    scale = float(r.abs().max())
+    o, r = out.detach().reshape(-1), ref.detach().reshape(-1)
+    err = scale = 0.0
+    for i in range(0, r.numel(), _AGREE_CHUNK):  # in chunks: no full-size fp32 copies of a big output
+        oc, rc = o[i : i + _AGREE_CHUNK].float(), r[i : i + _AGREE_CHUNK].float()
+        finite = torch.isfinite(rc)
+        if not bool(finite.all()):
+            return None if _same_nonfinite(o, r) else "non-finite elements elsewhere"
+        chunk_err = float((oc - rc).abs().max())
+        err = chunk_err if chunk_err != chunk_err else max(err, chunk_err)  # a NaN stays (max drops it)
+        scale = max(scale, float(rc.abs().max()))
+        if err != err:
+            break
     if not err <= tol * scale:  # also a NaN in ``out``
         return f"largest difference {err:.3g} > {tol:.3g} x largest |value| {scale:.3g}"
     return None
