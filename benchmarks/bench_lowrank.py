@@ -229,6 +229,12 @@ def test_triton_matches_torch_at_benchmark_shape(accumulate_torch, pin_fused, sh
         grads = [p.grad.float() for p in layer.parameters() if p.requires_grad]
         outs.append((y.float(), xi.grad.float(), grads))
     (y2, dx2, g2), (y1, dx1, g1) = outs
+    if impl == "ours-fused":  # the fused GEMM ran (its rows time it, not the composition)
+        from muscle_fast.ops import lowrank
+
+        chosen = lowrank.measured_choices()
+        for op in ("lowrank.linear", "lowrank.linear_dx"):
+            assert [r["chosen"] for r in chosen[op]] == ["fused"], (op, chosen[op])
 
     def rel(a: torch.Tensor, b: torch.Tensor) -> float:
         return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()

@@ -34,7 +34,11 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 from . import configs
 from ._common import check_device, launch_guard, upcast_dot
 
-__all__ = ["launch_linear_lowrank", "linear_lowrank", "tma_compatible"]
+__all__ = ["MAX_R", "launch_linear_lowrank", "linear_lowrank", "tma_compatible"]
+
+#: Largest rank: the U and V tiles take (BLOCK_M + BLOCK_N) x BLOCK_R 16-bit elements of shared memory
+#: beside the pipeline's, within the 227 KiB of an sm_90 block at 64 (tests/test_compile_sm90.py).
+MAX_R = 64
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _TL = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
@@ -61,7 +65,7 @@ def _set_blocks(nargs: dict) -> None:
 def _linear_lowrank_kernel(
     p_desc, q_desc, out_desc, u_ptr, v_ptr, bias_ptr,
     M, N, K, R, M_BUCKET,
-    stride_um, stride_ur, stride_vr, stride_vn,
+    stride_um, stride_ur, stride_vr, stride_vn, stride_bias,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr, TRANS_Q: tl.constexpr, HAS_BIAS: tl.constexpr, F32_DOT: tl.constexpr,
     OUT_DTYPE: tl.constexpr,
@@ -91,7 +95,7 @@ def _linear_lowrank_kernel(
     else:
         acc = tl.dot(u, v, acc)
     if HAS_BIAS:
-        acc += tl.load(bias_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
+        acc += tl.load(bias_ptr + cols * stride_bias, mask=cols < N, other=0.0).to(tl.float32)[None, :]
     # cuBLAS's beta = 1 operand is the low-rank term already stored in the output dtype
     acc = acc.to(OUT_DTYPE).to(tl.float32)
 
@@ -110,13 +114,17 @@ def _linear_lowrank_kernel(
 
 def tma_compatible(*tensors: torch.Tensor) -> bool:
     """Whether each 2-D tensor can back a TMA descriptor, as is or transposed: 16-byte aligned base,
-    one unit stride and the other a multiple of 16 bytes."""
+    one unit stride and the other a multiple of 16 bytes that steps past a whole row (no zero or
+    overlapping strides: a broadcast row is not a matrix to TMA)."""
     for t in tensors:
         size = t.element_size()
         if t.dim() != 2 or t.data_ptr() % 16:
             return False
-        s0, s1 = t.stride()
-        if not ((s1 == 1 and (s0 * size) % 16 == 0) or (s0 == 1 and (s1 * size) % 16 == 0)):
+        (s0, s1), (n0, n1) = t.stride(), t.shape
+        if not (
+            (s1 == 1 and (s0 * size) % 16 == 0 and s0 >= n1)
+            or (s0 == 1 and (s1 * size) % 16 == 0 and s1 >= n0)
+        ):
             return False
     return True
 
@@ -145,6 +153,8 @@ def linear_lowrank(P: torch.Tensor, Q: torch.Tensor, U: torch.Tensor, V: torch.T
         if t is not None and tuple(t.shape) != want[name]:
             raise ValueError(f"linear_lowrank: {name} has shape {tuple(t.shape)}, expected {want[name]} "
                              f"(P is {M} x {K})")  # fmt: skip
+    if R > MAX_R:
+        raise ValueError(f"linear_lowrank: rank {R} > {MAX_R}: the U and V tiles would not fit shared memory")
     if P.stride(1) != 1 or not tma_compatible(P, Q) or (N * P.element_size()) % 16:
         raise ValueError(
             f"linear_lowrank: P (strides {P.stride()}) needs unit column stride, P and Q (strides "
@@ -164,8 +174,10 @@ def launch_linear_lowrank(P: torch.Tensor, Q: torch.Tensor, U: torch.Tensor, V: 
     out = torch.empty((M, N), dtype=P.dtype, device=P.device)
     if M == 0 or N == 0:
         return out
-    if K == 0 or R == 0:  # no descriptor for an empty operand: the composition's result directly
-        lr = torch.zeros((M, N), dtype=torch.float32, device=P.device) if R == 0 else U.float() @ V.float()
+    if K == 0:  # no descriptor for an empty operand: the rounded low-rank term is the result
+        lr = torch.zeros((M, N), dtype=torch.float32, device=P.device)
+        if R:
+            lr.addmm_(U.float(), V.float())
         if bias is not None:
             lr += bias.float()
         return out.copy_(lr)  # one rounding, as the kernel's of the low-rank term
@@ -184,7 +196,7 @@ def launch_linear_lowrank(P: torch.Tensor, Q: torch.Tensor, U: torch.Tensor, V: 
     _linear_lowrank_kernel[grid](
         p_desc, q_desc, out_desc, U, V, P if bias is None else bias,
         M, N, K, R, 1 << (M - 1).bit_length(),
-        U.stride(0), U.stride(1), V.stride(0), V.stride(1),
+        U.stride(0), U.stride(1), V.stride(0), V.stride(1), 1 if bias is None else bias.stride(0),
         BLOCK_R=_block_r(R), TRANS_Q=trans_q, HAS_BIAS=bias is not None,
         F32_DOT=P.dtype == torch.float32 or upcast_dot(P.dtype), OUT_DTYPE=_TL[P.dtype],
     )  # fmt: skip

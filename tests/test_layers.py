@@ -124,7 +124,7 @@ CASES = [  # (kind, leading shape, K, N, scales, r)
     ("conv1d", (3, 5), 48, 144, (1.0, 2.0, 3.0, 4.0), 1),
     ("linear", (1,), 1, 17, (1.0,), 8),
     ("linear", (0,), 16, 8, (1.0, 2.0), 2),
-    ("linear", (3, 13), 40, 24, (1.0, 2.0), 3),  # 16-byte rows in bf16: the fused GEMM's operands
+    ("linear", (3, 43), 40, 24, (1.0, 2.0), 3),  # 129 rows of 16 bytes in bf16: the fused GEMM's
 ]
 
 
@@ -492,21 +492,44 @@ def test_accumulate_input_grad_under_autocast_keeps_the_compute_dtype():
 
 @pytest.mark.parametrize("backend", ["accumulate-fused"])
 @pytest.mark.parametrize("kind", ["linear", "conv1d"])
-def test_the_fused_gemm_runs_where_its_operands_fit(kind, backend, device):
-    """In bf16 with 16-byte rows the pinned fused GEMM computes the forward and dX (W read as Linear's
-    (N, K) rows or Conv1D's (K, N) rows); 18-byte rows (K = 9) leave both to the cuBLAS composition."""
+def test_the_fused_gemm_runs_where_its_operands_fit(kind, backend, device, monkeypatch):
+    """In bf16 with 16-byte rows and 128 rows or more the pinned fused GEMM computes the forward and dX
+    (W read as Linear's (N, K) rows or Conv1D's (K, N) rows), bias included, within an ulp or two of the
+    cuBLAS composition (the same roundings, another summation order; the interpreter truncates where
+    cuBLAS rounds). 18-byte rows (K = 9) and fewer rows leave both GEMMs to the composition."""
     m = _make(kind, 40, 24, (1.0, 2.0), 3, device, torch.bfloat16, backend)
-    x = torch.randn(2, 13, 40, device=device, dtype=torch.bfloat16, requires_grad=True)
-    m(x).backward(torch.randn(2, 13, 24, device=device, dtype=torch.bfloat16))
-    choices = lowrank.measured_choices()
-    for op in ("lowrank.linear", "lowrank.linear_dx"):
-        assert [r["chosen"] for r in choices[op]] == ["fused"], (op, choices[op])
+    with torch.no_grad():
+        m.base.bias.normal_(0.0, 4.0)  # a bias the size of the output: a lost or misread one shows
+    x = torch.randn(2, 70, 40, device=device, dtype=torch.bfloat16)
+    gy = torch.randn(2, 70, 24, device=device, dtype=torch.bfloat16)
+    outs = []
+    for pick in ("cublas", "fused"):
+        monkeypatch.setenv("MUSCLE_FAST_PICK", pick)
+        lowrank.measure.forget_all()
+        xi = x.clone().requires_grad_(True)
+        y = m(xi)
+        y.backward(gy)
+        outs.append((y, xi.grad))
+        choices = lowrank.measured_choices()
+        for op in ("lowrank.linear", "lowrank.linear_dx"):
+            assert [r["chosen"] for r in choices[op]] == [pick], (op, choices[op])
+    for (composed, fused), what in zip(zip(*outs, strict=True), ("forward", "dX"), strict=True):
+        # two roundings (the low-rank term's, the sum's), each up to an ulp apart, of terms as large as
+        # the largest output: within 2^-6 of it; a lost bias element or tile is off by ~1-10 (of ~15)
+        off = float((fused.float() - composed.float()).abs().max())
+        assert off <= 2.0**-6 * float(composed.float().abs().max()), (what, off)
+    monkeypatch.setenv("MUSCLE_FAST_PICK", "fused")
     lowrank.measure.forget_all()
-    odd = _make(kind, 9, 24, (1.0,), 2, device, torch.bfloat16, backend)
-    xo = torch.randn(5, 9, device=device, dtype=torch.bfloat16, requires_grad=True)
-    odd(xo).backward(torch.randn(5, 24, device=device, dtype=torch.bfloat16))
-    choices = lowrank.measured_choices()
-    assert choices["lowrank.linear"] == choices["lowrank.linear_dx"] == []
+    m(x.clone().requires_grad_(True)).sum().backward()  # dY: one broadcast row (stride 0), not for TMA
+    assert [r["chosen"] for r in lowrank.measured_choices()["lowrank.linear"]] == ["fused"]
+    assert lowrank.measured_choices()["lowrank.linear_dx"] == []
+    for k, rows in ((9, 140), (40, 127)):
+        lowrank.measure.forget_all()
+        other = _make(kind, k, 24, (1.0,), 2, device, torch.bfloat16, backend)
+        xo = torch.randn(rows, k, device=device, dtype=torch.bfloat16, requires_grad=True)
+        other(xo).backward(torch.randn(rows, 24, device=device, dtype=torch.bfloat16))
+        choices = lowrank.measured_choices()
+        assert choices["lowrank.linear"] == choices["lowrank.linear_dx"] == [], (k, rows)
 
 
 @pytest.mark.parametrize("backend", ["accumulate-fused"])
@@ -515,7 +538,7 @@ def test_without_tma_descriptors_the_composition_runs(backend, device, monkeypat
     pinned, both GEMMs stay with the cuBLAS composition, and the layer is exact as before."""
     monkeypatch.setattr(lowrank, "_fused_gemm", lambda: None)
     m = _make("linear", 40, 24, (1.0,), 2, device, torch.bfloat16, backend)
-    x = torch.randn(13, 40, device=device, dtype=torch.bfloat16, requires_grad=True)
+    x = torch.randn(130, 40, device=device, dtype=torch.bfloat16, requires_grad=True)
     y = m(x)
     y.backward(torch.randn_like(y))
     choices = lowrank.measured_choices()

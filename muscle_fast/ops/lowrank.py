@@ -291,30 +291,47 @@ def _fused_dx(dY2: torch.Tensor, W: torch.Tensor, dSc: torch.Tensor, Ac: torch.T
     return _fused_gemm().launch_linear_lowrank(dY2, W, dSc, Ac)
 
 
-def _fusable(p: torch.Tensor, w: torch.Tensor, n: int) -> bool:
-    """Whether the fused GEMM takes P = ``p`` and Q = ``w`` or its transpose (TMA: 16-byte aligned rows or
-    columns, an output row of ``n`` elements a multiple of 16 bytes) in bf16, the dtype it is offered
-    for: its product of two bf16 values is exact in fp32, as cuBLAS's (fp32 would need IEEE dots off the
-    tensor cores, fp16 takes the expand kernels). ``lowrank_linear.tma_compatible`` inlined: it runs per
-    call (8 bf16 elements are 16 bytes)."""
-    if p.dtype != torch.bfloat16 or p.stride(1) != 1 or n % 8 or p.stride(0) % 8:
+#: Rows below which the fused GEMM is not offered: its smallest tile has 64 rows, and at a few rows the
+#: composition's extra M x N pass costs next to nothing while each new row bucket would autotune it.
+FUSED_MIN_ROWS = 128
+
+
+@functools.cache
+def _tma_device(device: torch.device) -> bool:
+    """TMA copies and warpgroup MMA: compute capability 9.0 or more (the CPU: the interpreter, tests)."""
+    return device.type != "cuda" or (
+        torch.version.hip is None and torch.cuda.get_device_capability(device)[0] >= 9
+    )
+
+
+def _fusable(p: torch.Tensor, w: torch.Tensor, n: int, r: int) -> bool:
+    """Whether the fused GEMM takes P = ``p`` and Q = ``w`` or its transpose at rank ``r``: bf16 (its
+    product of two bf16 values is exact in fp32, as cuBLAS's; fp32 would need IEEE dots off the tensor
+    cores, fp16 takes the expand kernels), ``FUSED_MIN_ROWS`` rows or more, TMA operands (16-byte aligned
+    rows or columns that step past a whole row, an output row of ``n`` elements a multiple of 16 bytes:
+    ``lowrank_linear.tma_compatible`` inlined, it runs per call; 8 bf16 elements are 16 bytes) on an
+    sm_90+ device, and ``r`` up to ``lowrank_linear.MAX_R`` (64)."""
+    if p.dtype != torch.bfloat16 or p.shape[0] < FUSED_MIN_ROWS or n % 8 or r > 64:
         return False
+    p0, p1 = p.stride()
     w0, w1 = w.stride()
-    if (p.data_ptr() | w.data_ptr()) % 16 or not ((w1 == 1 and w0 % 8 == 0) or (w0 == 1 and w1 % 8 == 0)):
+    if p1 != 1 or p0 % 8 or p0 < p.shape[1] or (p.data_ptr() | w.data_ptr()) % 16:
         return False
-    return _fused_gemm() is not None
+    if not ((w1 == 1 and w0 % 8 == 0 and w0 >= w.shape[1]) or (w0 == 1 and w1 % 8 == 0 and w1 >= w.shape[0])):
+        return False
+    return _tma_device(p.device) and _fused_gemm() is not None
 
 
 def _linear_key(x2: torch.Tensor, W: torch.Tensor, bias: torch.Tensor | None, Sc: torch.Tensor,
                 Bc: torch.Tensor) -> tuple | None:  # fmt: skip
-    if not _fusable(x2, W, W.shape[0]):
+    if not _fusable(x2, W, W.shape[0], Sc.shape[1]):
         return None
     return (x2.device, x2.dtype, measure.bucket(x2.shape[0]), x2.shape[1], W.shape[0], Sc.shape[1],
             bias is not None, W.stride(1) == 1)  # fmt: skip
 
 
 def _dx_key(dY2: torch.Tensor, W: torch.Tensor, dSc: torch.Tensor, Ac: torch.Tensor) -> tuple | None:
-    if not _fusable(dY2, W, W.shape[1]):
+    if not _fusable(dY2, W, W.shape[1], dSc.shape[1]):
         return None
     return (dY2.device, dY2.dtype, measure.bucket(dY2.shape[0]), dY2.shape[1], W.shape[1], dSc.shape[1],
             W.stride(1) == 1)  # fmt: skip

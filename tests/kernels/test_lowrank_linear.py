@@ -101,6 +101,38 @@ def test_rows_with_a_stride_and_empty_shapes(device):
     assert float((out.double() - lr).abs().max()) <= 2 * _unit(BF16) * float(lr.abs().max())
 
 
+@pytest.mark.parametrize("layout", ["strided", "broadcast"])
+def test_a_bias_with_any_stride(layout, device):
+    """A bias viewed with a stride (every other element of a buffer) or broadcast (stride 0)."""
+    torch.manual_seed(5)
+    P, Q, U, V, _ = _operands(37, 40, 24, 3, BF16, "w", False, device)
+    if layout == "strided":
+        b = torch.randn(48, device=device).to(BF16)[::2]
+    else:
+        b = torch.randn(1, device=device).to(BF16).expand(24)
+    _check(lowrank_linear.linear_lowrank(P, Q, U, V, b), P, Q, U, V, b)
+
+
+def test_rank_zero_keeps_the_frozen_gemm_and_ranks_above_64_are_refused(device):
+    torch.manual_seed(6)
+    P, Q, U, V, b = _operands(37, 40, 24, 3, BF16, "w", True, device)
+    _check(lowrank_linear.linear_lowrank(P, Q, U[:, :0], V[:0], b), P, Q, U[:, :0], V[:0], b)
+    wide = torch.zeros(37, 65, device=device, dtype=BF16)
+    with pytest.raises(ValueError, match="rank 65 > 64"):
+        lowrank_linear.linear_lowrank(P, Q, wide, torch.zeros(65, 24, device=device, dtype=BF16), b)
+
+
+def test_broadcast_and_overlapping_rows_are_not_tma_operands(device):
+    """A zero row stride (an expanded gradient) or rows that overlap (``unfold``) are no matrix to TMA:
+    refused, so the dispatcher leaves them to cuBLAS."""
+    row = torch.randn(1, 40, device=device).to(BF16)
+    assert not lowrank_linear.tma_compatible(row.expand(37, 40))
+    flat = torch.randn(40 * 40, device=device).to(BF16)
+    assert not lowrank_linear.tma_compatible(flat.unfold(0, 40, 8))  # rows 8 apart, 40 long
+    assert not lowrank_linear.tma_compatible(flat.unfold(0, 40, 8).t())
+    assert lowrank_linear.tma_compatible(flat.view(40, 40), flat.view(40, 40).t(), row)
+
+
 def test_bad_operands_name_what_is_wrong(device):
     P, Q, U, V, b = _operands(9, 16, 24, 2, BF16, "w", True, device)
     with pytest.raises(TypeError, match="V must be"):
