@@ -472,7 +472,7 @@ def linear_cases(full: bool) -> list[Case]:
             out_desc=f"tensordesc<{dt}[{bm}, {bn}]>",
             u_ptr="*" + dt, v_ptr="*" + dt, bias_ptr="*" + dt,
             M="i32", N="i32", K="i32", R="i32", M_BUCKET="i32",
-            stride_um="i32", stride_ur="1",
+            stride_um="i32", stride_ur="1", stride_bias="1",
             **(dict(stride_vr="1", stride_vn="i32") if trans else dict(stride_vr="i32", stride_vn="1")),
         )  # fmt: skip
         out = getattr(tl, TORCH_DTYPE[dt])
