@@ -77,19 +77,24 @@ CONFIGS: dict[str, dict[str, list[Config]]] = {
         "interpret": [_c(4, 1, BLOCK_M=32, BLOCK_K=32)],
     },
     # -- the frozen GEMM with the low-rank term fused (lowrank_linear.py): the Hopper tiles of Triton's
-    # matmul tutorial. Shared memory is num_stages x (BLOCK_M + BLOCK_N) x BLOCK_K 16-bit operands plus the
-    # BLOCK_M x BLOCK_N output tile the TMA store goes through: 208 KiB at 128 x 256 x 64 in 3 stages.
+    # matmul tutorial, one tile per program or persistent. Shared memory holds num_stages x (BLOCK_M +
+    # BLOCK_N) x BLOCK_K operands, the U and V tiles and the output tile of the TMA store: at most 224 KiB
+    # (128 x 128 x 128, 3 stages, R 64; tests/test_compile_sm90.py, figures in docs/kernels.md).
     "lowrank.linear": {
         "gpu": [
-            _c(8, 3, BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8),
-            _c(8, 4, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8),
-            _c(4, 4, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8),
-            _c(8, 3, BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8),
-            _c(4, 4, BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8),
+            _c(8, 3, BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, PERSISTENT=0),
+            _c(8, 4, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, PERSISTENT=0),
+            _c(4, 4, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, PERSISTENT=0),
+            _c(8, 3, BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, PERSISTENT=0),
+            _c(4, 4, BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, PERSISTENT=0),
+            # one program per SM, the next tile's loads overlapping this tile's store (flattened loop)
+            _c(8, 2, BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, PERSISTENT=1),
+            _c(8, 4, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, PERSISTENT=1),
         ],
-        "untuned": [_c(8, 3, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8)],
-        # three different block sizes: a descriptor given another's block shape fails the tests
-        "interpret": [_c(4, 1, BLOCK_M=32, BLOCK_N=16, BLOCK_K=64, GROUP_M=2)],
+        "untuned": [_c(8, 3, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, PERSISTENT=0)],
+        # three different block sizes (a descriptor given another's block shape fails the tests); the
+        # persistent loop, 3 programs under the interpreter, each taking several tiles
+        "interpret": [_c(4, 1, BLOCK_M=32, BLOCK_N=16, BLOCK_K=64, GROUP_M=2, PERSISTENT=1)],
     },
     # -- NF4 / FP4 dequantization (nf4.py): WORDS = 32 * num_warps (one 4-byte word, 8 values, per
     # thread and tile: the layout that needs no shared memory), ITERS tiles per program. The small

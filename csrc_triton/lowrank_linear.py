@@ -9,7 +9,9 @@ GEMM accumulating into it with beta = 1), up to fp32 summation order, so either 
 (``muscle_fast.ops.lowrank``: measured per shape). The composition writes and reads the M x N low-rank
 term once more than this kernel (2MN 16-bit elements per GEMM).
 
-Each program computes one (BLOCK_M, BLOCK_N) tile: first the low-rank term (a K = R dot from U and V in
+Each program computes one (BLOCK_M, BLOCK_N) tile (or, ``PERSISTENT``, one program per SM takes
+every SM-count-th tile in a flattened loop, overlapping a tile's store with the next one's loads; the
+autotuner picks per shape): first the low-rank term (a K = R dot from U and V in
 L2, plus the bias), rounded once and kept in the fp32 accumulator, then the K loop of the frozen GEMM on
 top of it, then one store. P, Q and the output go through TMA tensor descriptors (Hopper's bulk copies,
 pipelined ``num_stages`` deep); U, V and the bias are small pointer loads. Q is read in whichever layout
@@ -32,7 +34,7 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from . import configs
-from ._common import check_device, launch_guard, upcast_dot
+from ._common import check_device, launch_guard, sm_count, upcast_dot
 
 __all__ = ["MAX_R", "launch_linear_lowrank", "linear_lowrank", "tma_compatible"]
 
@@ -49,6 +51,11 @@ def _block_r(R: int) -> int:
     return max(16, 1 << (R - 1).bit_length())
 
 
+def _programs(device: torch.device) -> int:
+    """Programs of a persistent launch: one per SM (3 under the interpreter: several tiles each)."""
+    return sm_count(device.index if device.index is not None else 0) if device.type == "cuda" else 3
+
+
 def _set_blocks(nargs: dict) -> None:
     """Autotune pre-hook: the descriptors' block shapes follow the config being run."""
     bm, bn, bk = nargs["BLOCK_M"], nargs["BLOCK_N"], nargs["BLOCK_K"]
@@ -57,31 +64,22 @@ def _set_blocks(nargs: dict) -> None:
     nargs["out_desc"].block_shape = [bm, bn]
 
 
-@triton.autotune(
-    configs=configs.triton_configs("lowrank.linear", pre_hook=_set_blocks),
-    key=["M_BUCKET", "N", "K", "BLOCK_R", "TRANS_Q", "HAS_BIAS"],
-)
 @triton.jit
-def _linear_lowrank_kernel(
-    p_desc, q_desc, out_desc, u_ptr, v_ptr, bias_ptr,
-    M, N, K, R, M_BUCKET,
+def _tile(
+    tile, p_desc, q_desc, out_desc, u_ptr, v_ptr, bias_ptr, M, N, K, R,
     stride_um, stride_ur, stride_vr, stride_vn, stride_bias,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr, TRANS_Q: tl.constexpr, HAS_BIAS: tl.constexpr, F32_DOT: tl.constexpr,
     OUT_DTYPE: tl.constexpr,
 ):  # fmt: skip
-    """One output tile: rnd(U @ V + bias) into the fp32 accumulator, then += P @ Q over K, one store."""
-    pid = tl.program_id(0)
-    num_m = tl.cdiv(M, BLOCK_M)
+    """Output tile ``tile`` (grouped order): rnd(U @ V + bias) into the fp32 accumulator, then += P @ Q
+    over K, one store."""
     num_n = tl.cdiv(N, BLOCK_N)
     in_group = GROUP_M * num_n
-    first_m = (pid // in_group) * GROUP_M
-    size_m = tl.minimum(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % in_group) % size_m
-    pid_n = (pid % in_group) // size_m
-    off_m = pid_m * BLOCK_M
-    off_n = pid_n * BLOCK_N
-
+    first_m = (tile // in_group) * GROUP_M
+    size_m = tl.minimum(tl.cdiv(M, BLOCK_M) - first_m, GROUP_M)
+    off_m = (first_m + (tile % in_group) % size_m) * BLOCK_M
+    off_n = ((tile % in_group) // size_m) * BLOCK_N
     rows = off_m + tl.arange(0, BLOCK_M)
     cols = off_n + tl.arange(0, BLOCK_N)
     offs_r = tl.arange(0, BLOCK_R)
@@ -98,7 +96,6 @@ def _linear_lowrank_kernel(
         acc += tl.load(bias_ptr + cols * stride_bias, mask=cols < N, other=0.0).to(tl.float32)[None, :]
     # cuBLAS's beta = 1 operand is the low-rank term already stored in the output dtype
     acc = acc.to(OUT_DTYPE).to(tl.float32)
-
     for k in range(0, K, BLOCK_K):
         p = p_desc.load([off_m, k])
         if TRANS_Q:
@@ -110,6 +107,33 @@ def _linear_lowrank_kernel(
         else:
             acc = tl.dot(p, q, acc)
     out_desc.store([off_m, off_n], acc.to(OUT_DTYPE))
+
+
+@triton.autotune(
+    configs=configs.triton_configs("lowrank.linear", pre_hook=_set_blocks),
+    key=["M_BUCKET", "N", "K", "BLOCK_R", "TRANS_Q", "HAS_BIAS"],
+)
+@triton.jit
+def _linear_lowrank_kernel(
+    p_desc, q_desc, out_desc, u_ptr, v_ptr, bias_ptr,
+    M, N, K, R, M_BUCKET,
+    stride_um, stride_ur, stride_vr, stride_vn, stride_bias,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    GROUP_M: tl.constexpr, TRANS_Q: tl.constexpr, HAS_BIAS: tl.constexpr, F32_DOT: tl.constexpr,
+    OUT_DTYPE: tl.constexpr, PERSISTENT: tl.constexpr,
+):  # fmt: skip
+    """One output tile per program, or (``PERSISTENT``) one program per SM walking the tiles in a
+    flattened loop, so that the next tile's loads overlap this tile's store."""
+    if PERSISTENT:
+        tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
+        for tile in tl.range(tl.program_id(0), tiles, tl.num_programs(0), flatten=True):
+            _tile(tile, p_desc, q_desc, out_desc, u_ptr, v_ptr, bias_ptr, M, N, K, R,
+                  stride_um, stride_ur, stride_vr, stride_vn, stride_bias,
+                  BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_R, GROUP_M, TRANS_Q, HAS_BIAS, F32_DOT, OUT_DTYPE)
+    else:
+        _tile(tl.program_id(0), p_desc, q_desc, out_desc, u_ptr, v_ptr, bias_ptr, M, N, K, R,
+              stride_um, stride_ur, stride_vr, stride_vn, stride_bias,
+              BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_R, GROUP_M, TRANS_Q, HAS_BIAS, F32_DOT, OUT_DTYPE)
 
 
 def tma_compatible(*tensors: torch.Tensor) -> bool:
@@ -166,8 +190,11 @@ def linear_lowrank(P: torch.Tensor, Q: torch.Tensor, U: torch.Tensor, V: torch.T
 
 @launch_guard("P")
 def launch_linear_lowrank(P: torch.Tensor, Q: torch.Tensor, U: torch.Tensor, V: torch.Tensor,
-                          bias: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
-    """``linear_lowrank`` without its argument checks (the caller holds its invariants)."""
+                          bias: torch.Tensor | None = None, *,
+                          config: dict | None = None) -> torch.Tensor:  # fmt: skip
+    """``linear_lowrank`` without its argument checks (the caller holds its invariants). ``config``
+    (one entry of ``configs.CONFIGS["lowrank.linear"]``) launches that config instead of the autotuned
+    one: for tests of every code path and for timing one config."""
     M, K = P.shape
     N = Q.shape[1]
     R = U.shape[1]
@@ -191,13 +218,24 @@ def launch_linear_lowrank(P: torch.Tensor, Q: torch.Tensor, U: torch.Tensor, V: 
     out_desc = TensorDescriptor(out, [M, N], [N, 1], dummy)
 
     def grid(meta: dict) -> tuple[int]:
-        return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+        tiles = triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"])
+        return (min(tiles, _programs(P.device)) if meta["PERSISTENT"] else tiles,)
 
-    _linear_lowrank_kernel[grid](
+    args = (
         p_desc, q_desc, out_desc, U, V, P if bias is None else bias,
         M, N, K, R, 1 << (M - 1).bit_length(),
         U.stride(0), U.stride(1), V.stride(0), V.stride(1), 1 if bias is None else bias.stride(0),
+    )  # fmt: skip
+    flags = dict(
         BLOCK_R=_block_r(R), TRANS_Q=trans_q, HAS_BIAS=bias is not None,
         F32_DOT=P.dtype == torch.float32 or upcast_dot(P.dtype), OUT_DTYPE=_TL[P.dtype],
     )  # fmt: skip
+    if config is None:
+        _linear_lowrank_kernel[grid](*args, **flags)
+    else:
+        meta = configs.meta(config)
+        _set_blocks({"p_desc": p_desc, "q_desc": q_desc, "out_desc": out_desc, "TRANS_Q": trans_q, **meta})
+        _linear_lowrank_kernel.fn[grid({**meta})](
+            *args, **flags, **meta, num_warps=config["num_warps"], num_stages=config["num_stages"]
+        )
     return out

@@ -101,6 +101,18 @@ def test_rows_with_a_stride_and_empty_shapes(device):
     assert float((out.double() - lr).abs().max()) <= 2 * _unit(BF16) * float(lr.abs().max())
 
 
+@pytest.mark.parametrize("persistent", [0, 1], ids=["tile-per-program", "persistent"])
+@pytest.mark.parametrize("q", ["w", "k"])
+def test_both_launch_shapes(persistent, q, device):
+    """One tile per program and the persistent loop (a program per SM, 3 under the interpreter), with
+    tiles of three different sizes, launched by config (the autotuner's list holds both on the GPU)."""
+    torch.manual_seed(7)
+    P, Q, U, V, b = _operands(70, 72, 40, 5, BF16, q, True, device)
+    config = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 64, "GROUP_M": 2, "PERSISTENT": persistent,
+              "num_warps": 4, "num_stages": 1}  # fmt: skip
+    _check(lowrank_linear.launch_linear_lowrank(P, Q, U, V, b, config=config), P, Q, U, V, b)
+
+
 @pytest.mark.parametrize("layout", ["strided", "broadcast"])
 def test_a_bias_with_any_stride(layout, device):
     """A bias viewed with a stride (every other element of a buffer) or broadcast (stride 0)."""
