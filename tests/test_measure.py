@@ -221,8 +221,8 @@ def test_auto_layer_measures_its_reductions_and_matches_the_reference(dtype, dev
         y.backward(gy)
     if not CUDA:
         assert [t.calls for t in timers] == [1, 1, 1]  # measured once, on the first step
-        # the warm-up ran each candidate once; afterwards only the twins ran
-        assert sorted(triton_calls) == sorted(s.op for s in steps)
+        # the agreement check (on random inputs) and the warm-up ran each kernel once; then only the twins
+        assert sorted(triton_calls) == sorted(2 * [s.op for s in steps])
     chosen = lowrank.measured_choices()
     assert {row["chosen"] for rows in chosen.values() for row in rows} <= {"triton", "cublas"}
     assert all(len(chosen[s.op]) >= 1 for s in steps)
@@ -412,6 +412,52 @@ def test_a_candidate_that_computes_something_else_is_left_out(caplog):
     assert timer.calls == 2
 
 
+def test_a_broken_default_loses_to_the_reference(caplog):
+    """The reference (the library's implementation: cuBLAS for the reductions) is what candidates are
+    checked against, the default included: a Triton kernel that loses a tile is not kept, even where
+    it is faster, and the reference runs."""
+    x = torch.randn(64, 32)
+    lost = lambda x: torch.cat([x[:-8] * 3, torch.zeros_like(x[-8:])])  # noqa: E731
+    timer = FakeTimer([1.0, 2.0])
+    cands = {"triton": lost, "cublas": lambda x: x * 3}
+    op = measure.Measured("test.op", cands, lambda x: (1,), "triton", reference="cublas", timer=timer)
+    with caplog.at_level("WARNING", logger="muscle_fast.ops.measure"):
+        torch.testing.assert_close(op(x), x * 3)
+    assert "candidate 'triton' disagrees with 'cublas'" in caplog.text
+    assert op.chosen == {(1,): "cublas"} and timer.calls == 0
+    with pytest.raises(ValueError, match="reference 'x' is not one of"):
+        measure.Measured("test.op", cands, lambda x: (1,), "triton", reference="x")
+
+
+def test_candidates_are_compared_on_probe_inputs(caplog):
+    """LoRA's B starts at zero, so on the first step a candidate that ignores it computes the right
+    (zero) low-rank term: the comparison runs on random inputs of the same layout (``random_args``)
+    and catches it; the timing and the result use the real inputs."""
+    x, B = torch.randn(16, 8), torch.zeros(8, 4)
+    good = lambda x, B: x @ B  # noqa: E731
+    ignores_b = lambda x, B: torch.zeros(x.shape[0], B.shape[1])  # noqa: E731
+    key = lambda x, B: (1,)  # noqa: E731
+    blind = measure.Measured("test.op", {"triton": good, "cublas": ignores_b}, key, "triton",
+                             timer=FakeTimer([2.0, 1.0]))  # fmt: skip
+    assert blind(x, B).abs().sum() == 0 and blind.chosen == {(1,): "cublas"}  # zeros hide the bug
+    probed = measure.Measured("test.op", {"triton": good, "cublas": ignores_b}, key, "triton",
+                              timer=FakeTimer([2.0, 1.0]), probe=measure.random_args)  # fmt: skip
+    with caplog.at_level("WARNING", logger="muscle_fast.ops.measure"):
+        probed(x, B)
+    assert probed.chosen == {(1,): "triton"} and "'cublas' disagrees" in caplog.text
+
+
+def test_random_args_keep_the_layout():
+    t = torch.randn(6, 4).t()  # (4, 6), column-major
+    b = torch.zeros(1, 5).expand(3, 5)  # stride 0
+    (rt, rb, n, i), kw = measure.random_args((t, b, 7, torch.arange(3)), {"bias": torch.zeros(2).half()})
+    assert rt.shape == t.shape and rt.stride() == t.stride() and rt.dtype == t.dtype
+    assert rb.shape == b.shape and rb.stride() == b.stride() and float(rb.abs().sum()) > 0
+    assert n == 7 and torch.equal(i, torch.arange(3))  # integers and non-float tensors as they were
+    assert kw["bias"].dtype == torch.float16 and float(kw["bias"].abs().sum()) > 0
+    assert measure.random_args((torch.zeros(0, 3),), {})[0][0].shape == (0, 3)
+
+
 @pytest.mark.parametrize("chunk", [None, 6], ids=["whole", "in-chunks"])
 def test_disagreement_compares_what_can_be_compared(chunk, monkeypatch):
     if chunk:  # big outputs are compared a chunk at a time: the same verdicts
@@ -434,6 +480,17 @@ def test_disagreement_compares_what_can_be_compared(chunk, monkeypatch):
     inf_ref[0, 0] = float("inf")
     assert measure.disagreement(inf_ref.clone(), inf_ref) is None  # the same non-finite pattern
     assert measure.disagreement(a, inf_ref) == "non-finite elements elsewhere"
+    assert measure.disagreement(-inf_ref, inf_ref) == "non-finite elements elsewhere"  # -inf for inf
+    garbage = torch.full_like(inf_ref, 7.0)
+    garbage[0, 0] = float("inf")
+    assert "largest difference" in measure.disagreement(garbage, inf_ref)  # the finite ones compared
+    early = a.clone()
+    early[0, 1] += 1.0  # the only error, in the first chunk when comparing in chunks
+    assert "largest difference" in measure.disagreement(early, a)
+    lost = a.bfloat16()
+    lost[-1] = 0  # bf16: a lost row
+    assert "largest difference" in measure.disagreement(lost, a.bfloat16())
+    assert measure.disagreement((a * (1 + 2.0**-8)).bfloat16(), a.bfloat16()) is None  # rounding
     for nothing in (None, "triton", 3):  # in-place ops return None; fakes return names
         assert measure.disagreement(nothing, a) is None and measure.disagreement(a, nothing) is None
     assert measure.disagreement(torch.zeros(0), torch.zeros(0)) is None

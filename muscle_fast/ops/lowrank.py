@@ -352,11 +352,18 @@ def accumulate_ops() -> LowRankOps:
 
     def pick(op: str, kernel: Callable[..., Any], twin: Callable[..., Any], key: Callable[..., Any]):
         return measure.Measured(
-            f"lowrank.{op}", {"triton": kernel, "cublas": _no_autocast(twin)}, key, "triton"
+            f"lowrank.{op}",
+            {"triton": kernel, "cublas": _no_autocast(twin)},
+            key,
+            "triton",
+            reference="cublas",  # the kernel is checked against the library, not the other way round
+            probe=measure.random_args,  # B = 0 at LoRA's first step: dS would be zero
         )
 
     def gemm(op: str, composed: Callable[..., Any], fused: Callable[..., Any], key: Callable[..., Any]):
-        return measure.Measured(f"lowrank.{op}", {"cublas": composed, "fused": fused}, key, "cublas")
+        return measure.Measured(
+            f"lowrank.{op}", {"cublas": composed, "fused": fused}, key, "cublas", probe=measure.random_args
+        )
 
     return k._replace(
         shrink=pick("shrink", k.shrink, lowrank_shrink, _shrink_key),

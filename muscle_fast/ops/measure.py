@@ -91,32 +91,24 @@ def fp32_matmul_ieee() -> bool:
     return torch.get_float32_matmul_precision() == "highest"
 
 
-#: Largest difference between two candidates' outputs, relative to the default's largest magnitude, per
-#: output dtype. Rounding-order differences stay within an ulp or two of the output's dtype, or of bf16
-#: for fp32 sums of bf16 products that one candidate rounds (the CPU's bf16 matmul, tests only); a wrong
-#: tile, operand or mask is off by the order of the values themselves.
+#: Largest difference between two candidates' outputs, relative to the reference's largest magnitude,
+#: per output dtype. Rounding-order differences stay within an ulp or two of the output's dtype, or of
+#: bf16 for fp32 sums of bf16 products that one candidate rounds (the CPU's bf16 matmul, tests only); a
+#: wrong tile, operand or mask is off by the order of the values themselves.
 _AGREE = {torch.float16: 2.0**-7, torch.bfloat16: 2.0**-5, torch.float32: 2.0**-7, torch.float64: 2.0**-7}
 
-
-#: Elements compared at a time (fp32 temporaries of 64 MB).
-_AGREE_CHUNK = 1 << 24
-
-
-def _same_nonfinite(o: torch.Tensor, r: torch.Tensor) -> bool:
-    return all(
-        torch.equal(torch.isfinite(o[i : i + _AGREE_CHUNK]), torch.isfinite(r[i : i + _AGREE_CHUNK]))
-        for i in range(0, r.numel(), _AGREE_CHUNK)
-    )
+#: Elements compared at a time (a few fp32 temporaries of 16 MB).
+_AGREE_CHUNK = 1 << 22
 
 
 def disagreement(out: Any, ref: Any) -> str | None:
-    """Why a candidate's output ``out`` is not the default's ``ref`` up to rounding, or None.
+    """Why a candidate's output ``out`` is not the reference's ``ref`` up to rounding, or None.
 
     Tensors (also inside tuples and lists) of floating dtype are compared by their largest difference
-    relative to ``ref``'s largest magnitude (``_AGREE``), after their shapes and dtypes: elementwise, so
-    that one wrong tile of a large output shows; where ``ref`` holds a non-finite
-    value only the non-finite pattern is compared. Anything else (None from an op that writes into a
-    buffer, a fake in tests) is taken as agreeing: there is nothing to compare."""
+    relative to ``ref``'s largest finite magnitude (``_AGREE``), after their shapes and dtypes:
+    elementwise, so that one wrong tile of a large output shows. Non-finite elements must sit at the
+    same places with the same values (NaN, +inf, -inf). Anything else (None from an op that writes into
+    a buffer, a fake in tests) is taken as agreeing: there is nothing to compare."""
     if isinstance(out, (tuple, list)) and isinstance(ref, (tuple, list)):
         if len(out) != len(ref):
             return f"{len(out)} outputs, not {len(ref)}"
@@ -138,15 +130,38 @@ def disagreement(out: Any, ref: Any) -> str | None:
         oc, rc = o[i : i + _AGREE_CHUNK].float(), r[i : i + _AGREE_CHUNK].float()
         finite = torch.isfinite(rc)
         if not bool(finite.all()):
-            return None if _same_nonfinite(o, r) else "non-finite elements elsewhere"
-        chunk_err = float((oc - rc).abs().max())
+            same = torch.equal(torch.isnan(oc), torch.isnan(rc)) and torch.equal(
+                torch.where(torch.isinf(rc), rc, 0.0), torch.where(torch.isinf(oc), oc, 0.0)
+            )
+            if not same:
+                return "non-finite elements elsewhere"
+            oc, rc = torch.where(finite, oc, 0.0), torch.where(finite, rc, 0.0)
+        d = torch.sub(oc, rc).abs_()
+        chunk_err = float(d.max())
         err = chunk_err if chunk_err != chunk_err else max(err, chunk_err)  # a NaN stays (max drops it)
-        scale = max(scale, float(rc.abs().max()))
+        scale = max(scale, float(rc.abs().max()))  # (rc may be ref itself: not in place)
         if err != err:
             break
     if not err <= tol * scale:  # also a NaN in ``out``
         return f"largest difference {err:.3g} > {tol:.3g} x largest |value| {scale:.3g}"
     return None
+
+
+def random_args(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """``args`` and ``kwargs`` with every floating tensor replaced by standard normal values of the same
+    shape, strides, dtype and device: what ``Measured`` compares candidates on, where the real values
+    may hide a difference (LoRA's B starts at zero: the low-rank terms and their gradients are zero on
+    the first step)."""
+
+    def rand(t: Any) -> Any:
+        if not (isinstance(t, torch.Tensor) and t.is_floating_point()):
+            return t
+        span = (
+            1 + sum((n - 1) * abs(st) for n, st in zip(t.shape, t.stride(), strict=True)) if t.numel() else 0
+        )
+        return torch.randn(span, dtype=t.dtype, device=t.device).as_strided(t.shape, t.stride())
+
+    return tuple(rand(a) for a in args), {k: rand(v) for k, v in kwargs.items()}
 
 
 class Measured:
@@ -158,10 +173,13 @@ class Measured:
     determine its answer. The first positional argument is a tensor on the op's device. Off CUDA, and
     while a CUDA graph is being captured on the current stream (nothing may sync), ``default`` runs
     unmeasured, unless a ``timer`` is given (tests). A candidate other than the default that raises on
-    its first run is left out (logged); the default's error is raised. So is one whose first output is
-    not the default's up to rounding (``disagreement``): a candidate miscompiled on some GPU or Triton
-    version must not win by being fast. Measuring syncs the device: not while another thread captures a
-    CUDA graph in global mode.
+    its first run is left out (logged); the default's error is raised. So is any candidate, the default
+    included, whose output is not the ``reference``'s up to rounding (``disagreement``; the reference
+    is the library's implementation, the default unless named): a kernel miscompiled on some GPU or
+    Triton version must neither win by being fast nor shut the library's out. The outputs are compared
+    on ``probe(args, kwargs)`` (e.g. ``random_args``: the real values may hide a difference, as zeros
+    do), then each candidate runs once on the real arguments before the timing. Measuring syncs the
+    device: not while another thread captures a CUDA graph in global mode.
     """
 
     def __init__(
@@ -174,9 +192,12 @@ class Measured:
         reps: int = 5,
         timer: Timer | None = None,
         offered: Callable[..., Collection[str]] | None = None,
+        reference: str | None = None,
+        probe: Callable[[tuple, dict], tuple[tuple, dict]] | None = None,
     ) -> None:
-        if default not in candidates:
-            raise ValueError(f"{op}: default {default!r} is not one of the candidates {sorted(candidates)}")
+        for role, name in (("default", default), ("reference", reference or default)):
+            if name not in candidates:
+                raise ValueError(f"{op}: {role} {name!r} is not one of the candidates {sorted(candidates)}")
         self.op = op
         self.candidates = candidates
         self.key = key
@@ -184,6 +205,8 @@ class Measured:
         self.reps = reps
         self.timer = timer
         self.offered = offered  # the candidates these arguments allow (all when None); the key decides it
+        self.reference = reference or default
+        self.probe = probe
         self.chosen: dict[tuple, str] = {}  # key -> candidate name (measured, or pinned by the env var)
         self.times: dict[tuple, dict[str, float]] = {}  # key -> what the measurement gave (ms)
         _ALL.add(self)
@@ -218,33 +241,43 @@ class Measured:
             return self._measure(key, args, kwargs, allowed)
 
     def _measure(self, key: tuple, args: tuple, kwargs: dict, allowed: Collection[str]) -> str:
-        names, fns = [], []
+        reference = self.reference if self.reference in allowed else self.default
+        order = [reference, *(n for n in (self.default, *self.candidates) if n != reference and n in allowed)]
+        order = list(dict.fromkeys(order))
+        check_args, check_kwargs = self.probe(args, kwargs) if self.probe else (args, kwargs)
         ref: Any = None
-        for name in (self.default, *(n for n in self.candidates if n != self.default and n in allowed)):
-            fn = self._bound(name, args, kwargs)
+        kept: list[str] = []
+        for name in order:
             try:
-                out = fn()  # warm-up: compile, autotune, allocate
+                out = self.candidates[name](*check_args, **check_kwargs)  # also compiles and autotunes
             except Exception as exc:  # noqa: BLE001 - the default's error is the op's error
                 if name == self.default:
                     raise
                 _log.warning("%s: candidate %r failed at %s (%s: %s); not used", self.op, name, key,
                              type(exc).__name__, exc)  # fmt: skip
                 continue
-            if name == self.default:
+            if name == reference:
                 ref = out
             else:
                 off = disagreement(out, ref)
                 if off is not None:  # a miscompiled kernel must not win by being fast
                     _log.warning("%s: candidate %r disagrees with %r at %s (%s); not used", self.op, name,
-                                 self.default, key, off)  # fmt: skip
+                                 reference, key, off)  # fmt: skip
                     continue
-            names.append(name)
-            fns.append(fn)
-        if len(names) == 1:  # every other candidate failed: nothing to measure
-            return self._remember(key, self.default)
+            kept.append(name)
+            del out
+        del ref, check_args, check_kwargs
+        if self.default in kept:  # ties go to the default: listed first
+            kept.remove(self.default)
+            kept.insert(0, self.default)
+        if len(kept) <= 1:  # nothing to measure against (or the reference alone failed: the default)
+            return self._remember(key, kept[0] if kept else self.default)
+        fns = [self._bound(name, args, kwargs) for name in kept]
+        for fn in fns:
+            fn()  # warm-up on the real arguments (their alignment may compile another specialisation)
         got = (self.timer or cuda_times)(fns, self.reps)
-        times = dict(zip(names, got, strict=True))
-        best = min(names, key=times.__getitem__)  # ties: the default, listed first
+        times = dict(zip(kept, got, strict=True))
+        best = min(kept, key=times.__getitem__)
         _log.info("%s %s: %s -> %s", self.op, key, times, best)
         return self._remember(key, best, times)
 

@@ -637,6 +637,7 @@ small_m_linear = measure.Measured(
     _small_m_key,
     "dequant",
     offered=_small_m_offered,
+    probe=measure.random_args,
 )
 
 

@@ -103,9 +103,11 @@ def test_rows_with_a_stride_and_empty_shapes(device):
 
 @pytest.mark.parametrize("persistent", [0, 1], ids=["tile-per-program", "persistent"])
 @pytest.mark.parametrize("q", ["w", "k"])
-def test_both_launch_shapes(persistent, q, device):
-    """One tile per program and the persistent loop (a program per SM, 3 under the interpreter), with
-    tiles of three different sizes, launched by config (the autotuner's list holds both on the GPU)."""
+def test_both_launch_shapes(persistent, q, device, monkeypatch):
+    """One tile per program and the persistent loop (3 programs here, on the GPU too, so that each
+    takes several tiles), with tiles of three different sizes, launched by config (the autotuner's list
+    holds both on the GPU)."""
+    monkeypatch.setattr(lowrank_linear, "_programs", lambda device: 3)
     torch.manual_seed(7)
     P, Q, U, V, b = _operands(70, 72, 40, 5, BF16, q, True, device)
     config = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 64, "GROUP_M": 2, "PERSISTENT": persistent,
@@ -180,3 +182,16 @@ def test_the_fused_gemm_rounds_as_the_cublas_composition(bias):
     assert differ < 0.01, differ
     ulp = (composed.float().abs() * 2.0**-7).clamp_min(2.0**-126)
     assert bool(((fused.float() - composed.float()).abs() <= ulp).all())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the GPU configs compile for CUDA only")
+@pytest.mark.parametrize("q", ["w", "k"])
+def test_every_gpu_config(q):
+    """Each autotuned config, launched alone at a shape with more tiles than SMs (the persistent ones
+    loop) and partial tiles on every side, in bf16 (what "auto" offers the fused GEMM for)."""
+    from csrc_triton import configs
+
+    torch.manual_seed(8)
+    P, Q, U, V, b = _operands(4100, 264, 2056, 16, BF16, q, True, "cuda")
+    for config in configs.CONFIGS["lowrank.linear"]["gpu"]:
+        _check(lowrank_linear.launch_linear_lowrank(P, Q, U, V, b, config=config), P, Q, U, V, b)
