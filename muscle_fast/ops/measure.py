@@ -260,12 +260,12 @@ class Measured:
                 ref = out
             else:
                 off = disagreement(out, ref)
+                del out  # not held through the other candidates' runs
                 if off is not None:  # a miscompiled kernel must not win by being fast
                     _log.warning("%s: candidate %r disagrees with %r at %s (%s); not used", self.op, name,
                                  reference, key, off)  # fmt: skip
                     continue
             kept.append(name)
-            del out
         del ref, check_args, check_kwargs
         if self.default in kept:  # ties go to the default: listed first
             kept.remove(self.default)
