@@ -67,6 +67,11 @@ def sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
+def block_r(R: int) -> int:
+    """The rank block of the low-rank kernels: R padded to a power of two >= 16 (``tl.dot``'s minimum)."""
+    return max(16, 1 << (R - 1).bit_length()) if R > 0 else 16
+
+
 def round_f32(x: float) -> float:
     """``x`` rounded to float32. Thresholds and the reference loss are compared as fp32 values on every
     path (the kernels take fp32 scalars), so that all implementations decide alike at a boundary."""

@@ -50,6 +50,7 @@ import triton
 import triton.language as tl
 
 from . import _common, configs
+from ._common import block_r as _block_r
 from ._common import check_device, launch_guard, upcast_dot
 
 __all__ = [
@@ -130,10 +131,6 @@ _NEEDS_ZERO: dict[tuple, bool] = {}
 # (BLOCK_N, 64) fp32 tile spills in the 4-warp configs (tests/compile_sm90.py): a 16-bit S goes through
 # the fp32 split path there, loaded as fp32 (its lo part is zero: the same sums).
 _S16_MAX_BLOCK_R = 32
-
-
-def _block_r(R: int) -> int:
-    return max(16, _pow2(R))
 
 
 _SPLIT_MODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}

@@ -37,7 +37,7 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from . import configs
-from ._common import check_device, launch_guard, sm_count, upcast_dot
+from ._common import block_r, check_device, launch_guard, sm_count, upcast_dot
 
 __all__ = ["MAX_R", "launch_linear_lowrank", "linear_lowrank", "tma_compatible"]
 
@@ -47,11 +47,6 @@ MAX_R = 64
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _TL = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
-
-
-def _block_r(R: int) -> int:
-    """R padded to a power of two >= 16 (``tl.dot``'s minimum), as in ``lowrank._block_r``."""
-    return max(16, 1 << (R - 1).bit_length())
 
 
 def _programs(device: torch.device) -> int:
@@ -238,7 +233,7 @@ def launch_linear_lowrank(P: torch.Tensor, Q: torch.Tensor, U: torch.Tensor, V: 
         U.stride(0), U.stride(1), V.stride(0), V.stride(1), 1 if bias is None else bias.stride(0),
     )  # fmt: skip
     flags = dict(
-        BLOCK_R=_block_r(R), TRANS_Q=trans_q, HAS_BIAS=bias is not None,
+        BLOCK_R=block_r(R), TRANS_Q=trans_q, HAS_BIAS=bias is not None,
         F32_DOT=P.dtype == torch.float32 or upcast_dot(P.dtype), OUT_DTYPE=_TL[P.dtype],
     )  # fmt: skip
     if config is None:

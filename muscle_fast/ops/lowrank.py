@@ -307,19 +307,15 @@ def _tma_device(device: torch.device) -> bool:
 def _fusable(p: torch.Tensor, w: torch.Tensor, n: int, r: int) -> bool:
     """Whether the fused GEMM takes P = ``p`` and Q = ``w`` or its transpose at rank ``r``: bf16 (its
     product of two bf16 values is exact in fp32, as cuBLAS's; fp32 would need IEEE dots off the tensor
-    cores, fp16 takes the expand kernels), ``FUSED_MIN_ROWS`` rows or more, TMA operands (16-byte aligned
-    rows or columns that step past a whole row, an output row of ``n`` elements a multiple of 16 bytes:
-    ``lowrank_linear.tma_compatible`` inlined, it runs per call; 8 bf16 elements are 16 bytes) on an
-    sm_90+ device, and ``r`` up to ``lowrank_linear.MAX_R`` (64)."""
-    if p.dtype != torch.bfloat16 or p.shape[0] < FUSED_MIN_ROWS or n % 8 or r > 64:
+    cores, fp16 takes the expand kernels), ``FUSED_MIN_ROWS`` rows or more, an sm_90+ device, rank up to
+    ``lowrank_linear.MAX_R``, TMA operands (``lowrank_linear.tma_compatible``; P row-major) and an output
+    row of ``n`` elements a multiple of 16 bytes."""
+    if p.dtype != torch.bfloat16 or p.shape[0] < FUSED_MIN_ROWS or n % 8 or p.stride(1) != 1:
         return False
-    p0, p1 = p.stride()
-    w0, w1 = w.stride()
-    if p1 != 1 or p0 % 8 or p0 < p.shape[1] or (p.data_ptr() | w.data_ptr()) % 16:
+    gemm = _fused_gemm()
+    if gemm is None or r > gemm.MAX_R or not _tma_device(p.device):
         return False
-    if not ((w1 == 1 and w0 % 8 == 0 and w0 >= w.shape[1]) or (w0 == 1 and w1 % 8 == 0 and w1 >= w.shape[0])):
-        return False
-    return _tma_device(p.device) and _fused_gemm() is not None
+    return gemm.tma_compatible(p, w)
 
 
 def _linear_key(x2: torch.Tensor, W: torch.Tensor, bias: torch.Tensor | None, Sc: torch.Tensor,

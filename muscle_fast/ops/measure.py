@@ -242,8 +242,8 @@ class Measured:
 
     def _measure(self, key: tuple, args: tuple, kwargs: dict, allowed: Collection[str]) -> str:
         reference = self.reference if self.reference in allowed else self.default
-        order = [reference, *(n for n in (self.default, *self.candidates) if n != reference and n in allowed)]
-        order = list(dict.fromkeys(order))
+        rest = dict.fromkeys((self.default, *self.candidates))  # the default first: ties go to it
+        order = [reference, *(n for n in rest if n != reference and n in allowed)]
         check_args, check_kwargs = self.probe(args, kwargs) if self.probe else (args, kwargs)
         ref: Any = None
         kept: list[str] = []
@@ -268,8 +268,7 @@ class Measured:
             kept.append(name)
         del ref, check_args, check_kwargs
         if self.default in kept:  # ties go to the default: listed first
-            kept.remove(self.default)
-            kept.insert(0, self.default)
+            kept.insert(0, kept.pop(kept.index(self.default)))
         if len(kept) <= 1:  # nothing to measure against (or the reference alone failed: the default)
             return self._remember(key, kept[0] if kept else self.default)
         fns = [self._bound(name, args, kwargs) for name in kept]
